@@ -1,0 +1,41 @@
+"""nsdf_hpc: run Docker/OCI images on any HPC cluster, whatever runtime it offers.
+
+>>> import nsdf_hpc
+>>> result = nsdf_hpc.run("nsdf/image-name:v1.0.0", ["python3", "-V"])   # doctest: +SKIP
+>>> result.returncode, result.stdout                                        # doctest: +SKIP
+
+The public API is re-exported here and imported lazily, so ``nsdf-run --version`` stays fast.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Client": "client", "detect": "api", "pull": "api", "run": "api",
+    "Bind": "models", "RunSpec": "models", "RunResult": "models", "RuntimeInfo": "models",
+    "RuntimeChoice": "models", "NativeImage": "models", "ImageRef": "reference",
+    "parse_reference": "reference", "Settings": "config", "load_settings": "config",
+    "NsdfError": "errors", "ConfigError": "errors", "SpecError": "errors",
+    "ToolNotFoundError": "errors", "RuntimeNotFoundError": "errors", "CommandError": "errors",
+    "CommandTimeoutError": "errors", "ImageError": "errors", "RegistryError": "errors",
+    "PreflightError": "errors", "SchedulerError": "errors", "SubmitError": "errors",
+    "UnexpectedOutputError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nsdf_hpc' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(__all__)

@@ -1,0 +1,157 @@
+"""The one place nsdf_hpc starts processes.
+
+Every external tool is called through :class:`SubprocessRunner` with an argv list (never a
+shell string); tests hand a fake runner to the same seam. Output is decoded with
+``surrogateescape`` so that bytes which are not UTF-8 survive a round trip.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import IO, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+
+from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
+
+logger = logging.getLogger(__name__)
+
+Argv = Sequence[str]
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+
+
+@dataclass(frozen=True)
+class CompletedCommand:
+    """The result of one external command: argv, exit status and captured output."""
+
+    argv: Tuple[str, ...]
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+    duration: float = 0.0
+    env: Optional[Dict[str, str]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class CommandRunner(Protocol):
+    """What the library needs from an executor (the fake in tests implements the same)."""
+
+    def run(self, argv: Argv, *, check: bool = True, timeout: Optional[float] = None,
+            env: Optional[Mapping[str, str]] = None,
+            env_overrides: Optional[Mapping[str, Optional[str]]] = None,
+            cwd: Optional[str] = None, capture: bool = True,
+            stdin: Union[None, int, IO[bytes]] = None) -> CompletedCommand: ...
+
+    def run_many(self, argvs: Sequence[Argv], *, timeout: float = 10.0,
+                 envs: Optional[Sequence[Optional[Mapping[str, str]]]] = None
+                 ) -> List[Union[CompletedCommand, Exception]]: ...
+
+
+def _decode(data: Optional[bytes]) -> str:
+    return data.decode(ENCODING, ERRORS) if data else ""
+
+
+def _child_env(env: Optional[Mapping[str, str]],
+               overrides: Optional[Mapping[str, Optional[str]]]) -> Optional[Dict[str, str]]:
+    if env is None and not overrides:
+        return None
+    result = dict(os.environ if env is None else env)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+class SubprocessRunner:
+    """Runs argv lists with :mod:`subprocess`: timeouts kill the whole process group.
+
+    ``capture=False`` streams: the child inherits this process's stdout and stderr (what
+    ``nsdf-run run`` wants), and the result carries empty output.
+    """
+
+    def run(self, argv: Argv, *, check: bool = True, timeout: Optional[float] = None,
+            env: Optional[Mapping[str, str]] = None,
+            env_overrides: Optional[Mapping[str, Optional[str]]] = None,
+            cwd: Optional[str] = None, capture: bool = True,
+            stdin: Union[None, int, IO[bytes]] = None) -> CompletedCommand:
+        args = tuple(str(a) for a in argv)
+        child_env = _child_env(env, env_overrides)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("run: %s", shlex.join(args))
+        pipe = subprocess.PIPE if capture else None
+        start = time.perf_counter()
+        try:
+            proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, env=child_env, cwd=cwd,
+                                    stdin=subprocess.DEVNULL if stdin is None and capture else stdin,
+                                    start_new_session=timeout is not None)
+        except FileNotFoundError as err:
+            raise ToolNotFoundError(args[0]) from err
+        except PermissionError as err:
+            raise ToolNotFoundError(args[0], f"not executable ({err.strerror})") from err
+        try:
+            out, err_out = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err_out = proc.communicate()
+            raise CommandTimeoutError(args, timeout or 0.0, _decode(out), _decode(err_out)) from None
+        except BaseException:  # KeyboardInterrupt: do not leave the child behind
+            _kill_group(proc) if timeout is not None else proc.kill()
+            proc.wait()
+            raise
+        result = CompletedCommand(args, proc.returncode, _decode(out), _decode(err_out),
+                                  time.perf_counter() - start, child_env)
+        logger.debug("rc=%s in %.1f ms", result.returncode, result.duration * 1000)
+        if check and result.returncode != 0:
+            raise CommandError(args, result.returncode, result.stdout, result.stderr)
+        return result
+
+    def run_many(self, argvs: Sequence[Argv], *, timeout: float = 10.0,
+                 envs: Optional[Sequence[Optional[Mapping[str, str]]]] = None
+                 ) -> List[Union[CompletedCommand, Exception]]:
+        """Start every argv at once, then collect them; a failure is returned, not raised."""
+        started: List[Union[Tuple[Tuple[str, ...], "subprocess.Popen[bytes]", float], Exception]] = []
+        for i, argv in enumerate(argvs):
+            env = envs[i] if envs else None
+            child_env = None if env is None else dict(env)
+            args = tuple(str(a) for a in argv)
+            logger.debug("probe: %s", shlex.join(args))
+            try:
+                proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, env=child_env,
+                                        start_new_session=True)
+                started.append((args, proc, time.perf_counter()))
+            except OSError as err:
+                started.append(ToolNotFoundError(args[0], err.strerror or str(err)))
+        deadline = time.monotonic() + timeout
+        results: List[Union[CompletedCommand, Exception]] = []
+        for item in started:
+            if isinstance(item, Exception):
+                results.append(item)
+                continue
+            args, proc, t0 = item
+            try:
+                out, err_out = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                out, err_out = proc.communicate()
+                results.append(CommandTimeoutError(args, timeout, _decode(out), _decode(err_out)))
+                continue
+            results.append(CompletedCommand(args, proc.returncode, _decode(out), _decode(err_out),
+                                            time.perf_counter() - t0))
+        return results

@@ -1,0 +1,165 @@
+"""Settings: defaults < site file < user file < ``NSDF_HPC_*`` environment < explicit values.
+
+``load_settings`` is a pure function of its inputs (``env`` is passed in), so tests never
+monkeypatch. Files are TOML::
+
+    runtime = "apptainer"                      # force a runtime (default: automatic)
+    cache_dir = "/scratch/$USER/nsdf-cache"
+    site_cache_dirs = ["/sw/nsdf/images"]      # read-only tiers, checked first
+    nsdf_registry = "docker.io"                # where nsdf/NAME:vX.Y.Z lives
+    insecure_registries = ["127.0.0.1:5000"]   # plain HTTP
+    pull_on_compute = false                    # inside a Slurm allocation, never pull
+    [mirrors]
+    "docker.io" = "mirror.site.edu"
+    [runtime_paths]
+    apptainer = "/opt/apptainer/bin/apptainer"
+    [env]
+    allow = ["MY_SITE_*"]                      # added to the built-in allowlist
+    deny = ["SECRET_*"]                        # added to the built-in denylist
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from pydantic import Field, ValidationError
+
+from .errors import ConfigError
+from .models import Model
+
+SITE_CONFIG = "/etc/nsdf-hpc/config.toml"
+
+#: Host variables that reach the container (fnmatch patterns); configurable.
+DEFAULT_ENV_ALLOW: Tuple[str, ...] = (
+    "SLURM_*", "SLURMD_*", "SRUN_*", "PMI*", "PMIX_*", "OMPI_*", "MPI_*", "I_MPI_*", "MPICH_*",
+    "UCX_*", "FI_*", "NCCL_*", "HWLOC_*", "OMP_*", "*_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+    "TERM", "LANG", "LC_*", "TZ", "USER", "LOGNAME", "HOME", "http_proxy", "https_proxy",
+    "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+)
+#: Host variables that never reach the container, even when allowed or set on purpose by a
+#: pattern; an explicit ``--env`` value still wins (the user asked for it).
+DEFAULT_ENV_DENY: Tuple[str, ...] = (
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "LD_LIBRARY_PATH",
+    "LD_PRELOAD", "LD_AUDIT", "CONDA_*", "_CE_*", "VIRTUAL_ENV", "PIPENV_*", "PYENV_*",
+    "R_LIBS*", "PERL5LIB", "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "BASH_FUNC_*",
+    "APPTAINER*", "SINGULARITY*", "PROMPT_COMMAND", "PS1", "NSDF_HPC_*",
+)
+
+
+class Settings(Model):
+    """Effective configuration; ``sources`` tells where each set value came from."""
+
+    runtime: Optional[str] = None
+    runtime_paths: Dict[str, str] = Field(default_factory=dict)
+    cache_dir: Optional[str] = None
+    site_cache_dirs: Tuple[str, ...] = ()
+    nsdf_registry: str = "docker.io"
+    mirrors: Dict[str, str] = Field(default_factory=dict)
+    insecure_registries: Tuple[str, ...] = ()
+    env_allow: Tuple[str, ...] = DEFAULT_ENV_ALLOW
+    env_deny: Tuple[str, ...] = DEFAULT_ENV_DENY
+    pull_on_compute: bool = False
+    probe_timeout: float = 10.0
+    detect_cache: bool = True
+    sources: Dict[str, str] = Field(default_factory=dict)
+    files: Tuple[str, ...] = ()
+
+
+def _read_toml(path: str) -> Dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.9/3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+_FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_registry",
+              "mirrors", "insecure_registries", "pull_on_compute", "probe_timeout", "env",
+              "detect_cache"}
+
+
+def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[str, Any],
+                path: str) -> None:
+    unknown = set(data) - _FILE_KEYS - {"slurm"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(_FILE_KEYS))}")
+    for key, value in data.items():
+        if key == "slurm":
+            continue
+        if key == "env":
+            if not isinstance(value, dict) or set(value) - {"allow", "deny"}:
+                raise ConfigError(f"{path}: [env] takes 'allow' and 'deny' lists")
+            for sub in ("allow", "deny"):
+                if sub in value:
+                    values[f"env_{sub}"] = tuple(values.get(f"env_{sub}", ())) + tuple(value[sub])
+                    sources[f"env_{sub}"] = f"config:{path}"
+            continue
+        if key in ("mirrors", "runtime_paths") and isinstance(value, dict):
+            values[key] = {**values.get(key, {}), **value}
+        elif key == "cache_dir" and isinstance(value, str):
+            values[key] = os.path.expandvars(os.path.expanduser(value))
+        else:
+            values[key] = value
+        sources[key] = f"config:{path}"
+
+
+def config_files(env: Mapping[str, str]) -> List[str]:
+    """The config files that apply, site first, user last (existing ones only)."""
+    site = env.get("NSDF_HPC_SITE_CONFIG", SITE_CONFIG)
+    home = env.get("HOME") or os.path.expanduser("~")
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    user = env.get("NSDF_HPC_CONFIG") or os.path.join(xdg, "nsdf-hpc", "config.toml")
+    files = [p for p in (site, user) if p and os.path.isfile(p)]
+    if env.get("NSDF_HPC_CONFIG") and not os.path.isfile(env["NSDF_HPC_CONFIG"]):
+        raise ConfigError(f"NSDF_HPC_CONFIG={env['NSDF_HPC_CONFIG']} does not exist")
+    return files
+
+
+def load_settings(env: Optional[Mapping[str, str]] = None, files: Optional[List[str]] = None,
+                  **overrides: Any) -> Settings:
+    """Build :class:`Settings` from defaults, config files, ``NSDF_HPC_*`` and ``overrides``."""
+    env = os.environ if env is None else env
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    files = config_files(env) if files is None else files
+    for path in files:
+        _merge_file(values, sources, _read_toml(path), path)
+    if env.get("NSDF_HPC_RUNTIME"):
+        values["runtime"] = env["NSDF_HPC_RUNTIME"]
+        sources["runtime"] = "env:NSDF_HPC_RUNTIME"
+    if env.get("NSDF_HPC_CACHE"):
+        values["cache_dir"] = env["NSDF_HPC_CACHE"]
+        sources["cache_dir"] = "env:NSDF_HPC_CACHE"
+    if env.get("NSDF_HPC_PULL_ON_COMPUTE"):
+        values["pull_on_compute"] = env["NSDF_HPC_PULL_ON_COMPUTE"].lower() in ("1", "true", "yes")
+        sources["pull_on_compute"] = "env:NSDF_HPC_PULL_ON_COMPUTE"
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = value
+            sources[key] = "argument"
+    try:
+        return Settings(**values, sources=sources, files=tuple(files))
+    except ValidationError as err:
+        raise ConfigError(f"invalid settings ({', '.join(files) or 'no file'}): {err}") from None
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """``$SCRATCH/nsdf-hpc`` when a scratch filesystem is set, else ``$XDG_CACHE_HOME/nsdf-hpc``."""
+    for var in ("SCRATCH", "PSCRATCH", "CSCRATCH"):
+        if env.get(var) and os.path.isdir(env[var]):
+            return Path(env[var]) / "nsdf-hpc"
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")) / "nsdf-hpc"
+
+
+def cache_dir(settings: Settings, env: Mapping[str, str]) -> Path:
+    return Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(env)

@@ -1,0 +1,188 @@
+"""Validated, frozen data: what to run, where, and what was found (no I/O)."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import SpecError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Model(BaseModel):
+    """Base of every nsdf_hpc model: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Bind(Model):
+    """A host path made visible in the container: ``SRC:DST[:ro]``."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+    @field_validator("source", "target")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value or "\0" in value:
+            raise ValueError("a bind path must be a non-empty string without NUL bytes")
+        if not value.startswith("/"):
+            raise ValueError(f"bind path {value!r} is not absolute")
+        return os.path.normpath(value) if value != "/" else value
+
+    @classmethod
+    def parse(cls, text: str) -> "Bind":
+        """Parse ``SRC``, ``SRC:DST``, ``SRC:DST:ro`` or ``SRC:DST:rw`` (SRC may be relative)."""
+        if not text:
+            raise SpecError("empty --bind value (expected SRC[:DST[:ro|rw]])")
+        parts = text.split(":")
+        mode = "rw"
+        if len(parts) == 3:
+            mode = parts[2]
+            if mode not in ("ro", "rw"):
+                raise SpecError(f"invalid --bind {text!r}: option must be 'ro' or 'rw', got {mode!r}")
+        elif len(parts) > 3:
+            raise SpecError(f"invalid --bind {text!r}: expected SRC[:DST[:ro|rw]] "
+                            "(paths containing ':' need the Python API)")
+        source = parts[0]
+        target = parts[1] if len(parts) > 1 else ""
+        if not source:
+            raise SpecError(f"invalid --bind {text!r}: empty source")
+        source = os.path.abspath(os.path.expanduser(source))
+        target = target or source
+        if not target.startswith("/"):
+            raise SpecError(f"invalid --bind {text!r}: destination {target!r} must be absolute")
+        try:
+            return cls(source=source, target=target, read_only=mode == "ro")
+        except ValueError as err:
+            raise SpecError(f"invalid --bind {text!r}: {err}") from None
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
+
+
+def parse_env(text: str) -> Tuple[str, str]:
+    """Parse ``NAME=VALUE`` (the value may contain anything, '=' and newlines included)."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SpecError(f"invalid --env {text!r}: expected NAME=VALUE")
+    check_env_name(name)
+    if "\0" in value:
+        raise SpecError(f"invalid --env {name}: the value contains a NUL byte")
+    return name, value
+
+
+def check_env_name(name: str) -> str:
+    if not _ENV_NAME.match(name):
+        raise SpecError(f"invalid environment variable name {name!r}: "
+                        "use letters, digits and '_', not starting with a digit")
+    return name
+
+
+class RunSpec(Model):
+    """What to execute in a container; the same spec means the same result on every runtime.
+
+    ``env`` holds explicit values; the host allowlist is added by the runtime layer, never
+    the denylist. ``bind_cwd`` binds the current directory at the same path and makes it the
+    working directory unless ``workdir`` says otherwise (Apptainer's habit, on every runtime).
+    """
+
+    image: str
+    command: Tuple[str, ...]
+    binds: Tuple[Bind, ...] = ()
+    env: Dict[str, str] = Field(default_factory=dict)
+    workdir: Optional[str] = None
+    gpu: bool = False
+    network: bool = True
+    writable_tmpfs: bool = False
+    fakeroot: bool = False
+    bind_cwd: bool = True
+    cwd: Optional[str] = None          # the host directory for bind_cwd (default: os.getcwd())
+    extra_args: Tuple[str, ...] = ()   # passed to the runtime verbatim, before the image
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: Tuple[str, ...]) -> Tuple[str, ...]:
+        if not value:
+            raise ValueError("the command is empty")
+        if any("\0" in a for a in value):
+            raise ValueError("a command argument contains a NUL byte")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: Mapping[str, str]) -> Dict[str, str]:
+        for k, v in value.items():
+            check_env_name(k)
+            if "\0" in v:
+                raise ValueError(f"environment value of {k} contains a NUL byte")
+        return dict(value)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"workdir {value!r} must be an absolute path in the container")
+        return value
+
+
+class RuntimeInfo(Model):
+    """What a probe found out about one runtime on this host, for this user."""
+
+    name: str
+    found: bool = False
+    usable: bool = False
+    path: Optional[str] = None
+    flavour: Optional[str] = None        # apptainer | singularityce | singularity | podman | podman-hpc ...
+    version: Optional[str] = None
+    capabilities: Dict[str, bool] = Field(default_factory=dict)
+    notes: Tuple[str, ...] = ()          # why it is unusable, or what limits it
+    priority: int = 100
+
+
+class RuntimeChoice(Model):
+    """The runtime that will be used, where that choice came from, and why others were not."""
+
+    name: str
+    source: str                          # argument | env:NSDF_HPC_RUNTIME | config:<path> | auto
+    info: RuntimeInfo
+    rejected: Dict[str, str] = Field(default_factory=dict)
+
+    def explain(self) -> str:
+        how = {"argument": "asked for explicitly", "auto": "first usable in NSDF's order"}.get(
+            self.source, f"set by {self.source}")
+        return f"{self.name} ({how})"
+
+
+class NativeImage(Model):
+    """An image in one runtime's native form: a file (SIF, SquashFS) or a name in its store."""
+
+    runtime: str
+    source: str                          # what the user asked for
+    digest: Optional[str] = None         # manifest digest (sha256:...) when known
+    location: str                        # absolute path, or a name in the runtime's store
+    size: Optional[int] = None
+    cached: bool = False                 # True when no conversion ran
+
+
+class RunResult(Model):
+    """The outcome of ``run``: the command's exit code and, when captured, its output."""
+
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+    argv: Tuple[str, ...] = ()
+    runtime: str = ""
+    image: Optional[NativeImage] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def env_list(env: Mapping[str, str]) -> List[str]:
+    return [f"{k}={v}" for k, v in env.items()]

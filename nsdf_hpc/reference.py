@@ -1,0 +1,195 @@
+"""Image references and sources, parsed by the OCI distribution grammar (pure).
+
+=====================================  ==================================================
+input                                  result
+=====================================  ==================================================
+``ubuntu``                             registry docker.io, ``library/ubuntu:latest``
+``docker://ghcr.io/o/i:1.2``           registry ghcr.io, ``o/i:1.2``
+``localhost:5000/a/b@sha256:<64 hex>`` pinned by digest (a tag, if any, is kept as a label)
+``nsdf/name:v1.0.0``                   NSDF's naming; registry from ``nsdf_registry``
+``docker-archive:/p/x.tar``            an offline docker-archive (``docker save``)
+``oci-archive:/p/x.tar``               an offline OCI archive
+``oci:/p/layout[:ref]``                an OCI image layout directory
+``/p/x.sif``, ``x.sqfs``, a directory  an already-native artifact, used as is
+=====================================  ==================================================
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import SpecError
+
+DOCKER_HUB = "docker.io"
+_HUB_ALIASES = {"index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+# distribution/reference grammar (reference.go)
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_PATH_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN_RE = re.compile(
+    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?$")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST_RE = re.compile(r"^(?P<alg>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]{32,})$")
+_HEX = {"sha256": 64, "sha512": 128}
+NATIVE_SUFFIXES = (".sif", ".simg", ".sqfs", ".squashfs", ".squash")
+
+SourceKind = Literal["registry", "docker-archive", "oci-archive", "oci-dir", "native"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ImageRef(_Frozen):
+    """A normalised registry reference: ``registry/repository[:tag][@digest]``."""
+
+    registry: str = DOCKER_HUB
+    repository: str
+    tag: Optional[str] = "latest"
+    digest: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        """``registry/repository`` without tag or digest."""
+        return f"{self.registry}/{self.repository}"
+
+    def __str__(self) -> str:
+        text = self.name
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    def by_digest(self) -> str:
+        """``registry/repository@digest`` (tools refuse a tag and a digest together)."""
+        return f"{self.name}@{self.digest}" if self.digest else str(self)
+
+    def pinned(self, digest: str) -> "ImageRef":
+        """The same reference, pinned to ``digest``."""
+        return self.model_copy(update={"digest": validate_digest(digest)})
+
+    def on(self, registry: str) -> "ImageRef":
+        """The same repository on another registry (a mirror)."""
+        return self.model_copy(update={"registry": registry})
+
+    def slug(self) -> str:
+        """A filesystem-safe name: ``docker.io_library_busybox_latest``."""
+        text = f"{self.name}_{self.tag or 'none'}"
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+class ImageSource(_Frozen):
+    """Where an image comes from: a registry reference, an offline file or a native artifact."""
+
+    kind: SourceKind
+    ref: Optional[ImageRef] = None   # kind == "registry"
+    path: Optional[str] = None       # every other kind: absolute path
+    layout_ref: Optional[str] = None  # oci-dir: the ref inside the layout
+    text: str                         # what the user wrote
+
+    @property
+    def is_offline(self) -> bool:
+        return self.kind != "registry"
+
+    def __str__(self) -> str:
+        if self.kind == "registry":
+            return str(self.ref)
+        prefix = {"docker-archive": "docker-archive:", "oci-archive": "oci-archive:",
+                  "oci-dir": "oci:", "native": ""}[self.kind]
+        return f"{prefix}{self.path}" + (f":{self.layout_ref}" if self.layout_ref else "")
+
+
+def validate_digest(digest: str) -> str:
+    """Check ``alg:hex``; sha256 must have 64 lowercase hex digits."""
+    m = _DIGEST_RE.match(digest or "")
+    if not m:
+        raise SpecError(f"invalid digest {digest!r}: expected 'sha256:<64 hex digits>'")
+    want = _HEX.get(m["alg"])
+    if want and (len(m["hex"]) != want or not re.fullmatch(r"[0-9a-f]+", m["hex"])):
+        raise SpecError(f"invalid {m['alg']} digest {digest!r}: expected {want} lowercase hex digits")
+    return digest
+
+
+def parse_reference(text: str, *, nsdf_registry: str = DOCKER_HUB) -> ImageRef:
+    """Parse a Docker/OCI reference; raises :class:`SpecError` with the reason when malformed."""
+    raw = text
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError("empty image reference")
+    if any(c.isspace() for c in text) or any(ord(c) < 32 for c in text):
+        raise SpecError(f"invalid image reference {raw!r}: whitespace or control characters")
+    if text.startswith("docker://"):
+        text = text[len("docker://"):]
+    elif "://" in text:
+        raise SpecError(f"invalid image reference {raw!r}: unsupported transport "
+                        f"{text.split('://')[0]!r} (use docker://, docker-archive:, oci-archive: or oci:)")
+    text = text.lstrip("/") if text.startswith("//") else text
+    digest = None
+    if "@" in text:
+        text, digest = text.split("@", 1)
+        validate_digest(digest)
+    registry = DOCKER_HUB
+    first, sep, rest = text.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+        if not _DOMAIN_RE.match(first):
+            raise SpecError(f"invalid image reference {raw!r}: bad registry {first!r}")
+        registry, text = first, rest
+        explicit_registry = True
+    else:
+        explicit_registry = False
+    tag: Optional[str] = None
+    if ":" in text:
+        text, tag = text.rsplit(":", 1)
+        if not _TAG_RE.match(tag):
+            raise SpecError(f"invalid image reference {raw!r}: bad tag {tag!r}")
+    if not text:
+        raise SpecError(f"invalid image reference {raw!r}: no repository name")
+    if not _PATH_RE.match(text):
+        hint = " (repository names are lowercase)" if text.lower() != text else ""
+        raise SpecError(f"invalid image reference {raw!r}: bad repository {text!r}{hint}")
+    if registry in _HUB_ALIASES:
+        registry = DOCKER_HUB
+    if not explicit_registry and text.startswith("nsdf/"):
+        registry = nsdf_registry
+    if registry == DOCKER_HUB and "/" not in text:
+        text = f"library/{text}"
+    if len(f"{registry}/{text}") > 255:
+        raise SpecError(f"invalid image reference {raw!r}: name longer than 255 characters")
+    if tag is None and digest is None:
+        tag = "latest"
+    return ImageRef(registry=registry, repository=text, tag=tag, digest=digest)
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def parse_source(text: str, *, nsdf_registry: str = DOCKER_HUB) -> ImageSource:
+    """Tell a registry reference from an offline archive, a layout or a native artifact."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError("empty image reference")
+    for prefix, kind in (("docker-archive:", "docker-archive"), ("oci-archive:", "oci-archive")):
+        if text.startswith(prefix):
+            path = text[len(prefix):]
+            if not path:
+                raise SpecError(f"{prefix} needs a path: {text!r}")
+            return ImageSource(kind=kind, path=_abs(path), text=text)  # type: ignore[arg-type]
+    if text.startswith("oci:"):
+        body = text[len("oci:"):]
+        if not body:
+            raise SpecError(f"oci: needs a layout directory: {text!r}")
+        layout_ref = None
+        if not os.path.isdir(_abs(body)) and ":" in body:
+            body, layout_ref = body.rsplit(":", 1)
+        return ImageSource(kind="oci-dir", path=_abs(body), layout_ref=layout_ref, text=text)
+    looks_like_path = text.startswith(("/", "./", "../", "~")) or text.endswith(NATIVE_SUFFIXES)
+    if looks_like_path:
+        path = _abs(text)
+        if os.path.isdir(os.path.join(path, "index.json")) is False and os.path.isfile(
+                os.path.join(path, "oci-layout")):
+            return ImageSource(kind="oci-dir", path=path, text=text)
+        return ImageSource(kind="native", path=path, text=text)
+    return ImageSource(kind="registry", ref=parse_reference(text, nsdf_registry=nsdf_registry), text=text)

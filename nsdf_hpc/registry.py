@@ -1,0 +1,198 @@
+"""A minimal OCI distribution client: resolve a tag to its manifest digest (and size).
+
+Only what digest pinning needs: ``HEAD``/``GET /v2/<name>/manifests/<ref>`` with the usual
+bearer-token dance (docker.io, ghcr.io, quay.io, Harbor) or basic auth. Credentials come from
+``NSDF_HPC_REGISTRY_USER``/``NSDF_HPC_REGISTRY_PASSWORD`` or ``~/.docker/config.json``
+(``auths``); they are never logged, written to scripts, or put in error messages.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
+
+from .errors import RegistryError
+from .reference import DOCKER_HUB, ImageRef
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_TYPES = ", ".join([
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+])
+_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+                "application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    digest: str
+    media_type: str = ""
+    size: Optional[int] = None          # compressed bytes of config + layers, when read
+    requests: int = 0
+
+
+def api_host(registry: str) -> str:
+    return "registry-1.docker.io" if registry == DOCKER_HUB else registry
+
+
+def _credentials(registry: str, env: Mapping[str, str]) -> Optional[Tuple[str, str]]:
+    if env.get("NSDF_HPC_REGISTRY_USER") and env.get("NSDF_HPC_REGISTRY_PASSWORD") is not None:
+        return env["NSDF_HPC_REGISTRY_USER"], env["NSDF_HPC_REGISTRY_PASSWORD"]
+    home = env.get("HOME") or os.path.expanduser("~")
+    path = env.get("DOCKER_CONFIG", os.path.join(home, ".docker")) + "/config.json"
+    try:
+        with open(path) as fh:
+            auths = json.load(fh).get("auths", {})
+    except (OSError, ValueError):
+        return None
+    keys = [registry, f"https://{registry}", f"http://{registry}"]
+    if registry == DOCKER_HUB:
+        keys += ["https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"]
+    for k in keys:
+        entry = auths.get(k)
+        if isinstance(entry, dict) and entry.get("auth"):
+            try:
+                user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
+                return user, pw
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
+
+
+def _parse_challenge(header: str) -> Tuple[str, Dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    return scheme.lower(), params
+
+
+class RegistryClient:
+    """Resolves references against one registry; keeps its bearer token for the session."""
+
+    def __init__(self, registry: str, *, insecure: bool = False, timeout: float = 30.0,
+                 env: Optional[Mapping[str, str]] = None) -> None:
+        self.registry = registry
+        self.scheme = "http" if insecure else "https"
+        self.timeout = timeout
+        self.env = os.environ if env is None else env
+        self._auth: Optional[str] = None
+        self.requests = 0
+
+    def _open(self, req: urllib.request.Request) -> "urllib.response.addinfourl":  # type: ignore[name-defined]
+        self.requests += 1
+        return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - https/http only
+
+    def _request(self, method: str, url: str, headers: Dict[str, str]) -> Tuple[int, Dict[str, str], bytes]:
+        for attempt in range(2):
+            h = dict(headers)
+            if self._auth:
+                h["Authorization"] = self._auth
+            req = urllib.request.Request(url, method=method, headers=h)
+            try:
+                with self._open(req) as resp:
+                    body = resp.read() if method == "GET" else b""
+                    return resp.status, {k.lower(): v for k, v in resp.headers.items()}, body
+            except urllib.error.HTTPError as err:
+                if err.code == 401 and attempt == 0:
+                    self._authenticate(err.headers.get("WWW-Authenticate", ""))
+                    continue
+                return err.code, {k.lower(): v for k, v in (err.headers or {}).items()}, b""
+            except (urllib.error.URLError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                raise RegistryError(f"cannot reach registry {self.registry} ({self.scheme}): {reason}") from None
+        raise RegistryError(f"registry {self.registry} refused access (authentication failed)")
+
+    def _authenticate(self, challenge: str) -> None:
+        scheme, params = _parse_challenge(challenge)
+        creds = _credentials(self.registry, self.env)
+        if scheme == "basic":
+            if not creds:
+                raise RegistryError(f"registry {self.registry} requires a login; set "
+                                    "NSDF_HPC_REGISTRY_USER/NSDF_HPC_REGISTRY_PASSWORD or log in "
+                                    "with `docker login`/`podman login`")
+            self._auth = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise RegistryError(f"registry {self.registry}: unsupported authentication {scheme or '(none)'}")
+        query = {k: v for k, v in params.items() if k in ("service", "scope")}
+        url = params["realm"] + ("&" if "?" in params["realm"] else "?") + urllib.parse.urlencode(query)
+        h = {}
+        if creds:
+            h["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        req = urllib.request.Request(url, headers=h)
+        try:
+            with self._open(req) as resp:
+                data = json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            raise RegistryError(f"registry {self.registry}: token request refused (HTTP {err.code})") from None
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise RegistryError(f"registry {self.registry}: token service unreachable: "
+                                f"{getattr(err, 'reason', err)}") from None
+        token = data.get("token") or data.get("access_token")
+        if not token:
+            raise RegistryError(f"registry {self.registry}: token service returned no token")
+        self._auth = f"Bearer {token}"
+
+    def manifest(self, ref: ImageRef, *, with_size: bool = False,
+                 platform: Tuple[str, str] = ("linux", "amd64")) -> ManifestInfo:
+        """The digest of ``ref``'s manifest (HEAD: one request); ``with_size`` also reads it."""
+        target = ref.digest or ref.tag or "latest"
+        url = f"{self.scheme}://{api_host(self.registry)}/v2/{ref.repository}/manifests/{target}"
+        headers = {"Accept": MANIFEST_TYPES}
+        if not with_size:
+            status, hdrs, _ = self._request("HEAD", url, headers)
+            if status == 200 and hdrs.get("docker-content-digest"):
+                return ManifestInfo(hdrs["docker-content-digest"], hdrs.get("content-type", ""),
+                                    None, self.requests)
+            if status not in (200, 405):
+                self._raise(status, ref)
+        status, hdrs, body = self._request("GET", url, headers)
+        if status != 200:
+            self._raise(status, ref)
+        digest = hdrs.get("docker-content-digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+        if ref.digest and digest != ref.digest:
+            raise RegistryError(f"registry {self.registry} returned manifest {digest} for {ref}")
+        media = hdrs.get("content-type", "")
+        size = None
+        try:
+            doc = json.loads(body)
+            media = doc.get("mediaType", media)
+            if media in _INDEX_TYPES or "manifests" in doc:
+                sub = self._pick(doc, platform)
+                if sub:
+                    inner = self.manifest(ref.model_copy(update={"digest": sub, "tag": None}), with_size=True)
+                    size = inner.size
+            else:
+                size = sum(int(x.get("size", 0)) for x in [doc.get("config", {}), *doc.get("layers", [])])
+        except (ValueError, AttributeError, TypeError):
+            pass
+        return ManifestInfo(digest, media, size, self.requests)
+
+    @staticmethod
+    def _pick(index: Dict[str, object], platform: Tuple[str, str]) -> Optional[str]:
+        for m in index.get("manifests", []) or []:  # type: ignore[union-attr]
+            p = m.get("platform", {}) if isinstance(m, dict) else {}
+            if p.get("os") == platform[0] and p.get("architecture") == platform[1]:
+                return str(m["digest"])
+        return None
+
+    def _raise(self, status: int, ref: ImageRef) -> None:
+        if status == 404:
+            raise RegistryError(f"image {ref} not found in registry {self.registry} (manifest unknown)")
+        if status in (401, 403):
+            raise RegistryError(f"registry {self.registry} denied access to {ref} (HTTP {status}); "
+                                "for private images set NSDF_HPC_REGISTRY_USER/NSDF_HPC_REGISTRY_PASSWORD")
+        if status == 429:
+            raise RegistryError(f"registry {self.registry} rate-limited the request for {ref} (HTTP 429); "
+                                "configure a site mirror ([mirrors] in the config) or retry later")
+        raise RegistryError(f"registry {self.registry} answered HTTP {status} for {ref}")

@@ -1,0 +1,179 @@
+"""Apptainer, SingularityCE and legacy Singularity: one CLI, three flavours.
+
+Flavour comes from the tool's own output, never from the binary's name: a ``singularity``
+that prints ``apptainer version 1.4.5`` is Apptainer (the compat symlink), so it is
+reported under ``apptainer`` and the ``singularity`` entry stays for SingularityCE
+(``singularity-ce version 4.1.0``) and legacy Singularity (``singularity version 3.7.1``,
+``2.6.1-dist``).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
+
+from ..errors import SpecError, UnexpectedOutputError
+from ..host import HostFacts
+from ..models import NativeImage, RunSpec
+from ..reference import ImageRef, ImageSource
+from .base import (WORKDIR, Assessment, ImagePlan, Invocation, Runtime, Step, csv_field, effective_binds,
+                   process_env, version_tuple)
+
+
+def classify_singularity_output(text: str) -> Tuple[str, str]:
+    """``(flavour, version)`` for the apptainer/singularity family (pure)."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    low = line.lower()
+    for prefix, flavour in (("apptainer version", "apptainer"),
+                            ("singularity-ce version", "singularityce"),
+                            ("singularityce version", "singularityce"),
+                            ("singularity version", "singularity")):
+        if low.startswith(prefix):
+            rest = line[len(prefix):].split()
+            if rest:
+                return flavour, rest[0]
+    # Singularity 2.x and early 3.x print a bare version ("2.6.1-dist", "3.5.3")
+    first = line.split()[0] if line else ""
+    if first[:1].isdigit():
+        return "singularity", first
+    raise UnexpectedOutputError("singularity/apptainer --version", text,
+                                expected="'apptainer version X' or 'singularity-ce version X'")
+
+
+class Apptainer(Runtime):
+    """Apptainer (formerly Singularity); NSDF's preferred runtime."""
+
+    name: ClassVar[str] = "apptainer"
+    executables: ClassVar[Tuple[str, ...]] = ("apptainer", "singularity")
+    priority: ClassVar[int] = 10
+    description: ClassVar[str] = "Apptainer: SIF images, setuid or user namespaces"
+    env_prefix: ClassVar[str] = "APPTAINER"
+    accepts: ClassVar[Tuple[str, ...]] = ("apptainer",)
+
+    def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
+        flavour, version = classify_singularity_output(stdout or stderr)
+        if flavour not in self.accepts:
+            label = {"apptainer": "Apptainer", "singularityce": "SingularityCE",
+                     "singularity": "legacy Singularity"}[flavour]
+            raise UnexpectedOutputError(self.path, stdout or stderr,
+                                        note=f"this binary is {label} {version}, not {self.name}")
+        return flavour, version
+
+    def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
+        caps = {
+            "root": host.is_root,
+            "setuid": self._setuid_starter(),
+            "user_namespaces": host.userns,
+            "fakeroot": host.is_root or (host.userns and host.subuid and host.subgid),
+            "fuse": host.fuse_access,
+            "squashfuse": host.squashfuse,
+            "gpu_nvidia": host.nvidia,
+            "gpu_amd": host.amd_gpu,
+            "no_eval": self._has_no_eval(flavour, version),
+        }
+        notes: List[str] = []
+        usable = host.is_root or caps["setuid"] or host.userns
+        if not usable:
+            notes.append(f"cannot start containers: no setuid starter and {host.userns_reason()}")
+        elif not host.is_root and not caps["setuid"] and not (host.fuse_access and host.squashfuse):
+            notes.append("SIF images are extracted to a temporary sandbox on every run "
+                         "(no access to /dev/fuse or no squashfuse): slower start")
+        if not caps["no_eval"]:
+            notes.append("this version has no --no-eval: environment values are shell-escaped")
+        return Assessment(usable, caps, tuple(notes))
+
+    def _setuid_starter(self) -> bool:
+        import os
+        real = os.path.realpath(self.path)
+        prefix = os.path.dirname(os.path.dirname(real))
+        for sub in ("libexec/apptainer/bin/starter-suid", "libexec/singularity/bin/starter-suid",
+                    "lib/x86_64-linux-gnu/apptainer/bin/starter-suid"):
+            p = os.path.join(prefix, sub)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if st.st_mode & 0o4000 and st.st_uid == 0:
+                return True
+        return False
+
+    @staticmethod
+    def _has_no_eval(flavour: str, version: str) -> bool:
+        v = version_tuple(version)
+        if flavour == "apptainer":
+            return v >= (1, 1)
+        if flavour == "singularityce":
+            return v >= (3, 10)
+        return False
+
+    # ---------------------------------------------------------------- images
+    def runtime_env(self, env: Mapping[str, str], cache_root: str) -> Dict[str, str]:
+        var = f"{self.env_prefix}_CACHEDIR"
+        return {var: env.get(var) or f"{cache_root}/{self.name}/cache"}
+
+    def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
+                   insecure: bool = False) -> ImagePlan:
+        out = "image.sif"
+        # conversions need room: the temp dir is the entry's private work dir in the cache
+        tmp_env = {f"{self.env_prefix}_TMPDIR": WORKDIR}
+        if source.kind == "registry":
+            assert ref is not None
+            argv = [self.path, "-s", "pull"]
+            if insecure:
+                argv.append("--no-https")
+            argv += [out, f"docker://{ref.by_digest()}"]
+            return ImagePlan((Step(tuple(argv), f"pull {ref} to SIF", tmp_env),), artifact=out)
+        if source.kind == "native":
+            raise SpecError(f"{source.path} is already a native image")
+        prefix = {"docker-archive": "docker-archive", "oci-archive": "oci-archive", "oci-dir": "oci"}[source.kind]
+        # Apptainer 1.4 takes an OCI layout *path* only: "oci:DIR:tag" fails with "stat DIR:tag"
+        argv = (self.path, "-s", "build", out, f"{prefix}:{source.path}")
+        return ImagePlan((Step(argv, f"build SIF from {source.text}", tmp_env),), artifact=out)
+
+    # ---------------------------------------------------------------- run
+    def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
+                       host_env: Mapping[str, str]) -> Invocation:
+        import os
+        binds, workdir = effective_binds(spec, os.getcwd())
+        argv: List[str] = [self.path, "-s", "exec", "--cleanenv"]
+        no_eval = self._has_no_eval(self.flavour, self.version or "")
+        if no_eval:
+            # without --no-eval, APPTAINERENV_ values are evaluated by a shell in the
+            # container: "$(cmd)" would run (Apptainer 1.4.5, checked by the hostile-env test)
+            argv.append("--no-eval")
+        for b in binds:
+            if any(c in b.source + b.target for c in ":,\n"):
+                fields = ["type=bind", csv_field(f"src={b.source}"), csv_field(f"dst={b.target}")]
+                if b.read_only:
+                    fields.append("ro")
+                argv += ["--mount", ",".join(fields)]
+            else:
+                argv += ["--bind", f"{b.source}:{b.target}" + (":ro" if b.read_only else "")]
+        if workdir:
+            argv += ["--pwd", workdir]
+        if spec.gpu:
+            argv.append("--nv")
+        if not spec.network:
+            argv += ["--net", "--network", "none"]
+        if spec.writable_tmpfs:
+            argv.append("--writable-tmpfs")
+        if spec.fakeroot:
+            argv.append("--fakeroot")
+        argv += list(spec.extra_args)
+        argv.append(native.location)
+        argv += list(spec.command)
+        penv = process_env(host_env)
+        for k, v in container_env.items():
+            if not no_eval:
+                v = "".join("\\" + c if c in '\\$`"' else c for c in v)
+            penv[f"{self.env_prefix}ENV_{k}"] = v
+        return Invocation(tuple(argv), penv)
+
+
+class Singularity(Apptainer):
+    """SingularityCE (Sylabs) and legacy Singularity: same verbs, ``SINGULARITY*`` variables."""
+
+    name: ClassVar[str] = "singularity"
+    executables: ClassVar[Tuple[str, ...]] = ("singularity",)
+    priority: ClassVar[int] = 20
+    description: ClassVar[str] = "SingularityCE / legacy Singularity"
+    env_prefix: ClassVar[str] = "SINGULARITY"
+    accepts: ClassVar[Tuple[str, ...]] = ("singularityce", "singularity")

@@ -1,0 +1,204 @@
+"""The Runtime contract: pure argv builders and parsers; effects live in the Client.
+
+A runtime class knows its tool's vocabulary and nothing else:
+
+* ``version_argv`` / ``parse_version``: the probe and how to read it (flavour + version);
+* ``assess``: given the version and :class:`~nsdf_hpc.host.HostFacts`, can this user run it,
+  with which capabilities, and if not, why;
+* ``image_plan``: the steps (argv lists) that turn an image source into the native form;
+* ``run_invocation``: the argv and process environment that run a :class:`RunSpec`.
+
+All of these are pure, so they are tested from recorded contracts for runtimes that cannot
+be installed here (Shifter, SingularityCE, podman-hpc).
+"""
+from __future__ import annotations
+
+import abc
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import SpecError, UnexpectedOutputError
+from ..host import HostFacts
+from ..models import Bind, NativeImage, RunSpec
+from ..reference import ImageRef, ImageSource
+
+#: Host variables a runtime *process* needs to work (not what the container sees).
+PROCESS_ENV_KEEP: Tuple[str, ...] = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "TMPDIR", "XDG_RUNTIME_DIR",
+    "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "http_proxy", "https_proxy", "no_proxy",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "DBUS_SESSION_BUS_ADDRESS",
+    "CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE",
+)
+
+
+#: placeholder in a Step's env values, replaced by the absolute private work directory
+WORKDIR = "{workdir}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One external command of an image plan."""
+
+    argv: Tuple[str, ...]
+    description: str
+    env: Mapping[str, Optional[str]] = field(default_factory=dict)   # overrides; None deletes
+    timeout: Optional[float] = None
+    check: bool = True
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """How to build one cache entry: steps run in ``workdir`` (a private temp dir), then
+    ``artifact`` (relative to the workdir) is published, or ``location`` names the result in
+    the runtime's own store."""
+
+    steps: Tuple[Step, ...]
+    artifact: Optional[str] = None
+    location: Optional[str] = None
+    pre_extract: Optional[str] = None   # "rootfs": nsdf_hpc unpacks the offline source first
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The exact process to start for a run."""
+
+    argv: Tuple[str, ...]
+    env: Dict[str, str]
+    mkdirs: Tuple[str, ...] = ()   # directories to create first (Charliecloud mount points)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    usable: bool
+    capabilities: Dict[str, bool]
+    notes: Tuple[str, ...] = ()
+
+
+class Runtime(abc.ABC):
+    """A container runtime: its vocabulary, as pure functions."""
+
+    name: ClassVar[str]
+    executables: ClassVar[Tuple[str, ...]]
+    priority: ClassVar[int]
+    description: ClassVar[str] = ""
+    #: "file" runtimes run an artifact from the cache (SIF, SquashFS, dir); "store" runtimes
+    #: run a name from their own image store (podman, udocker, shifter).
+    storage: ClassVar[str] = "file"
+    #: the image sources it converts itself; others go through an intermediate step
+    offline_sources: ClassVar[Tuple[str, ...]] = ("docker-archive", "oci-archive", "oci-dir")
+
+    def __init__(self, path: Optional[str] = None, flavour: Optional[str] = None,
+                 version: Optional[str] = None) -> None:
+        self.path = path or self.executables[0]
+        self.flavour = flavour or self.name
+        self.version = version
+
+    # ---------------------------------------------------------------- probe
+    def version_argv(self, path: str) -> List[str]:
+        return [path, "--version"]
+
+    def probe_env(self, env: Mapping[str, str]) -> Dict[str, str]:
+        """The environment for the version probe."""
+        return process_env(env)
+
+    @abc.abstractmethod
+    def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
+        """``(flavour, version)`` from the probe output; raises UnexpectedOutputError."""
+
+    @abc.abstractmethod
+    def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
+        """Can this user use it here, and with which capabilities (pure)."""
+
+    # ---------------------------------------------------------------- images
+    def runtime_env(self, env: Mapping[str, str], cache_root: str) -> Dict[str, str]:
+        """Variables every call of this runtime gets (its caches pointed at ours)."""
+        return {}
+
+    @abc.abstractmethod
+    def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
+                   insecure: bool = False) -> ImagePlan:
+        """Steps that make the native image; ``ref`` is the digest-pinned, mirrored reference."""
+
+    # ---------------------------------------------------------------- run
+    @abc.abstractmethod
+    def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
+                       host_env: Mapping[str, str]) -> Invocation:
+        """The argv and process environment that run ``spec`` (pure)."""
+
+    # ---------------------------------------------------------------- helpers
+    def unsupported(self, what: str) -> SpecError:
+        return SpecError(f"{self.name} does not support {what}")
+
+
+def process_env(env: Mapping[str, str], extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The minimal host environment a runtime process needs (the container gets its own)."""
+    out = {k: env[k] for k in PROCESS_ENV_KEEP if k in env}
+    out.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if extra:
+        out.update(extra)
+    return out
+
+
+def effective_binds(spec: RunSpec, host_cwd: str) -> Tuple[List[Bind], Optional[str]]:
+    """The binds to make and the working directory, with the current-directory default."""
+    binds = list(spec.binds)
+    workdir = spec.workdir
+    if spec.bind_cwd:
+        cwd = spec.cwd or host_cwd
+        if not any(b.target == cwd for b in binds):
+            binds.append(Bind(source=cwd, target=cwd))
+        workdir = workdir or cwd
+    return binds, workdir
+
+
+def parse_first_version(text: str, tool: str, prefix: str = "") -> str:
+    """The first token after ``prefix`` on the first non-empty line (``"podman version 4.3.1"``)."""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if prefix and line.lower().startswith(prefix):
+            rest = line[len(prefix):].strip().split()
+            if rest:
+                return rest[0]
+        elif not prefix:
+            return line.split()[0]
+    raise UnexpectedOutputError(tool, text, expected=f"'{prefix} X.Y.Z'" if prefix else "a version")
+
+
+def csv_field(text: str) -> str:
+    """Quote one field for CSV-style option values (``--mount type=bind,"src=a,b"``)."""
+    if any(c in text for c in ',"\n\r'):
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="").writerow([text])
+        return buf.getvalue()
+    return text
+
+
+def version_tuple(version: Optional[str]) -> Tuple[int, ...]:
+    parts: List[int] = []
+    for piece in (version or "").replace("-", ".").split("."):
+        if piece.isdigit():
+            parts.append(int(piece))
+        else:
+            digits = "".join(c for c in piece if c.isdigit())
+            if digits and piece[0].isdigit():
+                parts.append(int(digits))
+            break
+    return tuple(parts)
+
+
+def uid_gid() -> Tuple[int, int]:
+    return os.getuid(), os.getgid()
+
+
+def require_paths(binds: Sequence[Bind], runtime: str, forbidden: str = "") -> None:
+    for b in binds:
+        for p in (b.source, b.target):
+            bad = [c for c in forbidden if c in p]
+            if bad:
+                raise SpecError(f"{runtime} cannot bind a path containing {bad[0]!r}: {p!r}")

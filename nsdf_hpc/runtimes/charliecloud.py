@@ -1,0 +1,144 @@
+"""Charliecloud: ``ch-image pull`` into a private storage, run the unpacked directory with
+``ch-run`` (2 ms per start), and keep a SquashFS file (``ch-convert``) beside it."""
+from __future__ import annotations
+
+import os
+from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
+
+from ..errors import ImageError, SpecError
+from ..host import HostFacts
+from ..models import NativeImage, RunSpec
+from ..reference import ImageRef, ImageSource
+from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, parse_first_version
+
+STORAGE = "storage"
+ROOTFS = "rootfs"
+SQUASH = "image.sqfs"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Charliecloud(Runtime):
+    """Charliecloud: fully unprivileged, needs user namespaces."""
+
+    name: ClassVar[str] = "charliecloud"
+    executables: ClassVar[Tuple[str, ...]] = ("ch-run",)
+    priority: ClassVar[int] = 30
+    description: ClassVar[str] = "Charliecloud: unprivileged, directory or SquashFS images"
+
+    def probe_env(self, env: Mapping[str, str]) -> Dict[str, str]:
+        # ch-run refuses to start without $USER ("error: $USER not set"), even for --version
+        out = super().probe_env(env)
+        out.setdefault("USER", env.get("LOGNAME") or _user_name())
+        return out
+
+    def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
+        # 0.31 prints a bare "0.31" (on stderr in some versions)
+        return "charliecloud", parse_first_version(stdout or stderr, "ch-run --version")
+
+    def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
+        caps = {"user_namespaces": host.userns, "fuse": host.fuse_access,
+                "squashfs_mount": host.fuse_access, "gpu_nvidia": host.nvidia,
+                "root": host.is_root}
+        notes: List[str] = []
+        usable = host.userns
+        if not usable:
+            notes.append(f"ch-run needs unprivileged user namespaces: {host.userns_reason()}")
+        if not host.fuse_access:
+            notes.append("/dev/fuse is not accessible: SquashFS images cannot be mounted "
+                         "(directory images still work)")
+        if host.nvidia:
+            notes.append("GPUs need the host libraries injected once per image (ch-fromhost --nvidia)")
+        return Assessment(usable, caps, tuple(notes))
+
+    def ch_image(self) -> str:
+        return self._tool("ch-image")
+
+    def ch_convert(self) -> str:
+        return self._tool("ch-convert")
+
+    def _tool(self, name: str) -> str:
+        # PATH first (a site wrapper, e.g. one pinning the Python that has lark), then the
+        # directory of the ch-run that was detected
+        import shutil
+        found = shutil.which(name)
+        if found:
+            return found
+        return os.path.join(os.path.dirname(self.path), name) if os.path.isabs(self.path) else name
+
+    def _env(self) -> Dict[str, Optional[str]]:
+        # The build cache is a git repository: a user without a git identity breaks the storage
+        # on the first call (charliecloud 0.31); and requests' CA variables make ch-image ignore
+        # --tls-no-verify, so they are dropped only when that flag is in use.
+        return {"CH_IMAGE_CACHE": "disabled", "USER": os.environ.get("USER") or _user_name()}
+
+    def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
+                   insecure: bool = False) -> ImagePlan:
+        env = self._env()
+        steps: List[Step] = []
+        if source.kind == "registry":
+            assert ref is not None
+            if insecure:
+                # registry.py in ch-image 0.31..0.38 hard-codes "https://%s:%d/v2"
+                raise ImageError(f"Charliecloud can only pull over HTTPS, and {ref.registry} is "
+                                 "configured as an insecure (plain HTTP) registry; use a TLS "
+                                 "mirror or an offline archive (docker-archive:/oci-archive:)")
+            steps.append(Step((self.ch_image(), "-s", STORAGE, "pull", ref.by_digest(), "nsdf"),
+                              f"pull {ref}", env))
+            rootfs_src = f"{STORAGE}/img/nsdf"
+            pre = None
+        elif source.kind == "native":
+            raise SpecError(f"{source.path} is already a native image")
+        else:
+            # ch-image 0.31 cannot import docker-archive or OCI: nsdf_hpc unpacks the layers
+            rootfs_src = ROOTFS
+            pre = "rootfs"
+        steps.append(Step((self.ch_convert(), "--no-clobber", "-i", "dir", "-o", "squash",
+                           rootfs_src, SQUASH), "convert to SquashFS", env))
+        return ImagePlan(tuple(steps), artifact=ROOTFS, pre_extract=pre,
+                         location=rootfs_src if rootfs_src != ROOTFS else None)
+
+    def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
+                       host_env: Mapping[str, str]) -> Invocation:
+        binds, workdir = effective_binds(spec, os.getcwd())
+        argv: List[str] = [self.path]
+        # The container environment is ch-run's own process environment (ch-run copies it in);
+        # then the image's ENV (--set-env with no argument), then explicit values, so that
+        # explicit --env wins over the image as on every other runtime. --env-no-expand keeps
+        # "$X" literal; values wrapped in single quotes would lose them in --set-env, so those
+        # come only through the process environment.
+        argv += ["--env-no-expand", "--set-env"]
+        for k, v in spec.env.items():
+            if not (len(v) >= 2 and v[0] == v[-1] == "'"):
+                argv.append(f"--set-env={k}={v}")
+        mkdirs: List[str] = []
+        is_dir = os.path.isdir(native.location)
+        for b in binds:
+            argv.append(f"--bind={b.source}:{b.target}")
+            if is_dir:
+                # ch-run 0.31 cannot bind onto a path missing from the image and has no
+                # --write-fake: create the mount point in our (private) unpacked image
+                mkdirs.append(os.path.join(native.location, b.target.lstrip("/")))
+        if any(b.read_only for b in binds):
+            pass  # ch-run 0.31 binds are read-write; see the support table (ro not enforced)
+        if workdir:
+            argv.append(f"--cd={workdir}")
+        if spec.fakeroot:
+            argv += ["--uid=0", "--gid=0"]
+        if spec.writable_tmpfs:
+            argv.append("--private-tmp")
+        argv += list(spec.extra_args)
+        argv += [native.location, "--", *spec.command]
+        penv = dict(container_env)
+        penv.setdefault("USER", host_env.get("USER") or _user_name())
+        # the image's ENV (--set-env) replaces this; it only stops ch-run's "$PATH not set"
+        # warning and serves images that set no PATH (Docker's default)
+        penv.setdefault("PATH", DEFAULT_PATH)
+        return Invocation(tuple(argv), penv, tuple(mkdirs))
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.getuid())

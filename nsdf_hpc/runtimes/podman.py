@@ -1,0 +1,114 @@
+"""Podman (rootful or rootless) and NERSC's podman-hpc wrapper."""
+from __future__ import annotations
+
+import os
+from typing import ClassVar, List, Mapping, Optional, Tuple
+
+from ..errors import SpecError
+from ..host import HostFacts
+from ..models import NativeImage, RunSpec
+from ..reference import ImageRef, ImageSource
+from .base import (Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds,
+                   parse_first_version, process_env, require_paths)
+
+
+class Podman(Runtime):
+    """Podman: images live in podman's own store; run with ``--pull=never``."""
+
+    name: ClassVar[str] = "podman"
+    executables: ClassVar[Tuple[str, ...]] = ("podman",)
+    priority: ClassVar[int] = 50
+    description: ClassVar[str] = "Podman (rootless with user namespaces, or root)"
+    storage: ClassVar[str] = "store"
+
+    def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
+        return "podman", parse_first_version(stdout or stderr, "podman --version", "podman version")
+
+    def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
+        caps = {"root": host.is_root, "user_namespaces": host.userns,
+                "subuid": host.subuid and host.subgid, "gpu_nvidia": host.nvidia}
+        notes: List[str] = []
+        usable = host.is_root or host.userns
+        if not usable:
+            notes.append(f"rootless podman needs user namespaces: {host.userns_reason()}")
+        elif not host.is_root and not caps["subuid"]:
+            notes.append(f"no /etc/subuid or /etc/subgid entry for {host.user}: rootless podman "
+                         "can map only your own uid (images with other owners fail to unpack)")
+        return Assessment(usable, caps, tuple(notes))
+
+    def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
+                   insecure: bool = False) -> ImagePlan:
+        if source.kind == "registry":
+            assert ref is not None
+            argv = [self.path, "pull", "-q"]
+            if insecure:
+                argv.append("--tls-verify=false")
+            argv.append(ref.by_digest())
+            # runs by digest so a moved tag never changes what runs
+            loc = ref.by_digest()
+            return ImagePlan((Step(tuple(argv), f"pull {ref}"),), location=loc)
+        if source.kind == "native":
+            raise SpecError(f"{source.path} is already a native image")
+        transport = {"docker-archive": "docker-archive", "oci-archive": "oci-archive", "oci-dir": "oci"}[source.kind]
+        src = f"{transport}:{source.path}" + (f":{source.layout_ref}" if source.layout_ref else "")
+        # `podman pull -q` prints the image id, which becomes the location ("@stdout")
+        return ImagePlan((Step((self.path, "pull", "-q", src), f"import {source.text}"),),
+                         location="@stdout")
+
+    def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
+                       host_env: Mapping[str, str]) -> Invocation:
+        binds, workdir = effective_binds(spec, os.getcwd())
+        require_paths(binds, self.name, ":")
+        argv: List[str] = [self.path, "run", "--rm", "--pull=never",
+                           "--network=" + ("host" if spec.network else "none")]
+        if os.getuid() != 0 and not spec.fakeroot:
+            # run as the caller, with files in binds owned by the caller (HPC expectation)
+            argv.append("--userns=keep-id")
+        for b in binds:
+            argv += ["-v", f"{b.source}:{b.target}" + (":ro" if b.read_only else "")]
+        if workdir:
+            argv += ["-w", workdir]
+        for k, v in container_env.items():
+            argv += ["-e", f"{k}={v}"]
+        if spec.gpu:
+            argv += self.gpu_args()
+        if spec.writable_tmpfs:
+            argv += ["--read-only=false"]
+        argv += list(spec.extra_args)
+        argv.append(native.location)
+        argv += list(spec.command)
+        return Invocation(tuple(argv), process_env(host_env))
+
+    def gpu_args(self) -> List[str]:
+        return ["--device", "nvidia.com/gpu=all"]
+
+
+class PodmanHPC(Podman):
+    """podman-hpc (NERSC): podman with site hooks; images are migrated to shared storage."""
+
+    name: ClassVar[str] = "podman-hpc"
+    executables: ClassVar[Tuple[str, ...]] = ("podman-hpc",)
+    priority: ClassVar[int] = 45
+    description: ClassVar[str] = "podman-hpc (NERSC's podman wrapper)"
+
+    def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
+        text = stdout or stderr
+        low = text.lower()
+        if "podman-hpc" in low:
+            return "podman-hpc", parse_first_version(text, "podman-hpc --version", "podman-hpc version")
+        # older wrappers pass --version through to podman
+        return "podman-hpc", parse_first_version(text, "podman-hpc --version", "podman version")
+
+    def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
+                   insecure: bool = False) -> ImagePlan:
+        plan = super().image_plan(source, ref, key, insecure)
+        if source.kind != "registry":
+            return plan
+        assert ref is not None
+        # `podman-hpc pull` migrates by itself; an explicit migrate makes it visible to
+        # compute nodes also where the site disabled the automatic step
+        return ImagePlan(plan.steps + (Step((self.path, "migrate", ref.by_digest()),
+                                            "migrate to shared storage"),), location=plan.location)
+
+    def gpu_args(self) -> List[str]:
+        return ["--gpu"]

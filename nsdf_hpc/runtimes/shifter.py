@@ -1,0 +1,104 @@
+"""Shifter (NERSC): images are pulled by the site's image gateway (``shifterimg pull``) and
+run by a setuid helper (``shifter --image=docker:REPO:TAG``).
+
+Shifter cannot be installed on our testbed (it needs its gateway, MongoDB and munge), so this
+module is checked against recorded command contracts taken from Shifter's documentation and
+NERSC's user guide (tests/contracts/), not against a running Shifter.
+"""
+from __future__ import annotations
+
+import os
+from typing import ClassVar, List, Mapping, Optional, Tuple
+
+from ..errors import ImageError, SpecError
+from ..host import HostFacts
+from ..models import NativeImage, RunSpec
+from ..reference import DOCKER_HUB, ImageRef, ImageSource
+from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, require_paths
+
+#: Shifter refuses binds onto these (udiRoot.conf siteFs/volume rules)
+FORBIDDEN_TARGETS = ("/dev", "/etc", "/opt/udiImage", "/proc", "/var")
+
+
+def shifter_image_name(ref: ImageRef) -> str:
+    """``docker:REPO:TAG`` as shifterimg names it (Docker Hub's ``library/`` dropped)."""
+    repo = ref.repository
+    if ref.registry == DOCKER_HUB:
+        if repo.startswith("library/"):
+            repo = repo[len("library/"):]
+    else:
+        repo = f"{ref.registry}/{repo}"
+    return f"docker:{repo}:{ref.tag or 'latest'}"
+
+
+class Shifter(Runtime):
+    """Shifter: setuid, images converted by the site's gateway."""
+
+    name: ClassVar[str] = "shifter"
+    executables: ClassVar[Tuple[str, ...]] = ("shifter",)
+    priority: ClassVar[int] = 40
+    description: ClassVar[str] = "Shifter (NERSC): gateway-converted images, setuid runtime"
+    storage: ClassVar[str] = "store"
+    offline_sources: ClassVar[Tuple[str, ...]] = ()
+
+    def version_argv(self, path: str) -> List[str]:
+        return [path, "--version"]
+
+    def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
+        text = (stdout or stderr).strip()
+        for line in text.splitlines():
+            words = line.strip().split()
+            if len(words) >= 2 and words[0].lower() == "shifter" and words[-1][:1].isdigit():
+                return "shifter", words[-1]
+            if words and words[0][:1].isdigit():
+                return "shifter", words[0]
+        from ..errors import UnexpectedOutputError
+        raise UnexpectedOutputError("shifter --version", text, expected="'shifter version X'")
+
+    def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
+        gw = bool(self._shifterimg())
+        notes = () if gw else ("shifterimg not found: images cannot be pulled here",)
+        return Assessment(True, {"setuid": True, "gateway": gw, "gpu_nvidia": host.nvidia}, notes)
+
+    def _shifterimg(self) -> Optional[str]:
+        import shutil
+        if os.path.isabs(self.path):
+            cand = os.path.join(os.path.dirname(self.path), "shifterimg")
+            if os.access(cand, os.X_OK):
+                return cand
+        return shutil.which("shifterimg")
+
+    def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
+                   insecure: bool = False) -> ImagePlan:
+        if source.kind != "registry":
+            raise ImageError(f"Shifter imports images only through its gateway from a registry; "
+                             f"{source.text} must be pushed to a registry first")
+        assert ref is not None
+        name = shifter_image_name(ref)
+        tool = self._shifterimg() or "shifterimg"
+        # `shifterimg pull` blocks until the gateway reports READY (or FAILURE)
+        return ImagePlan((Step((tool, "pull", name), f"gateway pull {name}"),), location=name)
+
+    def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
+                       host_env: Mapping[str, str]) -> Invocation:
+        binds, workdir = effective_binds(spec, os.getcwd())
+        require_paths(binds, self.name, ":;")
+        for b in binds:
+            if any(b.target == t or b.target.startswith(t + "/") for t in FORBIDDEN_TARGETS):
+                raise SpecError(f"Shifter refuses bind targets under {', '.join(FORBIDDEN_TARGETS)}: {b.target}")
+        argv: List[str] = [self.path, f"--image={native.location}"]
+        for b in binds:
+            argv.append(f"--volume={b.source}:{b.target}" + (":ro" if b.read_only else ""))
+        if workdir:
+            argv.append(f"--workdir={workdir}")
+        # Shifter copies its own environment into the container and then applies the image's
+        # ENV; explicit values go on the command line so that they win over the image
+        for k, v in spec.env.items():
+            argv.append(f"--env={k}={v}")
+        if spec.gpu:
+            argv.append("--module=gpu")
+        argv += list(spec.extra_args)
+        argv += ["--", *spec.command]
+        penv = dict(container_env)
+        penv.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        return Invocation(tuple(argv), penv)

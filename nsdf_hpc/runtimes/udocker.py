@@ -1,0 +1,132 @@
+"""UDocker: the fallback that always works without privileges (proot, P1 mode).
+
+udocker comes with nsdf-hpc from PyPI. Its engine (proot, patchelf, runc) is downloaded on
+first use unless the site configures a local tarball (``/etc/udocker.conf``: ``tarball =``),
+as air-gapped sites must; ``nsdf-run doctor`` says which applies.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
+
+from ..errors import SpecError, UnexpectedOutputError
+from ..host import HostFacts
+from ..models import NativeImage, RunSpec
+from ..reference import ImageRef, ImageSource
+from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, process_env
+
+
+class UDocker(Runtime):
+    """UDocker: user-space containers with proot; no namespaces, no setuid, no daemon."""
+
+    name: ClassVar[str] = "udocker"
+    executables: ClassVar[Tuple[str, ...]] = ("udocker",)
+    priority: ClassVar[int] = 90
+    description: ClassVar[str] = "UDocker: no privileges needed (proot)"
+    storage: ClassVar[str] = "store"
+
+    def _base(self) -> List[str]:
+        # udocker refuses root ("Error: do not run as root !") without --allow-root
+        return [self.path, "--allow-root"] if os.getuid() == 0 else [self.path]
+
+    def version_argv(self, path: str) -> List[str]:
+        self.path = path
+        return [*self._base(), "--version"]
+
+    def probe_env(self, env: Mapping[str, str]) -> Dict[str, str]:
+        out = process_env(env)
+        # `udocker --version` creates its directory as a side effect: keep it out of $HOME
+        if "UDOCKER_DIR" in env:
+            out["UDOCKER_DIR"] = env["UDOCKER_DIR"]
+        return out
+
+    def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
+        for line in (stdout + "\n" + stderr).splitlines():
+            line = line.strip()
+            if line.lower().startswith("version:"):
+                return "udocker", line.split(":", 1)[1].strip()
+            if line.lower().startswith("udocker ") and line.split()[-1][:1].isdigit():
+                return "udocker", line.split()[-1]
+        raise UnexpectedOutputError("udocker --version", stdout or stderr, expected="'version: X.Y.Z'")
+
+    def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
+        engine = engine_source()
+        caps = {"unprivileged": True, "user_namespaces_needed": False,
+                "engine_local": engine != "download", "gpu_nvidia": host.nvidia}
+        notes: List[str] = []
+        if engine == "download":
+            notes.append("udocker downloads its engine (proot) from the internet on first use; "
+                         "on an air-gapped site set `tarball =` in /etc/udocker.conf")
+        notes.append("read-only binds are not enforced (proot binds are read-write)")
+        return Assessment(True, caps, tuple(notes))
+
+    def runtime_env(self, env: Mapping[str, str], cache_root: str) -> Dict[str, str]:
+        return {"UDOCKER_DIR": env.get("UDOCKER_DIR") or f"{cache_root}/udocker"}
+
+    def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
+                   insecure: bool = False) -> ImagePlan:
+        container = f"nsdf-{key[:24]}"
+        base = tuple(self._base())
+        steps: List[Step] = []
+        if source.kind == "registry":
+            assert ref is not None
+            scheme = "http" if insecure else "https"
+            # udocker 1.3.17 cannot pull by digest ("must specify image:tag"): pull the tag that
+            # was just resolved to the digest; the entry records the digest
+            image = f"{ref.repository}:{ref.tag or 'latest'}"
+            steps.append(Step(base + ("-q", "pull", f"--registry={scheme}://{ref.registry}", image),
+                              f"pull {ref}"))
+        elif source.kind == "native":
+            raise SpecError(f"{source.path} is already a native image")
+        else:
+            # docker-archive with symlinked layer.tar and OCI layout dirs are repacked by
+            # nsdf_hpc into "source.tar" first (udocker 1.3.17 fails on both)
+            image = f"nsdf/{key[:24]}:latest"
+            steps.append(Step(base + ("-q", "load", "-i", "source.tar", image.rsplit(":", 1)[0]),
+                              f"load {source.text}"))
+        steps.append(Step(base + ("-q", "rm", container), "remove a stale container", check=False))
+        steps.append(Step(base + ("-q", "create", f"--name={container}", image), "create container"))
+        return ImagePlan(tuple(steps), location=container,
+                         pre_extract="repack" if source.kind != "registry" else None)
+
+    def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
+                       host_env: Mapping[str, str]) -> Invocation:
+        binds, workdir = effective_binds(spec, os.getcwd())
+        argv: List[str] = [*self._base(), "-q", "run", "--nobanner"]
+        for b in binds:
+            argv.append(f"--volume={b.source}:{b.target}")
+        if workdir:
+            argv.append(f"--workdir={workdir}")
+        for k, v in container_env.items():
+            argv.append(f"--env={k}={v}")
+        if not spec.fakeroot and os.getuid() != 0:
+            # run as the caller (proot otherwise emulates root), with the host's passwd
+            argv += [f"--user={os.getuid()}:{os.getgid()}", "--hostauth"]
+        if spec.gpu:
+            pass  # needs `udocker setup --nvidia CONTAINER` once; done at prepare time
+        argv += list(spec.extra_args)
+        argv += [native.location, *spec.command]
+        return Invocation(tuple(argv), process_env(host_env, {
+            k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)}))
+
+
+def engine_source(env: Optional[Mapping[str, str]] = None) -> str:
+    """"installed", "tarball" (a configured local tarball) or "download"."""
+    env = os.environ if env is None else env
+    if env.get("UDOCKER_TARBALL"):
+        return "tarball"
+    for conf in ("/etc/udocker.conf", os.path.expanduser("~/.udocker/udocker.conf")):
+        try:
+            with open(conf) as fh:
+                if any(line.split("=", 1)[0].strip() == "tarball" for line in fh if "=" in line):
+                    return "tarball"
+        except OSError:
+            continue
+    return "download"
+
+
+def bundled_udocker() -> Optional[str]:
+    """The udocker that pip installed beside nsdf-hpc (when this environment is not on PATH)."""
+    path = os.path.join(os.path.dirname(sys.executable), "udocker")
+    return path if os.access(path, os.X_OK) else None

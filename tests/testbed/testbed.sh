@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# testbed.sh up|down|status -- the nsdf-hpc integration testbed on one Debian 12/13 machine.
+#
+#   up      install (apt, only what is missing) and start everything; idempotent and fast
+#           when everything is already there (about 5-10 s, mostly the smoke checks)
+#   down    stop the daemons this script started (registry, Slurm); packages, images and
+#           state stay, so the next `up` is fast
+#   status  one line per component; exit 0 only when everything the tests need is up
+#
+# What `up` gives (facts the tests read from $NSDF_TESTBED_ENV, default
+# /var/lib/hpc-runtimes/testbed.env):
+#   * an OCI registry: HTTP 127.0.0.1:5000 and TLS 127.0.0.1:5443 (CA trusted system-wide),
+#     images hpc/{busybox,pydeb}:{latest,oci}, nsdf/{busybox,pydeb}:v1.0.0 and
+#     library/{busybox,pydeb}:latest (so the registry serves as a docker.io site mirror);
+#     the same images as docker-archive, oci-archive and OCI layout files
+#   * Apptainer, Charliecloud, Podman and UDocker, working as root and as user hpcuser
+#   * a Slurm cluster: munge, slurmctld, slurmdbd + a private MariaDB (sacct works), two
+#     slurmd nodes (c1, c2) on loopback sharing this machine's filesystem
+#   * /etc/nsdf-hpc/config.toml: the site config, mapping docker.io to the local mirror
+#
+# Everything runs as root, non-interactively. Knobs: see runtimes.sh (HPCRT_*) and
+# slurm-start.sh (SLURM_CI_*). NSDF_TESTBED_VERIFY=1 forces the runtime smoke checks
+# (they run by default only on the first `up` of a machine).
+set -Eeuo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export HPCRT_ROOT=${HPCRT_ROOT:-/var/lib/hpc-runtimes}
+export HPCRT_USER=${HPCRT_USER:-hpcuser}
+export SLURM_CI_ROOT=${SLURM_CI_ROOT:-/var/tmp/slurm-ci}
+export SLURM_CI_NODES=${SLURM_CI_NODES:-2}
+export SLURM_CI_ACCOUNTING=${SLURM_CI_ACCOUNTING:-slurmdbd}
+# Advertise more CPUs than exist so array/throughput tests are not serialised on 2 cores
+# (see ../shared/testbed/slurm/NOTES.md "Scheduling latency").
+export SLURM_CI_CPUS=${SLURM_CI_CPUS:-16}
+# Finished jobs stay in slurmctld's memory long enough for the squeue/scontrol
+# (accounting-disabled) path, and a lower value keeps squeue cheap.
+export SLURM_CI_MIN_JOB_AGE=${SLURM_CI_MIN_JOB_AGE:-600}
+ENV_FILE=${NSDF_TESTBED_ENV:-$HPCRT_ROOT/testbed.env}
+SITE_CONF=${NSDF_HPC_SITE_CONFIG:-/etc/nsdf-hpc/config.toml}
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+log() { printf '[testbed %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts daemons)"
+
+write_site_config() {
+  mkdir -p "$(dirname "$SITE_CONF")"
+  cat > "$SITE_CONF.tmp" <<EOF
+# nsdf-hpc site configuration, written by tests/testbed/testbed.sh.
+# This machine has no internet: docker.io names are served by the local registry,
+# as a site mirror would serve them on a cluster whose compute nodes are offline.
+[mirrors]
+"docker.io" = "127.0.0.1:5443"
+EOF
+  mv "$SITE_CONF.tmp" "$SITE_CONF"
+}
+
+write_env_file() {
+  local img=$HPCRT_ROOT/images
+  cat > "$ENV_FILE.tmp" <<EOF
+# written by tests/testbed/testbed.sh up; read by tests/conftest.py
+NSDF_TESTBED_REGISTRY_HTTP=127.0.0.1:5000
+NSDF_TESTBED_REGISTRY_TLS=127.0.0.1:5443
+NSDF_TESTBED_USER=$HPCRT_USER
+NSDF_TESTBED_IMAGES=$img
+NSDF_TESTBED_SLURM_NODES=$SLURM_CI_NODES
+NSDF_TESTBED_SLURM_ACCOUNTING=$SLURM_CI_ACCOUNTING
+NSDF_TESTBED_SLURM_ROOT=$SLURM_CI_ROOT
+NSDF_TESTBED_SITE_CONFIG=$SITE_CONF
+EOF
+  mv "$ENV_FILE.tmp" "$ENV_FILE"
+}
+
+up() {
+  local t0=$SECONDS steps=(packages host user registry images podman charliecloud udocker apptainer)
+  if [ "${NSDF_TESTBED_VERIFY:-0}" = 1 ] || [ ! -e "$HPCRT_ROOT/.verified" ]; then steps+=(verify); fi
+  log "runtimes + registry + images: ${steps[*]}"
+  bash "$HERE/runtimes.sh" "${steps[@]}"
+  touch "$HPCRT_ROOT/.verified"
+  log "slurm: $SLURM_CI_NODES nodes, accounting=$SLURM_CI_ACCOUNTING"
+  bash "$HERE/slurm-start.sh"
+  # A shared scratch area that every node and the unprivileged user can write to,
+  # as /scratch is on a cluster (the nodes here share this machine's filesystem).
+  install -d -m 1777 /var/tmp/nsdf-scratch
+  write_site_config
+  write_env_file
+  log "up in $((SECONDS - t0)) s"
+}
+
+down() {
+  [ -x "$HERE/slurm-stop.sh" ] && bash "$HERE/slurm-stop.sh" || true
+  bash "$HERE/runtimes.sh" registry-stop || true
+  rm -f "$ENV_FILE"
+  log "down"
+}
+
+status() {
+  local rc=0
+  bash "$HERE/runtimes.sh" status || rc=1
+  if command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q 'is UP'; then
+    printf '%-14s %s\n' slurm "up: $(sinfo -h -N -o '%N=%t' | sort -u | tr '\n' ' ')"
+  else
+    printf '%-14s %s\n' slurm "down"; rc=1
+  fi
+  curl -fsS -o /dev/null --max-time 3 "http://127.0.0.1:5000/v2/" 2>/dev/null || rc=1
+  [ -s "$ENV_FILE" ] || { printf '%-14s %s\n' env-file "missing ($ENV_FILE)"; rc=1; }
+  return $rc
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
