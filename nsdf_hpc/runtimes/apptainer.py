@@ -147,6 +147,8 @@ class Apptainer(Runtime):
                 argv += ["--mount", ",".join(fields)]
             else:
                 argv += ["--bind", f"{b.source}:{b.target}" + (":ro" if b.read_only else "")]
+        if not spec.bind_cwd:
+            argv += ["--no-mount", "cwd"]   # Apptainer binds $PWD by itself otherwise
         if workdir:
             argv += ["--pwd", workdir]
         if spec.gpu:

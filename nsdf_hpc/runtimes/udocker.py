@@ -7,6 +7,7 @@ as air-gapped sites must; ``nsdf-run doctor`` says which applies.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
@@ -94,19 +95,27 @@ class UDocker(Runtime):
                        host_env: Mapping[str, str]) -> Invocation:
         binds, workdir = effective_binds(spec, os.getcwd())
         argv: List[str] = [*self._base(), "-q", "run", "--nobanner"]
+        # udocker 1.3.17's option parser strips whitespace from "--opt=value" but not from
+        # "--opt value", so values always go in the separate-argument form (they start with
+        # "/" or a variable name, never with "-", which that form requires)
         for b in binds:
-            argv.append(f"--volume={b.source}:{b.target}")
+            argv += ["-v", f"{b.source}:{b.target}"]
         if workdir:
-            argv.append(f"--workdir={workdir}")
-        for k, v in container_env.items():
-            argv.append(f"--env={k}={v}")
+            argv += ["-w", workdir]
+        env = dict(container_env)
+        command = list(spec.command)
+        if any(a == "" for a in command):
+            # udocker's parser drops empty arguments ("if not arg: continue"): carry the argv
+            # shell-quoted in a variable and rebuild it with /bin/sh inside the container
+            env["NSDF_HPC_ARGV"] = shlex.join(command)
+            command = ["/bin/sh", "-c", 'eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV; exec "$@"']
+        for k, v in env.items():
+            argv += ["-e", f"{k}={v}"]
         if not spec.fakeroot and os.getuid() != 0:
             # run as the caller (proot otherwise emulates root), with the host's passwd
             argv += [f"--user={os.getuid()}:{os.getgid()}", "--hostauth"]
-        if spec.gpu:
-            pass  # needs `udocker setup --nvidia CONTAINER` once; done at prepare time
         argv += list(spec.extra_args)
-        argv += [native.location, *spec.command]
+        argv += [native.location, *command]
         return Invocation(tuple(argv), process_env(host_env, {
             k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)}))
 

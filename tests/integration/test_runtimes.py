@@ -1,0 +1,204 @@
+"""The runtime layer against the four real runtimes, as root and as the unprivileged user.
+
+The same run spec must give the same observable result everywhere: stdout, exit code, the
+visible environment (explicit values, the host allowlist, never the denylist), mounted files,
+the working directory; and hostile strings must arrive byte for byte.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from .helpers import BUSYBOX, RUNTIME_PARAMS, RUNTIMES, nsdf_root, nsdf_user, user_cache
+
+pytestmark = [pytest.mark.integration, pytest.mark.registry]
+
+HOSTILE = [
+    "plain", "with space", "sq'uote", 'dq"uote', "$(touch /tmp/nsdf-pwned)", "`touch /tmp/nsdf-pwned`",
+    "semi;colon", "a=b=c", "com,ma", "new\nline", "tab\there", "ünïcødé ✓", "$HOME", "back\\slash",
+    "'wrapped'", "", "-e", "--", "*",
+]
+HOSTILE_DIR_NAME = "sp ace 'q' \"dq\" $(x) `bt` ;=,ü\nnl"
+
+PROBE = (
+    'echo "cwd=$(pwd)"; echo "FOO=$FOO"; echo "ALLOWED=${SLURM_NSDF_PROBE-unset}"; '
+    'echo "PYTHONPATH=${PYTHONPATH-unset}"; echo "VIRTUAL_ENV=${VIRTUAL_ENV-unset}"; '
+    'echo "CONDA_PREFIX=${CONDA_PREFIX-unset}"; echo "NOTALLOWED=${NSDF_NOT_ALLOWED-unset}"; '
+    'case "${LD_LIBRARY_PATH-}" in *leak-marker*) echo LDLP=leaked;; *) echo LDLP=clean;; esac; '
+    'echo "ro=$(cat /mnt/ro/file)"; echo written > /mnt/rw/out && echo "rw=ok"; '
+    'echo "home-file=$(cat ./here.txt)"; exit 7'
+)
+HOST_LEAKS = {
+    "PYTHONPATH": "/leak/py", "VIRTUAL_ENV": "/leak/venv", "CONDA_PREFIX": "/leak/conda",
+    "LD_LIBRARY_PATH": "/leak-marker/lib", "SLURM_NSDF_PROBE": "from-host", "NSDF_NOT_ALLOWED": "x",
+}
+EXPECTED_PROBE = None  # filled from the first runtime; all must agree
+
+
+def _setup_dirs(base: Path, uid: int, gid: int) -> Dict[str, Path]:
+    ro = base / "ro"
+    rw = base / "rw"
+    work = base / "work"
+    for d in (ro, rw, work):
+        d.mkdir(parents=True, exist_ok=True)
+    (ro / "file").write_text("read-only data\n")
+    (work / "here.txt").write_text("in the current directory\n")
+    for p in (base, ro, rw, work, ro / "file", work / "here.txt"):
+        os.chown(p, uid, gid)
+    return {"ro": ro, "rw": rw, "work": work}
+
+
+def _probe_args(runtime: str, dirs: Dict[str, Path]) -> List[str]:
+    return ["run", "--runtime", runtime, "--env", "FOO=bar baz", "--bind", f"{dirs['ro']}:/mnt/ro:ro",
+            "--bind", f"{dirs['rw']}:/mnt/rw", BUSYBOX, "--", "sh", "-c", PROBE]
+
+
+def _expected(cwd: Path) -> List[str]:
+    return [f"cwd={cwd}", "FOO=bar baz", "ALLOWED=from-host", "PYTHONPATH=unset", "VIRTUAL_ENV=unset",
+            "CONDA_PREFIX=unset", "NOTALLOWED=unset", "LDLP=clean", "ro=read-only data", "rw=ok",
+            "home-file=in the current directory"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_same_result_as_root(runtime: str, shared_cache: Path, tmp_path: Path) -> None:
+    base = Path(tmp_path)
+    os.chmod(base, 0o755)
+    dirs = _setup_dirs(base, 0, 0)
+    r = nsdf_root(_probe_args(runtime, dirs), shared_cache, cwd=str(dirs["work"]), **HOST_LEAKS)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.splitlines() == _expected(dirs["work"]), r.stderr
+    assert (dirs["rw"] / "out").read_text() == "written\n"
+
+
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_same_result_as_unprivileged_user(runtime: str, as_user, user_dir: Path) -> None:
+    dirs = _setup_dirs(user_dir, as_user.pw.pw_uid, as_user.pw.pw_gid)
+    r = nsdf_user(as_user, _probe_args(runtime, dirs), user_cache(as_user), cwd=str(dirs["work"]),
+                  **HOST_LEAKS)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.splitlines() == _expected(dirs["work"]), r.stderr
+    out = dirs["rw"] / "out"
+    assert out.read_text() == "written\n"
+    assert out.stat().st_uid == as_user.pw.pw_uid, "files written to binds belong to the caller"
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_hostile_argv_env_and_bind_paths_arrive_byte_for_byte(runtime: str, shared_cache: Path,
+                                                              tmp_path: Path) -> None:
+    marker = Path("/tmp/nsdf-pwned")
+    marker.unlink(missing_ok=True)
+    hostile_dir = tmp_path / HOSTILE_DIR_NAME
+    hostile_dir.mkdir()
+    (hostile_dir / "f").write_text("inside the hostile dir\n")
+    os.chmod(tmp_path, 0o755)
+    envs: List[str] = []
+    for i, value in enumerate(HOSTILE):
+        envs += ["--env", f"H{i}={value}"]
+    # argv: printf receives every hostile string as its own argument
+    r = nsdf_root(["run", "--runtime", runtime, *envs, BUSYBOX, "--", "printf", "[%s]", *HOSTILE],
+                  shared_cache, cwd=str(hostile_dir))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(f"[{h}]" for h in HOSTILE)
+    # env values: read back in the container
+    script = "printf '[%s]' " + " ".join(f'"$H{i}"' for i in range(len(HOSTILE))) + "; pwd; cat f"
+    r = nsdf_root(["run", "--runtime", runtime, *envs, BUSYBOX, "--", "sh", "-c", script],
+                  shared_cache, cwd=str(hostile_dir))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(f"[{h}]" for h in HOSTILE) + f"{hostile_dir}\ninside the hostile dir\n"
+    # an explicit bind of the hostile path to another target
+    r = nsdf_root(["run", "--runtime", runtime, "--no-bind-cwd", "--bind", f"{hostile_dir}:/mnt/h",
+                   BUSYBOX, "--", "cat", "/mnt/h/f"], shared_cache)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "inside the hostile dir\n"
+    assert not marker.exists(), "a hostile string was executed"
+
+
+@pytest.mark.parametrize("runtime", [pytest.param(r, marks=getattr(pytest.mark, r)) for r in ("apptainer", "podman")])
+def test_read_only_binds_are_enforced(runtime: str, shared_cache: Path, tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    r = nsdf_root(["run", "--runtime", runtime, "--bind", f"{tmp_path}:/mnt/ro:ro", BUSYBOX, "--",
+                   "sh", "-c", "touch /mnt/ro/x"], shared_cache)
+    assert r.returncode != 0
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_workdir_and_no_bind_cwd(runtime: str, shared_cache: Path) -> None:
+    import tempfile
+    # outside /tmp, /var/tmp and $HOME, which Apptainer binds by default
+    tmp_path = Path(tempfile.mkdtemp(prefix="nsdf-cwd-", dir="/srv"))
+    os.chmod(tmp_path, 0o755)
+    r = nsdf_root(["run", "--runtime", runtime, "--no-bind-cwd", "--workdir", "/etc", BUSYBOX, "--",
+                   "sh", "-c", f"pwd; test -e {tmp_path} && echo bound || echo not-bound"],
+                  shared_cache, cwd=str(tmp_path))
+    shutil.rmtree(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["/etc", "not-bound"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_python_api_returns_exit_code_and_output(runtime: str, shared_cache: Path) -> None:
+    import nsdf_hpc
+    client = nsdf_hpc.Client(env={**os.environ, "NSDF_HPC_CACHE": str(shared_cache)})
+    result = client.run(BUSYBOX, ["sh", "-c", "echo out; echo err >&2; exit 3"], runtime=runtime)
+    assert (result.returncode, result.stdout, result.runtime) == (3, "out\n", runtime)
+    assert "err" in result.stderr
+    assert result.image is not None and result.image.digest and result.image.digest.startswith("sha256:")
+
+
+def test_failures_before_the_command_runs_exit_125(shared_cache: Path) -> None:
+    r = nsdf_root(["run", "--runtime", "udocker", "127.0.0.1:5443/hpc/does-not-exist:1", "--", "true"], shared_cache)
+    assert r.returncode == 125
+    assert "hpc/does-not-exist:1 not found" in r.stderr
+    r = nsdf_root(["run", "--runtime", "udocker", "127.0.0.1:5999/hpc/busybox:1", "--", "true"], shared_cache)
+    assert r.returncode == 125
+    assert "cannot reach registry 127.0.0.1:5999" in r.stderr
+    r = nsdf_root(["run", "--runtime", "shifter", BUSYBOX, "--", "true"], shared_cache)
+    assert r.returncode == 125
+    assert "runtime 'shifter' was requested (argument) but cannot be used" in r.stderr
+    assert "apptainer 1.4" in r.stderr   # lists what was found
+    r = nsdf_root(["run", "--bind", "relative:dst", BUSYBOX, "--", "true"], shared_cache)
+    assert r.returncode == 2 and "must be absolute" in r.stderr
+    r = nsdf_root(["run", "--env", "1BAD=x", BUSYBOX, "--", "true"], shared_cache)
+    assert r.returncode == 2 and "invalid environment variable name" in r.stderr
+
+
+def test_runtimes_command_explains_the_choice(shared_cache: Path) -> None:
+    r = nsdf_root(["runtimes", "--json", "--refresh"], shared_cache)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    found = {i["name"]: i for i in data["runtimes"] if i["found"]}
+    assert set(RUNTIMES) <= set(found)
+    assert found["apptainer"]["flavour"] == "apptainer" and found["apptainer"]["version"].startswith("1.4")
+    assert data["chosen"] == "apptainer" and data["source"] == "auto"
+    assert data["rejected"]["udocker"].startswith("usable, but apptainer comes first")
+    assert "not found" in data["rejected"]["shifter"]
+    r = nsdf_root(["runtimes"], shared_cache, NSDF_HPC_RUNTIME="podman")
+    assert "chosen: podman (set by env:NSDF_HPC_RUNTIME)" in r.stdout
+
+
+def test_singularity_symlink_is_reported_as_apptainer(shared_cache: Path, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "singularity").symlink_to(shutil.which("apptainer"))
+    env_path = f"{bindir}:/usr/bin:/bin"
+    r = nsdf_root(["runtimes", "--json", "--refresh"], shared_cache, PATH=env_path)
+    data = json.loads(r.stdout)
+    by = {i["name"]: i for i in data["runtimes"]}
+    assert by["apptainer"]["found"] and by["apptainer"]["path"] == str(bindir / "singularity")
+    assert not by["singularity"]["found"]
+    assert any("is Apptainer" in n for n in by["singularity"]["notes"])
+
+
+@pytest.mark.unprivileged
+def test_doctor_runs_and_reports(as_user) -> None:
+    r = as_user.run(["nsdf-run", "doctor"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "runtime: apptainer" in r.stdout
+    assert "unprivileged user namespaces are available" in r.stdout
