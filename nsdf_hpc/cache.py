@@ -27,10 +27,7 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
-import socket
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +40,14 @@ logger = logging.getLogger(__name__)
 ENTRY_FILE = "entry.json"
 LAST_USE = ".last-use"
 FORMAT = 1
+
+
+def _token(n: int) -> str:
+    return os.urandom(n).hex()
+
+
+def _hostname() -> str:
+    return os.uname().nodename
 
 
 def key_for(digest: str) -> str:
@@ -200,7 +205,7 @@ class ImageCache:
     def discard(self, entry: Entry, why: str) -> None:
         """Move a bad entry out of the way (atomic), then delete it."""
         logger.warning("cache entry %s %s; rebuilding it", entry.path, why)
-        trash = os.path.join(self.root, "tmp", f"trash-{secrets.token_hex(6)}")
+        trash = os.path.join(self.root, "tmp", f"trash-{_token(6)}")
         try:
             os.rename(entry.path, trash)
         except OSError:
@@ -249,6 +254,7 @@ class ImageCache:
                 os.close(fd)
                 continue
             break
+        import threading
         stop = threading.Event()
         self._write_owner(fd)
         beat = threading.Thread(target=self._beat, args=(fd, stop), daemon=True)
@@ -264,13 +270,13 @@ class ImageCache:
                 pass
             os.close(fd)   # closing releases the fcntl lock
 
-    def _beat(self, fd: int, stop: threading.Event) -> None:
+    def _beat(self, fd: int, stop: "threading.Event") -> None:  # type: ignore[name-defined]
         while not stop.wait(self.heartbeat):
             self._write_owner(fd)
 
     @staticmethod
     def _write_owner(fd: int) -> None:
-        rec = json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}",
+        rec = json.dumps({"owner": f"{_hostname()}:{os.getpid()}",
                           "heartbeat": time.time()}).encode()
         try:
             os.ftruncate(fd, 0)
@@ -289,7 +295,7 @@ class ImageCache:
 
     @staticmethod
     def _replace_lock(path: str) -> None:
-        tmp = f"{path}.{secrets.token_hex(4)}"
+        tmp = f"{path}.{_token(4)}"
         try:
             with open(tmp, "w"):
                 pass
@@ -301,15 +307,15 @@ class ImageCache:
     def workdir(self, runtime: str, digest: str) -> str:
         """A fresh private directory on the cache filesystem; removes dead leftovers first."""
         self.clean_tmp(prefix=f"{runtime}-{key_for(digest)}.")
-        d = os.path.join(self.root, "tmp", f"{runtime}-{key_for(digest)}.{socket.gethostname()}."
-                         f"{os.getpid()}.{secrets.token_hex(4)}")
+        d = os.path.join(self.root, "tmp", f"{runtime}-{key_for(digest)}.{_hostname()}."
+                         f"{os.getpid()}.{_token(4)}")
         os.makedirs(d)
         return d
 
     def clean_tmp(self, prefix: str = "", older_than: Optional[float] = None) -> int:
         """Remove conversion leftovers whose process is gone (this host) or that are old."""
         tmp = os.path.join(self.root, "tmp")
-        host = socket.gethostname()
+        host = _hostname()
         removed = 0
         try:
             names = os.listdir(tmp)
@@ -343,7 +349,7 @@ class ImageCache:
                    if not os.path.islink(os.path.join(r, f)))
         data = {**data, "format": FORMAT, "runtime": runtime, "digest": digest, "files": files,
                 "dirs": list(dirs), "size": size, "created": time.time(),
-                "builder": f"{socket.gethostname()}:{os.getpid()}"}
+                "builder": f"{_hostname()}:{os.getpid()}"}
         tmp = os.path.join(workdir, ENTRY_FILE + ".tmp")
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=1)
@@ -364,7 +370,7 @@ class ImageCache:
 
     def remember_ref(self, slug: str, digest: str, size: Optional[int]) -> None:
         p = self.ref_path(slug)
-        tmp = f"{p}.{os.getpid()}.{secrets.token_hex(3)}"
+        tmp = f"{p}.{os.getpid()}.{_token(3)}"
         try:
             with open(tmp, "w") as fh:
                 json.dump({"digest": digest, "size": size, "resolved": time.time()}, fh)
@@ -411,7 +417,7 @@ class ImageCache:
         with self.locked(entry.runtime, entry.digest, timeout=30):
             if runtime_cleanup is not None:
                 runtime_cleanup(entry)
-            trash = os.path.join(self.root, "tmp", f"trash-{secrets.token_hex(6)}")
+            trash = os.path.join(self.root, "tmp", f"trash-{_token(6)}")
             try:
                 os.rename(entry.path, trash)
             except OSError:

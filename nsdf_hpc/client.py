@@ -96,8 +96,12 @@ class Client:
     def _offline_allocation(self) -> bool:
         return self.host.in_slurm_allocation and not self.settings.pull_on_compute
 
-    def resolve(self, source: ImageSource) -> Tuple[str, Optional[int]]:
-        """The digest (and, when read, compressed size) that ``source`` stands for."""
+    def resolve(self, source: ImageSource, max_age: float = 0.0) -> Tuple[str, Optional[int]]:
+        """The digest (and, when read, compressed size) that ``source`` stands for.
+
+        ``max_age`` > 0 accepts a tag's digest resolved at most that many seconds ago without
+        asking the registry (``run`` uses the ``tag_ttl`` setting; ``pull`` always asks).
+        """
         if source.kind == "native":
             raise SpecError("a native image has no digest")
         if source.kind != "registry":
@@ -109,6 +113,10 @@ class Client:
         if source.ref.digest:
             return source.ref.digest, None
         slug = source.ref.slug()
+        if max_age > 0:
+            known = self.cache.known_ref(slug)
+            if known and time.time() - float(known.get("resolved") or 0) <= max_age:
+                return str(known["digest"]), known.get("size")
         if self._offline_allocation():
             known = self.cache.known_ref(slug)
             if known:
@@ -123,13 +131,18 @@ class Client:
         self.cache.remember_ref(slug, info.digest, info.size)
         return info.digest, info.size
 
-    def pull(self, image: Union[str, ImageSource], runtime: Union[None, str, Runtime] = None) -> NativeImage:
-        """Make ``image`` available to ``runtime`` in its native form (cached by digest)."""
+    def pull(self, image: Union[str, ImageSource], runtime: Union[None, str, Runtime] = None,
+             *, max_age: float = 0.0) -> NativeImage:
+        """Make ``image`` available to ``runtime`` in its native form (cached by digest).
+
+        A tag is resolved to its digest at the registry (one manifest request) unless it was
+        resolved less than ``max_age`` seconds ago; a digest reference never needs the network.
+        """
         rt = runtime if isinstance(runtime, Runtime) else self.runtime(runtime)
         source = image if isinstance(image, ImageSource) else self.parse_image(image)
         if source.kind == "native":
             return self._native(source, rt)
-        digest, size = self.resolve(source)
+        digest, size = self.resolve(source, max_age)
         verify = self._verifier(rt)
         entry = self.cache.lookup(rt.name, digest, verify=verify)
         if entry is not None:
@@ -282,7 +295,7 @@ class Client:
                    native: Optional[NativeImage] = None) -> Tuple[Invocation, NativeImage, Runtime]:
         """The exact argv and environment ``run`` would use (pulls the image if needed)."""
         rt = runtime if isinstance(runtime, Runtime) else self.runtime(runtime)
-        native = native or self.pull(spec.image, rt)
+        native = native or self.pull(spec.image, rt, max_age=self.settings.tag_ttl)
         for b in spec.binds:
             if not os.path.exists(b.source):
                 raise SpecError(f"bind source {b.source} does not exist")
@@ -301,7 +314,7 @@ class Client:
         if source.kind == "native":
             native = self._native(source, rt)
         else:
-            digest, _ = self.resolve(source)
+            digest, _ = self.resolve(source, self.settings.tag_ttl)
             entry = self.cache.lookup(rt.name, digest, verify=self._verifier(rt), touch=False)
             if entry is not None:
                 native = self._native_from_entry(entry, source)
@@ -406,3 +419,91 @@ def _first_error(err: Exception) -> str:
         except (IndexError, TypeError, KeyError):
             pass
     return str(err)
+
+
+# -------------------------------------------------------------------- Slurm (issue 5)
+def _job_spec(self: Client, image: str, command: Optional[Sequence[str]] = None, *,
+              binds: Sequence[Union[str, Bind]] = (), env: Union[None, Mapping[str, str], Sequence[str]] = None,
+              commands: Optional[Sequence[Sequence[str]]] = None, array: Any = None,
+              dependencies: Any = None, slurm: Any = None, **options: Any) -> Any:
+    """A validated :class:`~nsdf_hpc.schedulers.JobSpec` (run options + sbatch resources)."""
+    from .schedulers.base import ArraySpec, JobSpec, parse_dependencies
+    run_keys = set(RunSpec.model_fields) - {"image", "command", "binds", "env"}
+    run_opts = {k: options.pop(k) for k in list(options) if k in run_keys}
+    run = self.spec(image, list(command or (commands[0] if commands else ())), binds=binds, env=env,
+                    **run_opts)
+    if isinstance(array, str):
+        array = ArraySpec.parse(array)
+    elif isinstance(array, int):
+        array = ArraySpec(indices=tuple(range(array)))
+    elif array is not None and not isinstance(array, ArraySpec):
+        array = ArraySpec(indices=tuple(array))
+    if slurm is not None:
+        for key in ("partition", "account"):
+            if options.get(key) is None and getattr(slurm.settings, key):
+                options[key] = getattr(slurm.settings, key)
+        if slurm.settings.extra_directives:
+            options["extra_directives"] = tuple(slurm.settings.extra_directives) + \
+                tuple(options.get("extra_directives") or ())
+    fields = {k: getattr(run, k) for k in type(run).model_fields}
+    unknown = set(options) - set(JobSpec.model_fields)
+    if unknown:
+        raise SpecError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    fields.update(options)
+    try:
+        return JobSpec(**fields, array=array,
+                       commands=tuple(tuple(c) for c in commands) if commands is not None else None,
+                       dependencies=parse_dependencies(dependencies))
+    except ValueError as err:
+        raise SpecError(f"invalid job: {_first_error(err)}") from None
+
+
+def _scheduler(self: Client, **overrides: Any) -> Any:
+    """The Slurm backend (pyslurm when it matches the cluster, else the commands); cached."""
+    sched = self.__dict__.get("_slurm")
+    if sched is None or overrides:
+        from .schedulers import get_backend
+        from .schedulers.slurm import SlurmSettings
+        sched = get_backend(self.runner, SlurmSettings.load(self.env, **overrides))
+        if not overrides:
+            self.__dict__["_slurm"] = sched
+    return sched
+
+
+def _submit(self: Client, image: str, command: Optional[Sequence[str]] = None, *,
+            runtime: Optional[str] = None, scheduler: Any = None, dry_run: bool = False,
+            **options: Any) -> Any:
+    """Submit ``command`` in ``image`` to Slurm; returns a :class:`~nsdf_hpc.schedulers.Job`.
+
+    The image is prepared here (never on the compute nodes). ``options`` are the run options
+    of :meth:`run` and the sbatch resources of :class:`~nsdf_hpc.schedulers.JobSpec`
+    (``nodes``, ``ntasks``, ``time``, ``array``, ``dependencies``, ``mpi``, ...). With
+    ``dry_run=True`` nothing is pulled or submitted and the rendered script is returned
+    (a :class:`~nsdf_hpc.schedulers.slurm.Prepared`).
+    """
+    from .schedulers.slurm import prepare, submit_prepared
+    slurm = scheduler or self.scheduler()
+    spec = options.pop("spec", None) or self.job_spec(image, command, slurm=slurm, **options)
+    prep = prepare(self, spec, slurm, runtime, dry_run=dry_run)
+    if dry_run:
+        return prep
+    return submit_prepared(slurm, prep)
+
+
+def _submit_array(self: Client, image: str, commands: Optional[Sequence[Sequence[str]]] = None, *,
+                  template: Optional[Sequence[str]] = None, indices: Any = None, **options: Any) -> Any:
+    """An array job: one command per task (``commands``), or ``template`` with ``{index}``
+    replaced by each task's index (``indices``: a count, ``"0-99%10"`` or a list)."""
+    if (commands is None) == (template is None):
+        raise SpecError("give either commands (one per task) or a template with {index}")
+    if commands is not None:
+        return self.submit(image, None, commands=commands, array=indices, **options)
+    if indices is None:
+        raise SpecError("an array template needs indices (a count, '0-99' or a list)")
+    return self.submit(image, template, array=indices, **options)
+
+
+Client.job_spec = _job_spec            # type: ignore[attr-defined]
+Client.scheduler = _scheduler          # type: ignore[attr-defined]
+Client.submit = _submit                # type: ignore[attr-defined]
+Client.submit_array = _submit_array    # type: ignore[attr-defined]

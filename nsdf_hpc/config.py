@@ -63,6 +63,9 @@ class Settings(Model):
     pull_on_compute: bool = False
     probe_timeout: float = 10.0
     detect_cache: bool = True
+    #: ``run`` reuses a tag's digest resolved less than this many seconds ago (no registry
+    #: request); ``pull`` always asks the registry. 0 = always ask.
+    tag_ttl: float = 300.0
     sources: Dict[str, str] = Field(default_factory=dict)
     files: Tuple[str, ...] = ()
 
@@ -83,7 +86,7 @@ def _read_toml(path: str) -> Dict[str, Any]:
 
 _FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_registry",
               "mirrors", "insecure_registries", "pull_on_compute", "probe_timeout", "env",
-              "detect_cache"}
+              "detect_cache", "tag_ttl"}
 
 
 def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[str, Any],

@@ -1,0 +1,66 @@
+"""The runtime layer's overhead, side by side with each runtime's own command in one run.
+
+* `nsdf-run run --runtime R IMG -- true` vs the exact argv nsdf-run would run (from its
+  dry-run plan), per real runtime. Target: at most 40 ms added.
+* `Client.run()` in a warm Python process vs calling the runtime directly through the same
+  executor. Target: at most 2 ms added.
+* Warm detection (target <= 5 ms) and cold detection of all runtimes (target <= 300 ms).
+* Peak memory of `nsdf-run run`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from harness import Result, compare_calls, compare_commands
+
+IMAGE = os.environ.get("NSDF_BENCH_IMAGE", "127.0.0.1:5443/hpc/busybox:latest")
+RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,udocker").split(",")
+
+
+def run(runs: int = 15) -> list:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    import nsdf_hpc
+    from nsdf_hpc._exec import SubprocessRunner
+
+    cache = tempfile.mkdtemp(prefix="nsdf-bench-cache-")
+    work = tempfile.mkdtemp(prefix="nsdf-bench-work-")
+    env = {**os.environ, "NSDF_HPC_CACHE": cache}
+    client = nsdf_hpc.Client(env=env)
+    nsdf_run = os.path.join(os.path.dirname(sys.executable), "nsdf-run")
+    results = []
+    runner = SubprocessRunner()
+    for name in RUNTIMES:
+        client.pull(IMAGE, name)
+        spec = client.spec(IMAGE, ["true"], cwd=work)
+        inv, native, rt = client.invocation(spec, name)
+        for d in inv.mkdirs:
+            os.makedirs(d, exist_ok=True)
+        results.append(compare_commands(
+            f"nsdf-run run --runtime {name} -- true", [nsdf_run, "run", "--runtime", name, IMAGE, "--", "true"],
+            list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,
+            baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 40 ms added",
+            check=lambda r: r.added_ms <= 40))
+        results.append(compare_calls(
+            f"Client.run() warm, {name}", lambda: client.run(IMAGE, ["true"], runtime=name, cwd=work),
+            lambda: runner.run(inv.argv, env=inv.env, check=False, cwd=work), runs=runs,
+            baseline_name="executor, same argv", target="<= 2 ms added", check=lambda r: r.added_ms <= 2))
+    # detection
+    warm_client = nsdf_hpc.Client(env=env)
+    warm_client.detect()
+    results.append(compare_calls(
+        "detect() warm (cached probes)", lambda: nsdf_hpc.Client(env=env).detect(), lambda: None,
+        runs=51, baseline_name="nothing", target="<= 5 ms", check=lambda r: r.candidate_ms <= 5))
+    results.append(compare_calls(
+        "detect() cold (all probes)", lambda: nsdf_hpc.Client(env=env).detect(refresh=True), lambda: None,
+        runs=11, baseline_name="nothing", target="<= 300 ms", check=lambda r: r.candidate_ms <= 300))
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":
+    from harness import report
+    report(run())

@@ -1,0 +1,16 @@
+"""Console-script entry point: answers ``--version`` before importing click and the library
+(start-up time matters on login nodes and in job scripts that call nsdf-run per task)."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args in (["--version"], ["-V"]):
+        from . import __version__
+        sys.stdout.write(f"nsdf-run, version {__version__}\n")
+        return
+    from .cli import main as cli_main
+    cli_main(args)
