@@ -342,11 +342,11 @@ class ImageCache:
         return removed
 
     def publish(self, workdir: str, runtime: str, digest: str, data: Dict[str, Any],
-                main_file: Optional[str] = None, dirs: Sequence[str] = ()) -> Entry:
+                main_file: Optional[str] = None, dirs: Sequence[str] = (), extra_size: int = 0) -> Entry:
         """Record the artifacts' sizes and hashes, then make the entry visible atomically."""
         files = _file_records(workdir, main_file)
         size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(workdir) for f in fs
-                   if not os.path.islink(os.path.join(r, f)))
+                   if not os.path.islink(os.path.join(r, f))) + extra_size
         data = {**data, "format": FORMAT, "runtime": runtime, "digest": digest, "files": files,
                 "dirs": list(dirs), "size": size, "created": time.time(),
                 "builder": f"{_hostname()}:{os.getpid()}"}
@@ -372,6 +372,7 @@ class ImageCache:
         p = self.ref_path(slug)
         tmp = f"{p}.{os.getpid()}.{_token(3)}"
         try:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
             with open(tmp, "w") as fh:
                 json.dump({"digest": digest, "size": size, "resolved": time.time()}, fh)
             os.replace(tmp, p)

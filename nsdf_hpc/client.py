@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -151,6 +152,8 @@ class Client:
             raise ImageError(f"{source.text} ({digest}) is not in the {rt.name} cache "
                              f"{self.cache.root}: inside a Slurm allocation nsdf-run does not pull. "
                              f"Run `nsdf-run pull --runtime {rt.name} {source.text}` on a login node")
+        if size is None and source.kind == "registry" and source.ref is not None:
+            size = self._image_size(source.ref, digest)
         self.cache.ensure_dirs()
         started = time.monotonic()
         with self.cache.locked(rt.name, digest, on_wait=lambda owner: self.progress(
@@ -163,6 +166,18 @@ class Client:
                        "elapsed": round(time.monotonic() - started, 3)})
         native = self._native_from_entry(entry, source)
         return native.model_copy(update={"cached": False})
+
+    def _image_size(self, ref: ImageRef, digest: str) -> Optional[int]:
+        """Compressed size from the manifest, for the free-space preflight (cache misses only)."""
+        from .errors import RegistryError
+        from .registry import RegistryClient
+        pull_ref, insecure = self._pull_ref(ref)
+        try:
+            return RegistryClient(pull_ref.registry, insecure=insecure, env=self.env).manifest(
+                pull_ref.pinned(digest), with_size=True).size
+        except RegistryError as err:   # the runtime's own pull will report it properly
+            logger.debug("no size for %s: %s", ref, err)
+            return None
 
     def _native(self, source: ImageSource, rt: Runtime) -> NativeImage:
         path = source.path or ""
@@ -224,11 +239,26 @@ class Client:
                 main_file = "image.sqfs" if os.path.isfile(os.path.join(work, "image.sqfs")) else None
             data = {"source": source.text, "location": location, "relative": bool(plan.artifact),
                     "runtime_version": rt.version, "runtime_flavour": rt.flavour}
-            return self.cache.publish(work, rt.name, digest, data, main_file=main_file, dirs=dirs)
+            return self.cache.publish(work, rt.name, digest, data, main_file=main_file, dirs=dirs,
+                                      extra_size=self._store_size(rt, location))
         except BaseException:
             from .cache import _rmtree
             _rmtree(work)
             raise
+
+    def _store_size(self, rt: Runtime, location: str) -> int:
+        """Bytes a store runtime keeps for this entry outside the cache entry (udocker)."""
+        if rt.name != "udocker":
+            return 0
+        d = os.path.join(rt.runtime_env(self.env, self.cache.root)["UDOCKER_DIR"], "containers", location)
+        total = 0
+        for root, _dirs, files in os.walk(d):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+        return total
 
     def _execute_plan(self, rt: Runtime, plan: ImagePlan, source: ImageSource, work: str) -> str:
         env = self._step_env(rt)
@@ -254,10 +284,12 @@ class Client:
             except ToolNotFoundError as err:
                 raise ImageError(f"{rt.name}: {step.description}: {err}") from err
         if plan.location == "@stdout":
-            out = (last.stdout if last else "").strip().splitlines()
+            out = [ln.strip() for ln in (last.stdout if last else "").strip().splitlines() if ln.strip()]
+            # `podman-hpc pull` prints "INFO: Migrating image to ..." after the id (podman_hpc.py)
+            ids = [ln for ln in out if re.fullmatch(r"(sha256:)?[0-9a-f]{12,64}", ln)]
             if not out:
                 raise ImageError(f"{rt.name}: could not tell which image was imported from {source.text}")
-            return out[-1].strip()
+            return (ids or out)[-1]
         if plan.artifact:
             if plan.location and plan.location != plan.artifact:
                 os.rename(os.path.join(work, plan.location), os.path.join(work, plan.artifact))
@@ -279,6 +311,8 @@ class Client:
     def spec(self, image: str, command: Sequence[str], *, binds: Sequence[Union[str, Bind]] = (),
              env: Union[None, Mapping[str, str], Sequence[str]] = None, **options: Any) -> RunSpec:
         """Build a validated :class:`RunSpec` (``binds`` and ``env`` also accept CLI strings)."""
+        # a malformed reference is bad input (SpecError, exit 2) even where no runtime is usable
+        self.parse_image(image)
         b = tuple(x if isinstance(x, Bind) else Bind.parse(x) for x in binds)
         if env is None:
             e: Dict[str, str] = {}
@@ -373,7 +407,7 @@ class Client:
             keep = [e for e in entries if e not in doomed]
             total = sum(e.size() for e in keep)
             for e in keep:
-                if total <= max_size:
+                if total <= max_size and max_size > 0:
                     break
                 doomed.append(e)
                 total -= e.size()
