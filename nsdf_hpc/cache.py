@@ -243,7 +243,7 @@ class ImageCache:
                     raise ImageError(f"timed out after {timeout:.0f} s waiting for {path} "
                                      f"(held by {owner.get('owner', 'unknown')})")
                 time.sleep(delay)
-                delay = min(delay * 1.5, 1.0)
+                delay = min(delay * 1.5, 0.25)   # waiters notice a publish within 0.25 s
                 continue
             # the file we locked may have been replaced while we waited on it
             try:

@@ -54,6 +54,7 @@ class Client:
         self.runner: CommandRunner = runner or SubprocessRunner()
         self.progress = progress or (lambda event: None)
         self._infos: Optional[List[RuntimeInfo]] = None
+        self._registries: Dict[Tuple[str, bool], Any] = {}
         self._host: Optional[HostFacts] = None
         self.cache = ImageCache(str(cache_dir(self.settings, self.env)), self.settings.site_cache_dirs)
 
@@ -64,20 +65,41 @@ class Client:
             self._host = probe_host(self.env)
         return self._host
 
-    def detect(self, refresh: bool = False) -> List[RuntimeInfo]:
-        """Every known runtime, found or not, with version, capabilities and notes."""
+    def _detect_cache_file(self) -> Optional[str]:
+        if not self.settings.detect_cache:
+            return None
+        # per user and host, not per image cache: it describes this machine's binaries
+        home = self.env.get("HOME") or os.path.expanduser("~")
+        base = self.env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+        return os.path.join(base, "nsdf-hpc", f"detect-{os.uname().nodename}-{os.getuid()}.json")
+
+    def detect(self, refresh: bool = False, only: Optional[Sequence[str]] = None) -> List[RuntimeInfo]:
+        """Every known runtime (or those in ``only``), found or not, with version,
+        capabilities and notes."""
+        if only and self._infos is None:
+            return detect_all(self.runner, env=self.env, runtime_paths=self.settings.runtime_paths,
+                              timeout=self.settings.probe_timeout, host=self.host, only=only,
+                              cache_file=self._detect_cache_file())
         if self._infos is None or refresh:
-            cache_file = None
-            if self.settings.detect_cache:
-                cache_file = os.path.join(self.cache.root, f"detect-{os.getuid()}.json")
             self._infos = detect_all(self.runner, env=self.env, runtime_paths=self.settings.runtime_paths,
-                                     timeout=self.settings.probe_timeout, cache_file=cache_file,
-                                     host=self.host, refresh=refresh)
+                                     timeout=self.settings.probe_timeout,
+                                     cache_file=self._detect_cache_file(), host=self.host, refresh=refresh)
         return self._infos
 
     def choose(self, runtime: Optional[str] = None) -> RuntimeChoice:
-        """The runtime to use and why; ``runtime`` is an explicit request (never a fallback)."""
-        return choose(self.detect(), explicit=runtime, configured=self.settings.runtime,
+        """The runtime to use and why; ``runtime`` is an explicit request (never a fallback).
+
+        An explicit request probes only that runtime (a cold start costs one probe, not seven);
+        the automatic choice probes all of them.
+        """
+        if runtime and self._infos is None:
+            runtime_class(runtime)   # unknown name: ConfigError before any probe
+            infos = self.detect(only=[runtime])
+            if not any(i.usable for i in infos):   # the error lists everything that was found
+                infos = self.detect()
+        else:
+            infos = self.detect()
+        return choose(infos, explicit=runtime, configured=self.settings.runtime,
                       configured_source=self.settings.sources.get("runtime", "config"))
 
     def runtime(self, runtime: Union[None, str, RuntimeChoice] = None) -> Runtime:
@@ -93,6 +115,14 @@ class Client:
         registry = self.settings.mirrors.get(ref.registry, ref.registry)
         pull_ref = ref.on(registry) if registry != ref.registry else ref
         return pull_ref, registry in self.settings.insecure_registries
+
+    def _registry(self, registry: str, insecure: bool) -> Any:
+        """One registry client per registry, so a token is fetched once per session."""
+        from .registry import RegistryClient
+        key = (registry, insecure)
+        if key not in self._registries:
+            self._registries[key] = RegistryClient(registry, insecure=insecure, env=self.env)
+        return self._registries[key]
 
     def _offline_allocation(self) -> bool:
         return self.host.in_slurm_allocation and not self.settings.pull_on_compute
@@ -125,10 +155,9 @@ class Client:
             raise ImageError(f"{source.ref} has not been prepared for this job: inside a Slurm "
                              "allocation nsdf-run never contacts a registry. Run `nsdf-run pull "
                              f"{source.text}` on a login node first (or set pull_on_compute = true)")
-        from .registry import RegistryClient
         pull_ref, insecure = self._pull_ref(source.ref)
         self.progress({"event": "resolve", "image": str(source.ref), "registry": pull_ref.registry})
-        info = RegistryClient(pull_ref.registry, insecure=insecure, env=self.env).manifest(pull_ref)
+        info = self._registry(pull_ref.registry, insecure).manifest(pull_ref)
         self.cache.remember_ref(slug, info.digest, info.size)
         return info.digest, info.size
 
@@ -170,10 +199,9 @@ class Client:
     def _image_size(self, ref: ImageRef, digest: str) -> Optional[int]:
         """Compressed size from the manifest, for the free-space preflight (cache misses only)."""
         from .errors import RegistryError
-        from .registry import RegistryClient
         pull_ref, insecure = self._pull_ref(ref)
         try:
-            return RegistryClient(pull_ref.registry, insecure=insecure, env=self.env).manifest(
+            return self._registry(pull_ref.registry, insecure).manifest(
                 pull_ref.pinned(digest), with_size=True).size
         except RegistryError as err:   # the runtime's own pull will report it properly
             logger.debug("no size for %s: %s", ref, err)

@@ -117,12 +117,15 @@ def _save_cache(path: Optional[str], key: str, probes: Mapping[str, Mapping[str,
 def detect_all(runner: CommandRunner, *, env: Optional[Mapping[str, str]] = None,
                runtime_paths: Optional[Mapping[str, str]] = None, timeout: float = 10.0,
                cache_file: Optional[str] = None, host: Optional[HostFacts] = None,
-               refresh: bool = False) -> List[RuntimeInfo]:
-    """Probe every registered runtime; returns one RuntimeInfo each, in preference order."""
+               refresh: bool = False, only: Optional[Sequence[str]] = None) -> List[RuntimeInfo]:
+    """Probe every registered runtime (or those in ``only``); one RuntimeInfo each, in
+    preference order."""
     env = os.environ if env is None else env
     host = host or probe_host(env)
     path_env = env.get("PATH", os.defpath)
-    classes = sorted(_REGISTRY.values(), key=lambda c: c.priority)
+    classes = sorted((c for c in _REGISTRY.values() if not only or c.name in only), key=lambda c: c.priority)
+    if only and cache_file:
+        cache_file = f"{cache_file[:-5]}-{'-'.join(sorted(only))}.json"
     cands: Dict[str, Tuple[List[str], List[str]]] = {
         c.name: _candidates(c, runtime_paths or {}, path_env) for c in classes}
     all_paths = [p for paths, _ in cands.values() for p in paths]
