@@ -104,6 +104,14 @@ class Apptainer(Runtime):
             return v >= (3, 10)
         return False
 
+    @staticmethod
+    def _has_no_mount(flavour: str, version: str) -> bool:
+        # --no-mount was added in Singularity 3.7 (sylabs userdocs, bind_paths_and_mounts);
+        # an older legacy binary would refuse the whole command line ("unknown flag")
+        if flavour == "singularity":
+            return version_tuple(version) >= (3, 7)
+        return True
+
     # ---------------------------------------------------------------- images
     def runtime_env(self, env: Mapping[str, str], cache_root: str) -> Dict[str, str]:
         var = f"{self.env_prefix}_CACHEDIR"
@@ -147,7 +155,7 @@ class Apptainer(Runtime):
                 argv += ["--mount", ",".join(fields)]
             else:
                 argv += ["--bind", f"{b.source}:{b.target}" + (":ro" if b.read_only else "")]
-        if not spec.bind_cwd:
+        if not spec.bind_cwd and self._has_no_mount(self.flavour, self.version or ""):
             argv += ["--no-mount", "cwd"]   # Apptainer binds $PWD by itself otherwise
         if workdir:
             argv += ["--pwd", workdir]

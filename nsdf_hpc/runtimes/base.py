@@ -185,8 +185,13 @@ def version_tuple(version: Optional[str]) -> Tuple[int, ...]:
         if piece.isdigit():
             parts.append(int(piece))
         else:
-            digits = "".join(c for c in piece if c.isdigit())
-            if digits and piece[0].isdigit():
+            # leading digits only: "1+ds2" (Ubuntu's 4.1.1+ds2) is 1, not 12
+            digits = ""
+            for c in piece:
+                if not c.isdigit():
+                    break
+                digits += c
+            if digits:
                 parts.append(int(digits))
             break
     return tuple(parts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
-from ..errors import ImageError, SpecError
+from ..errors import ImageError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
@@ -33,7 +33,11 @@ class Charliecloud(Runtime):
 
     def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
         # 0.31 prints a bare "0.31" (on stderr in some versions)
-        return "charliecloud", parse_first_version(stdout or stderr, "ch-run --version")
+        version = parse_first_version(stdout or stderr, "ch-run --version")
+        if not version[:1].isdigit():
+            # e.g. "ch-run[123]: error: $USER not set (ch-run.c:122)": not a version
+            raise UnexpectedOutputError("ch-run --version", stdout or stderr, expected="a bare version ('0.31')")
+        return "charliecloud", version
 
     def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
         caps = {"user_namespaces": host.userns, "fuse": host.fuse_access,

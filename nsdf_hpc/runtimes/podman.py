@@ -91,13 +91,27 @@ class PodmanHPC(Podman):
     priority: ClassVar[int] = 45
     description: ClassVar[str] = "podman-hpc (NERSC's podman wrapper)"
 
+    def version_argv(self, path: str) -> List[str]:
+        # podman-hpc (a click group) has no --version: `podman-hpc --version` fails with
+        # "Error: no such option: --version" (NERSC/podman-hpc#64); the `version` subcommand is
+        # passed through to podman and prints podman's version block (NERSC/podman-hpc#48)
+        return [path, "version"]
+
     def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
         text = stdout or stderr
-        low = text.lower()
-        if "podman-hpc" in low:
-            return "podman-hpc", parse_first_version(text, "podman-hpc --version", "podman-hpc version")
-        # older wrappers pass --version through to podman
-        return "podman-hpc", parse_first_version(text, "podman-hpc --version", "podman version")
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition(":")
+            # `podman-hpc infohpc` (1.1+) prints "Podman-HPC Version: 1.1.1"
+            if sep and key.strip().lower() == "podman-hpc version" and value.strip():
+                return "podman-hpc", value.strip().split()[0]
+        for line in text.splitlines():
+            key, sep, value = line.strip().partition(":")
+            # `podman version`: "Version:      4.3.1" (the podman underneath)
+            if sep and key.strip().lower() == "version" and value.strip():
+                return "podman-hpc", value.strip().split()[0]
+        if "podman-hpc version" in text.lower():
+            return "podman-hpc", parse_first_version(text, "podman-hpc version", "podman-hpc version")
+        return "podman-hpc", parse_first_version(text, "podman-hpc version", "podman version")
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
                    insecure: bool = False) -> ImagePlan:

@@ -8,6 +8,7 @@ NERSC's user guide (tests/contracts/), not against a running Shifter.
 from __future__ import annotations
 
 import os
+import re
 from typing import ClassVar, List, Mapping, Optional, Tuple
 
 from ..errors import ImageError, SpecError
@@ -18,6 +19,11 @@ from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_bi
 
 #: Shifter refuses binds onto these (udiRoot.conf siteFs/volume rules)
 FORBIDDEN_TARGETS = ("/dev", "/etc", "/opt/udiImage", "/proc", "/var")
+#: ... and onto exactly these (NERSC/shifter src/VolumeMap.c, validateVolumeMap_userRequest)
+FORBIDDEN_EXACT_TARGETS = ("/opt",)
+#: Shifter's userInputPathFilter (src/utility.c) silently DROPS every other character from a
+#: --volume path, so "/data/my dir" would become "/data/mydir": refuse such paths instead
+_VOLUME_PATH_RE = re.compile(r"[A-Za-z0-9_.+/-]+")
 
 
 def shifter_image_name(ref: ImageRef) -> str:
@@ -46,6 +52,11 @@ class Shifter(Runtime):
 
     def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
         text = (stdout or stderr).strip()
+        if _is_shifter_usage(stdout + "\n" + stderr):
+            # upstream shifter has no --version option (NERSC/shifter src/shifter.c: getopt_long
+            # knows help/volume/verbose/image/entrypoint/workdir/module/env): it prints its usage
+            # and exits 1. That still proves a working shifter; the version is unknown.
+            return "shifter", "unknown"
         for line in text.splitlines():
             words = line.strip().split()
             if len(words) >= 2 and words[0].lower() == "shifter" and words[-1][:1].isdigit():
@@ -84,8 +95,14 @@ class Shifter(Runtime):
         binds, workdir = effective_binds(spec, os.getcwd())
         require_paths(binds, self.name, ":;")
         for b in binds:
-            if any(b.target == t or b.target.startswith(t + "/") for t in FORBIDDEN_TARGETS):
-                raise SpecError(f"Shifter refuses bind targets under {', '.join(FORBIDDEN_TARGETS)}: {b.target}")
+            if any(b.target == t or b.target.startswith(t + "/") for t in FORBIDDEN_TARGETS) \
+                    or b.target in FORBIDDEN_EXACT_TARGETS:
+                raise SpecError(f"Shifter refuses bind targets under {', '.join(FORBIDDEN_TARGETS)} "
+                                f"and onto {', '.join(FORBIDDEN_EXACT_TARGETS)}: {b.target}")
+            for p in (b.source, b.target):
+                if not _VOLUME_PATH_RE.fullmatch(p):
+                    raise SpecError(f"Shifter cannot bind {p!r}: its --volume accepts only letters, "
+                                    "digits and '_.+-/' (other characters are silently dropped)")
         argv: List[str] = [self.path, f"--image={native.location}"]
         for b in binds:
             argv.append(f"--volume={b.source}:{b.target}" + (":ro" if b.read_only else ""))
@@ -102,3 +119,8 @@ class Shifter(Runtime):
         penv = dict(container_env)
         penv.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         return Invocation(tuple(argv), penv)
+
+
+def _is_shifter_usage(text: str) -> bool:
+    """``shifter --version`` on upstream Shifter: the usage text of src/shifter.c."""
+    return "Usage:" in text and "shifter [-h|--help]" in text

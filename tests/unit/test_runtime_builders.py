@@ -1,0 +1,133 @@
+"""Properties every runtime's pure builders share, and a few details the contracts do not show."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from _fakes import FakeRunner
+from nsdf_hpc.client import Client
+from nsdf_hpc.config import load_settings
+from nsdf_hpc.errors import SpecError, UnexpectedOutputError
+from nsdf_hpc.models import Bind, NativeImage, RunSpec
+from nsdf_hpc.reference import parse_source
+from nsdf_hpc.runtimes import runtime_class, runtime_names
+from nsdf_hpc.runtimes.base import effective_binds, process_env, version_tuple
+
+CMD = ("sh", "-c", 'echo "$1"; exit 7', "arg with space", "$(id)", "`x`", "a;b", "ünï", "")
+NAMES = runtime_names()
+
+
+def _rt(name):
+    cls = runtime_class(name)
+    return cls("/opt/bin/" + cls.executables[0], None, {"singularity": "4.1.1"}.get(name, "1.4.5"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_runtime_passes_the_command_through_verbatim(name):
+    rt = _rt(name)
+    spec = RunSpec(image="ubuntu", command=CMD, bind_cwd=False,
+                   binds=(Bind(source="/scratch/d", target="/data"),), env={"A": "1"})
+    native = NativeImage(runtime=name, source="ubuntu", location="/cache/x.sif" if rt.storage == "file"
+                         else "docker:ubuntu:22.04")
+    inv = rt.run_invocation(spec, native, {"A": "1", "SLURM_JOB_ID": "7"}, {"PATH": "/usr/bin",
+                                                                             "PYTHONPATH": "/leak"})
+    assert inv.argv[0] == rt.path
+    if name == "udocker":
+        # udocker 1.3.17 drops empty arguments: such an argv travels in NSDF_HPC_ARGV instead
+        assert "NSDF_HPC_ARGV" in " ".join(inv.argv)
+    else:
+        assert tuple(inv.argv[-len(CMD):]) == CMD
+    assert any(native.location in a for a in inv.argv)
+    assert "PYTHONPATH" not in inv.env
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_probe_is_path_plus_a_version_query(name):
+    rt = _rt(name)
+    argv = rt.version_argv("/opt/bin/tool")
+    assert argv[0] == "/opt/bin/tool" and argv[-1] in ("--version", "version")
+    env = rt.probe_env({"PATH": "/usr/bin", "LD_PRELOAD": "/evil.so", "HOME": "/h"})
+    assert "LD_PRELOAD" not in env and env["PATH"] == "/usr/bin"
+
+
+def test_effective_binds_default_binds_the_current_directory():
+    spec = RunSpec(image="x", command=("pwd",), cwd="/home/alice/proj")
+    binds, workdir = effective_binds(spec, "/ignored")
+    assert binds == [Bind(source="/home/alice/proj", target="/home/alice/proj")]
+    assert workdir == "/home/alice/proj"
+    spec = RunSpec(image="x", command=("pwd",), workdir="/data", binds=(Bind(source="/h", target="/home/alice/proj"),),
+                   cwd="/home/alice/proj")
+    binds, workdir = effective_binds(spec, "/ignored")
+    assert len(binds) == 1 and workdir == "/data"          # an explicit bind at the cwd is kept, not doubled
+    binds, workdir = effective_binds(RunSpec(image="x", command=("pwd",), bind_cwd=False), "/here")
+    assert binds == [] and workdir is None
+
+
+def test_charliecloud_creates_missing_mount_points_in_directory_images(tmp_path):
+    rt = _rt("charliecloud")
+    image = tmp_path / "rootfs"
+    image.mkdir()
+    spec = RunSpec(image="x", command=("ls",), bind_cwd=False, binds=(Bind(source="/scratch/d", target="/data/in"),))
+    inv = rt.run_invocation(spec, NativeImage(runtime="charliecloud", source="x", location=str(image)), {}, {})
+    assert inv.mkdirs == (str(image / "data/in"),)
+
+
+def test_process_env_keeps_only_what_the_runtime_needs():
+    env = process_env({"PATH": "/p", "HOME": "/h", "CONDA_PREFIX": "/c", "SECRET": "s", "http_proxy": "x"})
+    assert env == {"PATH": "/p", "HOME": "/h", "http_proxy": "x"}
+    assert process_env({})["PATH"].startswith("/usr/local/sbin")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1.4.5", (1, 4, 5)), ("4.1.1+ds2", (4, 1, 1)), ("3.10.0-rc.1", (3, 10, 0)), ("2.5.2-dist", (2, 5, 2)),
+    ("0.31", (0, 31)), ("unknown", ()), ("", ()), (None, ()),
+])
+def test_version_tuple(text, expected):
+    assert version_tuple(text) == expected
+
+
+def test_no_eval_and_no_mount_by_flavour_and_version():
+    app = runtime_class("apptainer")
+    assert app._has_no_eval("apptainer", "1.1.0") and not app._has_no_eval("apptainer", "1.0.3")
+    assert app._has_no_eval("singularityce", "3.10.0") and not app._has_no_eval("singularityce", "3.9.9")
+    assert not app._has_no_eval("singularity", "3.11.0")
+    assert app._has_no_mount("singularity", "3.7.0") and not app._has_no_mount("singularity", "3.5.3")
+    assert app._has_no_mount("singularity", "3.7.0") and not app._has_no_mount("singularity", "2.6.1-dist")
+
+
+def test_shifter_refuses_paths_its_filter_would_mangle():
+    rt = _rt("shifter")
+    native = NativeImage(runtime="shifter", source="x", location="docker:ubuntu:22.04")
+    for src in ("/data/my dir", "/data/ü", "/data/a,b", "/data/a;b", "/data/a:b", "/data/trailing\n"):
+        spec = RunSpec(image="x", command=("true",), bind_cwd=False, binds=(Bind(source=src, target="/mnt"),))
+        with pytest.raises(SpecError, match="Shifter cannot bind|path containing"):
+            rt.run_invocation(spec, native, {}, {})
+    ok = RunSpec(image="x", command=("true",), bind_cwd=False,
+                 binds=(Bind(source="/scratch/a_b-c.d+e", target="/mnt"),))
+    assert "--volume=/scratch/a_b-c.d+e:/mnt" in rt.run_invocation(ok, native, {}, {}).argv
+
+
+def test_podman_hpc_refuses_its_own_usage_error_as_a_version():
+    rt = runtime_class("podman-hpc")("podman-hpc")
+    with pytest.raises(UnexpectedOutputError):
+        rt.parse_version("", "Usage: podman-hpc [options] COMMAND [ARGS]...\nError: no such option: --version\n")
+    assert rt.parse_version("podman version 4.3.1\n") == ("podman-hpc", "4.3.1")
+
+
+def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tmp_path):
+    """`podman-hpc pull` prints the image id, then "INFO: Migrating image to <dir>" on stdout
+    (NERSC/podman-hpc podman_hpc.py, pull)."""
+    archive = tmp_path / "img.tar"
+    archive.write_bytes(b"")
+    image_id = "f" * 64
+    runner = FakeRunner({"podman-hpc": (0, f"{image_id}\nINFO: Migrating image to /pscratch/alice/storage\n", "")})
+    env = {"HOME": str(tmp_path), "NSDF_HPC_SITE_CONFIG": str(tmp_path / "none.toml"), "PATH": "/usr/bin"}
+    client = Client(settings=load_settings(env=env), runner=runner, env=env)
+    rt = runtime_class("podman-hpc")("podman-hpc")
+    source = parse_source(f"docker-archive:{archive}")
+    plan = rt.image_plan(source, None, "k" * 64)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert client._execute_plan(rt, plan, source, str(work)) == image_id
+    assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}")]
