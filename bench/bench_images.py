@@ -19,13 +19,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List
 
-from harness import Result
+from harness import Result, bench_venv
 
 REG = os.environ.get("NSDF_BENCH_REGISTRY", "127.0.0.1:5443")
 IMAGE = os.environ.get("NSDF_BENCH_IMAGE", f"{REG}/hpc/pydeb:latest")
 RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,udocker").split(",")
 RUNS = int(os.environ.get("NSDF_BENCH_RUNS", "3"))
-NSDF_RUN = os.path.join(os.path.dirname(sys.executable), "nsdf-run")
+NSDF_RUN = os.path.join(bench_venv(), "bin", "nsdf-run")
 
 
 def _sh(argv: List[str], env: Dict[str, str], cwd: str = "/tmp") -> None:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from harness import Result, compare_calls, compare_commands
+from harness import Result, bench_venv, compare_calls, compare_commands
 
 IMAGE = os.environ.get("NSDF_BENCH_IMAGE", "127.0.0.1:5443/hpc/busybox:latest")
 RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,udocker").split(",")
@@ -30,7 +30,7 @@ def run(runs: int = 15) -> list:
     work = tempfile.mkdtemp(prefix="nsdf-bench-work-")
     env = {**os.environ, "NSDF_HPC_CACHE": cache}
     client = nsdf_hpc.Client(env=env)
-    nsdf_run = os.path.join(os.path.dirname(sys.executable), "nsdf-run")
+    nsdf_run = os.path.join(bench_venv(), "bin", "nsdf-run")
     results = []
     runner = SubprocessRunner()
     for name in RUNTIMES:
@@ -39,6 +39,11 @@ def run(runs: int = 15) -> list:
         inv, native, rt = client.invocation(spec, name)
         for d in inv.mkdirs:
             os.makedirs(d, exist_ok=True)
+        results.append(compare_commands(
+            f"nsdf-run run --runtime {name} -- true (planned)",
+            [nsdf_run, "run", "--runtime", name, IMAGE, "--", "true"],
+            list(inv.argv), env={**env, "NSDF_HPC_NO_FAST_PATH": "1"}, baseline_env=inv.env, cwd=work,
+            runs=max(5, runs // 3), baseline_name=f"{os.path.basename(inv.argv[0])} directly"))
         results.append(compare_commands(
             f"nsdf-run run --runtime {name} -- true", [nsdf_run, "run", "--runtime", name, IMAGE, "--", "true"],
             list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,

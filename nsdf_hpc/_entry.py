@@ -12,5 +12,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         from . import __version__
         sys.stdout.write(f"nsdf-run, version {__version__}\n")
         return
+    from ._launch import try_fast_run
+    try_fast_run(args)   # returns unless a valid launch record exists (then it execs)
     from .cli import main as cli_main
     cli_main(args)

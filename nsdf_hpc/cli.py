@@ -143,12 +143,25 @@ def run(ctx: click.Context, image: str, command: Sequence[str], runtime: Optiona
                 click.echo(f"export {k}={shlex.quote(inv.env[k])}")
             click.echo(shlex.join(inv.argv))
             return
-        result = client.run(image, command, runtime=runtime, capture=False, spec=spec)
+        inv, native, rt = client.invocation(spec, runtime)
+        _save_launch(ctx, client, spec, inv, native)
+        result = client.execute(inv, native, rt, capture=False)
     except NsdfError as err:
         _error_exit(err, not_run=True)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(result.returncode)
+
+
+def _save_launch(ctx: click.Context, client: "Client", spec: Any, inv: Any, native: Any) -> None:
+    """Record this planned run so the next identical call can skip planning (_launch.py)."""
+    args = ctx.ensure_object(dict).get("argv")
+    if not args or args[0] != "run" or os.environ.get("NSDF_HPC_NO_FAST_PATH"):
+        return
+    from . import _launch
+    checks, exists, expires = client.launch_checks(spec, inv, native)
+    _launch.save(args, os.environ, os.getcwd(), inv, spec.env, client.settings.env_allow,
+                 client.settings.env_deny, checks, expires, exists)
 
 
 @cli.command()
@@ -306,6 +319,9 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``nsdf-run`` console script and ``python -m nsdf_hpc``."""
-    cli.main(args=argv, prog_name="nsdf-run")
+    args = sys.argv[1:] if argv is None else list(argv)
+    cli.main(args=args, prog_name="nsdf-run", obj={"argv": args})

@@ -408,6 +408,10 @@ class Client:
         """
         spec = options.pop("spec", None) or self.spec(image, command, **options)
         inv, native, rt = self.invocation(spec, runtime)
+        return self.execute(inv, native, rt, capture=capture)
+
+    def execute(self, inv: Invocation, native: NativeImage, rt: Runtime, *, capture: bool = True) -> RunResult:
+        """Run a planned invocation (mount points first); the exit code is data."""
         for d in inv.mkdirs:
             try:
                 os.makedirs(d, exist_ok=True)
@@ -416,6 +420,38 @@ class Client:
         res = self.runner.run(inv.argv, check=False, env=inv.env, capture=capture)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
                          argv=inv.argv, runtime=rt.name, image=native)
+
+    def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage
+                      ) -> Tuple[List[str], List[str], float]:
+        """What a launch record relies on: files whose identity must not change, paths that
+        must exist, and until when a tag's digest may be reused."""
+        checks = [inv.argv[0]]
+        exists: List[str] = []
+        expires = time.time() + 30 * 86400
+        source = self.parse_image(spec.image)
+        if source.kind == "native":
+            checks.append(native.location)
+        else:
+            if source.kind != "registry" and source.path:
+                checks.append(source.path)
+            if native.digest:
+                for tier in [*self.cache.site_tiers, self.cache.root]:
+                    d = self.cache.entry_dir(native.runtime, native.digest, tier)
+                    if native.location.startswith(d + "/") or os.path.isfile(os.path.join(d, "entry.json")):
+                        checks.append(os.path.join(d, "entry.json"))
+                        break
+            if os.path.isfile(native.location):
+                checks.append(native.location)
+            elif os.path.isabs(native.location):
+                exists.append(native.location)
+            elif native.runtime == "udocker":
+                udir = inv.env.get("UDOCKER_DIR", "")
+                exists.append(os.path.join(udir, "containers", native.location))
+            if source.kind == "registry" and source.ref is not None and not source.ref.digest:
+                known = self.cache.known_ref(source.ref.slug())
+                resolved = float(known.get("resolved") or 0) if known else 0.0
+                expires = resolved + self.settings.tag_ttl
+        return checks, exists, expires
 
     # ---------------------------------------------------------------- cache admin
     def images(self) -> List[Entry]:

@@ -27,26 +27,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from pydantic import Field, ValidationError
 
 from .errors import ConfigError
+from .environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY
 from .models import Model
 
 SITE_CONFIG = "/etc/nsdf-hpc/config.toml"
-
-#: Host variables that reach the container (fnmatch patterns); configurable.
-DEFAULT_ENV_ALLOW: Tuple[str, ...] = (
-    "SLURM_*", "SLURMD_*", "SRUN_*", "PMI*", "PMIX_*", "OMPI_*", "MPI_*", "I_MPI_*", "MPICH_*",
-    "UCX_*", "FI_*", "NCCL_*", "HWLOC_*", "OMP_*", "*_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
-    "TERM", "LANG", "LC_*", "TZ", "USER", "LOGNAME", "HOME", "http_proxy", "https_proxy",
-    "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-)
-#: Host variables that never reach the container, even when allowed or set on purpose by a
-#: pattern; an explicit ``--env`` value still wins (the user asked for it).
-DEFAULT_ENV_DENY: Tuple[str, ...] = (
-    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "LD_LIBRARY_PATH",
-    "LD_PRELOAD", "LD_AUDIT", "CONDA_*", "_CE_*", "VIRTUAL_ENV", "PIPENV_*", "PYENV_*",
-    "R_LIBS*", "PERL5LIB", "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "BASH_FUNC_*",
-    "APPTAINER*", "SINGULARITY*", "PROMPT_COMMAND", "PS1", "NSDF_HPC_*",
-)
-
 
 class Settings(Model):
     """Effective configuration; ``sources`` tells where each set value came from."""

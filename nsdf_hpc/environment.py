@@ -7,7 +7,32 @@ own ENV (PATH, LANG, ...) is applied by the runtime underneath.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Sequence, Tuple
+
+#: Host variables that reach the container (fnmatch patterns); configurable.
+DEFAULT_ENV_ALLOW: Tuple[str, ...] = (
+    "SLURM_*", "SLURMD_*", "SRUN_*", "PMI*", "PMIX_*", "OMPI_*", "MPI_*", "I_MPI_*", "MPICH_*",
+    "UCX_*", "FI_*", "NCCL_*", "HWLOC_*", "OMP_*", "*_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+    "TERM", "LANG", "LC_*", "TZ", "USER", "LOGNAME", "HOME", "http_proxy", "https_proxy",
+    "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+)
+#: Host variables that never reach the container, even when allowed or set on purpose by a
+#: pattern; an explicit ``--env`` value still wins (the user asked for it).
+DEFAULT_ENV_DENY: Tuple[str, ...] = (
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "LD_LIBRARY_PATH",
+    "LD_PRELOAD", "LD_AUDIT", "CONDA_*", "_CE_*", "VIRTUAL_ENV", "PIPENV_*", "PYENV_*",
+    "R_LIBS*", "PERL5LIB", "MODULEPATH", "LOADEDMODULES", "_LMFILES_", "BASH_FUNC_*",
+    "APPTAINER*", "SINGULARITY*", "PROMPT_COMMAND", "PS1", "NSDF_HPC_*",
+)
+
+#: Host variables a runtime *process* needs to work (not what the container sees).
+PROCESS_ENV_KEEP: Tuple[str, ...] = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "TMPDIR", "XDG_RUNTIME_DIR",
+    "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "http_proxy", "https_proxy", "no_proxy",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "DBUS_SESSION_BUS_ADDRESS",
+    "CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE",
+)
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:

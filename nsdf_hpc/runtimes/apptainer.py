@@ -175,7 +175,8 @@ class Apptainer(Runtime):
             if not no_eval:
                 v = "".join("\\" + c if c in '\\$`"' else c for c in v)
             penv[f"{self.env_prefix}ENV_{k}"] = v
-        return Invocation(tuple(argv), penv)
+        return Invocation(tuple(argv), penv, env_mode="prefix", env_prefix=f"{self.env_prefix}ENV_",
+                          env_escape=not no_eval, container_env=dict(container_env))
 
 
 class Singularity(Apptainer):

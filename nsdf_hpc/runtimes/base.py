@@ -25,15 +25,7 @@ from ..host import HostFacts
 from ..models import Bind, NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
 
-#: Host variables a runtime *process* needs to work (not what the container sees).
-PROCESS_ENV_KEEP: Tuple[str, ...] = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TERM", "TMPDIR", "XDG_RUNTIME_DIR",
-    "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "http_proxy", "https_proxy", "no_proxy",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "DBUS_SESSION_BUS_ADDRESS",
-    "CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE",
-)
-
+from ..environment import PROCESS_ENV_KEEP  # noqa: E402  (re-exported)
 
 #: placeholder in a Step's env values, replaced by the absolute private work directory
 WORKDIR = "{workdir}"
@@ -69,6 +61,17 @@ class Invocation:
     argv: Tuple[str, ...]
     env: Dict[str, str]
     mkdirs: Tuple[str, ...] = ()   # directories to create first (Charliecloud mount points)
+    # How the container environment is encoded, so a launch record can re-encode a new host
+    # environment without re-planning (nsdf_hpc/_launch.py):
+    #   "argv":    argv[env_block[0]:env_block[1]] holds (env_flag, "K=V") pairs
+    #   "prefix":  process env holds env_prefix + K = V (escaped for a shell when env_escape)
+    #   "process": the process env is the container env plus the other (default) entries
+    env_mode: str = ""
+    env_block: Tuple[int, int] = (0, 0)
+    env_flag: str = ""
+    env_prefix: str = ""
+    env_escape: bool = False
+    container_env: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,8 @@ class Charliecloud(Runtime):
         # the image's ENV (--set-env) replaces this; it only stops ch-run's "$PATH not set"
         # warning and serves images that set no PATH (Docker's default)
         penv.setdefault("PATH", DEFAULT_PATH)
-        return Invocation(tuple(argv), penv, tuple(mkdirs))
+        return Invocation(tuple(argv), penv, tuple(mkdirs), env_mode="process",
+                          container_env=dict(container_env))
 
 
 def _user_name() -> str:

@@ -68,8 +68,10 @@ class Podman(Runtime):
             argv += ["-v", f"{b.source}:{b.target}" + (":ro" if b.read_only else "")]
         if workdir:
             argv += ["-w", workdir]
+        env_start = len(argv)
         for k, v in container_env.items():
             argv += ["-e", f"{k}={v}"]
+        env_block = (env_start, len(argv))
         if spec.gpu:
             argv += self.gpu_args()
         if spec.writable_tmpfs:
@@ -77,7 +79,8 @@ class Podman(Runtime):
         argv += list(spec.extra_args)
         argv.append(native.location)
         argv += list(spec.command)
-        return Invocation(tuple(argv), process_env(host_env))
+        return Invocation(tuple(argv), process_env(host_env), env_mode="argv", env_block=env_block,
+                          env_flag="-e", container_env=dict(container_env))
 
     def gpu_args(self) -> List[str]:
         return ["--device", "nvidia.com/gpu=all"]

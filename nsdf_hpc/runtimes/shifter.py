@@ -118,7 +118,7 @@ class Shifter(Runtime):
         argv += ["--", *spec.command]
         penv = dict(container_env)
         penv.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        return Invocation(tuple(argv), penv)
+        return Invocation(tuple(argv), penv, env_mode="process", container_env=dict(container_env))
 
 
 def _is_shifter_usage(text: str) -> bool:

@@ -109,15 +109,18 @@ class UDocker(Runtime):
             # shell-quoted in a variable and rebuild it with /bin/sh inside the container
             env["NSDF_HPC_ARGV"] = shlex.join(command)
             command = ["/bin/sh", "-c", 'eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV; exec "$@"']
+        env_start = len(argv)
         for k, v in env.items():
             argv += ["-e", f"{k}={v}"]
+        env_block = (env_start, len(argv))
         if not spec.fakeroot and os.getuid() != 0:
             # run as the caller (proot otherwise emulates root), with the host's passwd
             argv += [f"--user={os.getuid()}:{os.getgid()}", "--hostauth"]
         argv += list(spec.extra_args)
         argv += [native.location, *command]
         return Invocation(tuple(argv), process_env(host_env, {
-            k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)}))
+            k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)}), env_mode="argv",
+            env_block=env_block, env_flag="-e", container_env=env)
 
 
 def engine_source(env: Optional[Mapping[str, str]] = None) -> str:

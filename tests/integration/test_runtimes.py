@@ -202,3 +202,28 @@ def test_doctor_runs_and_reports(as_user) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "runtime: apptainer" in r.stdout
     assert "unprivileged user namespaces are available" in r.stdout
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_cache: Path,
+                                                         tmp_path: Path) -> None:
+    """The second identical `nsdf-run run` execs from a launch record: same output, exit code
+    and env contract, with the per-call allowlisted variables (SLURM_PROCID) rebuilt."""
+    os.chmod(tmp_path, 0o755)
+    xdg = tmp_path / "xdg"
+    args = ["run", "--runtime", runtime, "--env", f"H={HOSTILE[4]}{HOSTILE[9]}", BUSYBOX, "--", "sh", "-c",
+            'printf "[%s][%s][%s][%s]" "$H" "$SLURM_PROCID" "${PYTHONPATH-unset}" "$(pwd)"; exit 5']
+    outs = []
+    stamps = []
+    for procid, fast in (("0", "1"), ("0", ""), ("1", ""), ("2", "")):
+        extra = {"XDG_CACHE_HOME": str(xdg), "SLURM_PROCID": procid, "PYTHONPATH": "/leak"}
+        if fast:
+            extra["NSDF_HPC_NO_FAST_PATH"] = "1"
+        r = nsdf_root(args, shared_cache, cwd=str(tmp_path), **extra)
+        outs.append((r.returncode, r.stdout))
+        stamps.append([p.stat().st_mtime_ns for p in (xdg / "nsdf-hpc" / "launch").glob("*.json")])
+    records = list((xdg / "nsdf-hpc" / "launch").glob("*.json"))
+    assert len(records) == 1, "the planned run without NSDF_HPC_NO_FAST_PATH wrote one record"
+    assert stamps[0] == [] and stamps[1] == stamps[2] == stamps[3], "later runs used the record as is"
+    want = [(5, f"[{HOSTILE[4]}{HOSTILE[9]}][{p}][unset][{tmp_path}]") for p in ("0", "0", "1", "2")]
+    assert outs == want

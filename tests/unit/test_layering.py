@@ -78,3 +78,16 @@ def test_library_never_prints_or_exits(path):
         assert name != "print", f"{_rel(path)}:{call.lineno} prints (only cli.py talks to the user)"
         assert name not in ("sys.exit", "exit", "quit", "os._exit"), \
             f"{_rel(path)}:{call.lineno} exits (raise an NsdfError instead)"
+
+
+def test_only_the_launch_fast_path_replaces_the_process():
+    """_exec.py starts every child process; _launch.py alone may exec (replace nsdf-run with
+    the runtime it already planned)."""
+    offenders = []
+    for path in MODULES:
+        for call in _calls(_tree(path)):
+            name = _dotted(call.func)
+            if name.startswith("os.exec") or name.startswith("os.spawn") or name == "os.fork":
+                if path.name != "_launch.py":
+                    offenders.append((_rel(path), call.lineno))
+    assert offenders == []

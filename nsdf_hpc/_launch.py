@@ -1,0 +1,164 @@
+"""Launch records: the fast path of ``nsdf-run run`` for the second and later identical calls.
+
+A job script that calls ``srun nsdf-run run IMG -- cmd`` starts nsdf-run once per task; paying
+Python + pydantic + click imports and the planning each time costs ~0.25 s per task. After a
+normal (planned) run, the CLI saves a *launch record*: the exact runtime argv and process
+environment it used, with the container environment kept apart so it can be rebuilt. The next
+call with the same command line, directory, configuration and planning-relevant environment
+loads the record, re-checks that everything it relied on is unchanged, rebuilds the container
+environment from the current host environment (``SLURM_PROCID`` differs per task) with the
+recorded allow/deny lists, and replaces itself with the runtime (``os.execve``), so the exit
+code is the command's. Any doubt (a missing or changed file, an expired tag, a parse error)
+falls back to the planned path, which rewrites the record.
+
+This module imports nothing heavier than ``json`` and ``hashlib``; it is the one place besides
+``_exec.py`` that hands control to another program, and it never starts a child process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from . import __version__
+from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, container_env, matches
+
+FORMAT = 1
+#: variables that change between identical calls and that planning never reads
+_VOLATILE = ("_", "OLDPWD", "SHLVL", "PWD", "COLUMNS", "LINES")
+#: variables planning reads although the container allowlist also takes them
+_PLANNING = frozenset(PROCESS_ENV_KEEP) | {"SCRATCH", "PSCRATCH", "CSCRATCH"}
+
+
+def _config_files(env: Mapping[str, str]) -> List[str]:
+    home = env.get("HOME") or os.path.expanduser("~")
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    return [env.get("NSDF_HPC_SITE_CONFIG", "/etc/nsdf-hpc/config.toml"),
+            env.get("NSDF_HPC_CONFIG") or os.path.join(xdg, "nsdf-hpc", "config.toml")]
+
+
+def _stat_id(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def record_dir(env: Mapping[str, str]) -> str:
+    home = env.get("HOME") or os.path.expanduser("~")
+    base = env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    return os.path.join(base, "nsdf-hpc", "launch")
+
+
+def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
+    """What the plan depends on: the command line, the directory, the config files, and every
+    environment variable except the container allowlist's (rebuilt per call) and volatile ones."""
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT, __version__, os.getuid(), os.getgid(), cwd, list(args)]).encode(
+        "utf-8", "surrogateescape"))
+    for path in _config_files(env):
+        h.update(f"|{path}|{_stat_id(path)}".encode("utf-8", "surrogateescape"))
+    h.update(f"|alloc={bool(env.get('SLURM_JOB_ID'))}".encode())
+    for k in sorted(env):
+        if k in _VOLATILE or (k not in _PLANNING and matches(k, DEFAULT_ENV_ALLOW)):
+            continue
+        h.update(f"|{k}={env[k]}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:40]
+
+
+def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any, spec_env: Mapping[str, str],
+         allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
+         exists: Sequence[str] = ()) -> None:
+    """Write the record for a planned run (best effort: a read-only home just skips it)."""
+    if inv.env_mode not in ("argv", "prefix", "process"):
+        return
+    host_part = container_env(env, {}, allow, deny)
+    explicit = {k: v for k, v in inv.container_env.items() if k in spec_env or k not in host_part}
+    if inv.env_mode == "argv":
+        a, b = inv.env_block
+        argv_head, argv_tail = list(inv.argv[:a]), list(inv.argv[b:])
+        static_env = dict(inv.env)
+    elif inv.env_mode == "prefix":
+        argv_head, argv_tail = list(inv.argv), []
+        static_env = {k: v for k, v in inv.env.items() if not k.startswith(inv.env_prefix)}
+    else:
+        argv_head, argv_tail = list(inv.argv), []
+        static_env = {k: v for k, v in inv.env.items() if k not in inv.container_env}
+    record = {
+        "format": FORMAT, "mode": inv.env_mode, "argv_head": argv_head, "argv_tail": argv_tail,
+        "flag": inv.env_flag, "prefix": inv.env_prefix, "escape": inv.env_escape,
+        "static_env": static_env, "explicit": explicit, "allow": list(allow), "deny": list(deny),
+        "mkdirs": list(inv.mkdirs), "expires": expires,
+        "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
+    }
+    d = record_dir(env)
+    path = os.path.join(d, launch_key(args, env, cwd) + ".json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(d, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            json.dump(record, fh)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def load(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Tuple[List[str], Dict[str, str], List[str]]]:
+    """The argv, environment and mount points to exec, or None when the record is not valid."""
+    path = os.path.join(record_dir(env), launch_key(args, env, cwd) + ".json")
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            rec: Dict[str, Any] = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if rec.get("format") != FORMAT or time.time() > float(rec.get("expires", 0)):
+        return None
+    for p, ident in rec.get("checks", []):
+        now = _stat_id(p)
+        if now is None or (ident is not None and list(now) != ident):
+            return None
+    cenv = container_env(env, rec["explicit"], rec["allow"], rec["deny"])
+    mode = rec["mode"]
+    argv = list(rec["argv_head"])
+    penv = dict(rec["static_env"])
+    if mode == "argv":
+        for k, v in cenv.items():
+            argv += [rec["flag"], f"{k}={v}"]
+        argv += rec["argv_tail"]
+    elif mode == "prefix":
+        for k, v in cenv.items():
+            if rec["escape"]:
+                v = "".join("\\" + c if c in '\\$`"' else c for c in v)
+            penv[rec["prefix"] + k] = v
+    elif mode == "process":
+        penv.update(cenv)
+    else:
+        return None
+    return argv, penv, list(rec.get("mkdirs", []))
+
+
+def try_fast_run(args: Sequence[str]) -> None:
+    """Exec the recorded runtime command for ``nsdf-run run ...``; returns if there is none."""
+    if os.environ.get("NSDF_HPC_NO_FAST_PATH"):
+        return
+    if not args or args[0] != "run" or any(a in ("--dry-run", "-h", "--help") for a in args):
+        return
+    try:
+        cwd = os.getcwd()
+        found = load(args, os.environ, cwd)
+        if found is None:
+            return
+        argv, penv, mkdirs = found
+        for d in mkdirs:
+            os.makedirs(d, exist_ok=True)
+        if not os.path.isabs(argv[0]):
+            return
+    except Exception:   # any doubt: the planned path decides
+        return
+    os.execve(argv[0], argv, penv)

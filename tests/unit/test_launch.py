@@ -1,0 +1,101 @@
+"""Launch records (the fast path of `nsdf-run run`): what invalidates them, and how the
+container environment is rebuilt per call."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nsdf_hpc import _launch
+from nsdf_hpc.environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY
+from nsdf_hpc.runtimes.base import Invocation
+
+ARGS = ["run", "--runtime", "podman", "img", "--", "printf", "%s", "a b"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict:
+    return {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "PATH": "/usr/bin:/bin",
+            "NSDF_HPC_SITE_CONFIG": str(tmp_path / "site.toml"), "NSDF_HPC_CONFIG": str(tmp_path / "user.toml"),
+            "SLURM_PROCID": "0", "PYTHONPATH": "/leak"}
+
+
+def _inv(binary: Path) -> Invocation:
+    argv = (str(binary), "run", "--rm", "-e", "SLURM_PROCID=0", "-e", "X=1", "img", "printf", "%s", "a b")
+    return Invocation(argv, {"PATH": "/usr/bin:/bin", "HOME": "/h"}, env_mode="argv", env_block=(3, 7),
+                      env_flag="-e", container_env={"SLURM_PROCID": "0", "X": "1"})
+
+
+def _save(env: dict, tmp_path: Path, expires: float = 2e9) -> Path:
+    binary = tmp_path / "podman"
+    binary.write_text("#!/bin/sh\n")
+    (tmp_path / "user.toml").write_text("")
+    _launch.save(ARGS, env, "/work", _inv(binary), {"X": "1"}, DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY,
+                 [str(binary)], expires)
+    return binary
+
+
+def test_round_trip_rebuilds_the_container_env_per_call(env: dict, tmp_path: Path) -> None:
+    binary = _save(env, tmp_path)
+    argv, penv, mkdirs = _launch.load(ARGS, {**env, "SLURM_PROCID": "7"}, "/work")
+    assert argv[:3] == [str(binary), "run", "--rm"] and argv[-4:] == ["img", "printf", "%s", "a b"]
+    pairs = argv[3:-4]
+    assert pairs[0::2] == ["-e"] * (len(pairs) // 2)
+    assert pairs[1::2] == [f"HOME={env['HOME']}", "SLURM_PROCID=7", "X=1"]   # host order, explicit last
+    assert penv == {"PATH": "/usr/bin:/bin", "HOME": "/h"} and mkdirs == []
+
+
+def test_volatile_and_allowlisted_variables_do_not_change_the_key(env: dict) -> None:
+    k = _launch.launch_key(ARGS, env, "/work")
+    assert _launch.launch_key(ARGS, {**env, "_": "/x", "OLDPWD": "/y", "SLURM_PROCID": "3", "OMPI_X": "1"}, "/work") == k
+
+
+@pytest.mark.parametrize("change", [
+    {"PATH": "/other"}, {"PYTHONPATH": "/other"}, {"NSDF_HPC_CACHE": "/c"}, {"HOME": "/h2"},
+    {"SLURM_JOB_ID": "12"},
+])
+def test_planning_inputs_change_the_key(env: dict, change: dict) -> None:
+    assert _launch.launch_key(ARGS, {**env, **change}, "/work") != _launch.launch_key(ARGS, env, "/work")
+
+
+def test_other_args_or_directory_change_the_key(env: dict) -> None:
+    k = _launch.launch_key(ARGS, env, "/work")
+    assert _launch.launch_key(ARGS + ["x"], env, "/work") != k
+    assert _launch.launch_key(ARGS, env, "/elsewhere") != k
+
+
+def test_invalidated_by_a_changed_file_config_or_expiry(env: dict, tmp_path: Path) -> None:
+    binary = _save(env, tmp_path)
+    assert _launch.load(ARGS, env, "/work") is not None
+    os.utime(binary, ns=(1, 1))
+    assert _launch.load(ARGS, env, "/work") is None
+    _save(env, tmp_path)
+    (tmp_path / "user.toml").write_text("runtime = 'udocker'\n")   # the config changed
+    assert _launch.load(ARGS, env, "/work") is None
+    _save(env, tmp_path, expires=1.0)
+    assert _launch.load(ARGS, env, "/work") is None
+
+
+def test_denylisted_host_variables_never_enter(env: dict, tmp_path: Path) -> None:
+    _save(env, tmp_path)
+    argv, _, _ = _launch.load(ARGS, {**env, "VIRTUAL_ENV": "/v"}, "/work") or ([], {}, [])
+    assert not any("PYTHONPATH" in a or "VIRTUAL_ENV" in a for a in argv)
+
+
+def test_prefix_mode_escapes_only_without_no_eval(env: dict, tmp_path: Path) -> None:
+    binary = tmp_path / "apptainer"
+    binary.write_text("")
+    inv = Invocation((str(binary), "exec", "x.sif", "true"), {"PATH": "/bin", "APPTAINERENV_V": "$x"},
+                     env_mode="prefix", env_prefix="APPTAINERENV_", env_escape=True, container_env={"V": "$x"})
+    _launch.save(ARGS, env, "/w", inv, {"V": "$x"}, DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)], 2e9)
+    _, penv, _ = _launch.load(ARGS, env, "/w")
+    assert penv["APPTAINERENV_V"] == "\\$x" and penv["APPTAINERENV_SLURM_PROCID"] == "0"
+
+
+def test_fast_path_never_runs_for_dry_run_or_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    called = []
+    monkeypatch.setattr(_launch, "load", lambda *a: called.append(a))
+    _launch.try_fast_run(["run", "--dry-run", "img", "--", "true"])
+    _launch.try_fast_run(["pull", "img"])
+    assert called == []
