@@ -482,7 +482,25 @@ class Client:
             if self.cache.remove(e, self._store_cleanup):
                 removed.append(e)
         self.cache.clean_tmp(older_than=24 * 3600)
+        self._prune_launch_records(older_than if older_than is not None else 7 * 86400)
         return removed
+
+    def _prune_launch_records(self, older_than: float) -> None:
+        """Launch records are tiny but one per distinct command line: drop the stale ones."""
+        from ._launch import record_dir
+        d = record_dir(self.env)
+        now = time.time()
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return
+        for name in names:
+            p = os.path.join(d, name)
+            try:
+                if now - os.stat(p).st_mtime > older_than:
+                    os.unlink(p)
+            except OSError:
+                pass
 
     def _store_cleanup(self, entry: Entry) -> None:
         """Remove what a store runtime keeps outside the cache entry."""
