@@ -11,6 +11,7 @@ Every job is submitted with ``--hold`` so nothing runs, and everything is cancel
 end (one ``scancel`` call). Usage::
 
     python3 bench/bench_slurm.py [--n 1000] [--watch 150] [--runtime udocker] [--json out.json]
+    python3 bench/run.py slurm           # the same, in the harness's table
 """
 from __future__ import annotations
 
@@ -53,11 +54,42 @@ def main() -> int:
     ap.add_argument("--work-dir", default="/var/tmp/nsdf-scratch/bench-slurm")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args()
+    results = measure(args.n, args.watch, args.runtime, args.image, args.work_dir)
+    _print(results)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    ok = results.get("calls_per_min_at_cap") is None or results["calls_per_min_at_cap"] <= 6
+    return 0 if ok else 1
 
+
+def run() -> list:
+    """For ``bench/run.py slurm``: the same measurements as harness Results."""
+    from harness import Result
+    r = measure(1000, 150.0, "udocker", "busybox", "/var/tmp/nsdf-scratch/bench-slurm")
+    n = r["n"]
+    per_call = r["single_sacct_ms"]
+    at_cap = r.get("calls_per_min_at_cap")
+    return [
+        Result(f"submit {n} tasks: one array", f"{n} separate sbatch", r["array_submit_s"] * 1000,
+               r["separate_submit_s"] * 1000, 1, None, "ratio <= 0.1",
+               r["array_submit_s"] <= 0.1 * r["separate_submit_s"],
+               {"sbatch calls (array)": r["array_sbatch_calls"], "ratio separate/array": r["submit_ratio"]}),
+        Result(f"status of {n} jobs in one query", f"one sacct per job (x{n})", r["status_1000_s"] * 1000,
+               per_call * n, 1, None, "ratio <= 0.1", r["status_1000_s"] * 1000 <= 0.1 * per_call * n,
+               {"calls": r["status_tools"], "baseline": f"median of 20 single sacct calls x {n}"}),
+        Result(f"wait_all on {n} jobs: ms between calls at cap", "6 calls/min (10000 ms)",
+               60000.0 / at_cap if at_cap else float("nan"), 10000.0, 1, None, ">= 10000 ms",
+               bool(at_cap is not None and at_cap <= 6),
+               {"calls/min at cap": at_cap, "calls/min overall": r["calls_per_min_overall"],
+                "calls by tool": r["watch_calls_by_tool"]}),
+    ]
+
+
+def measure(n: int, watch: float, runtime: str, image: str, work_dir: str) -> Dict[str, Any]:
     runner = CountingRunner()
-    slurm = Slurm(runner, SlurmSettings(work_dir=args.work_dir))
+    slurm = Slurm(runner, SlurmSettings(work_dir=work_dir))
     client = Client(runner=runner)
-    n = args.n
+    args = argparse.Namespace(n=n, watch=watch, runtime=runtime, image=image)
     ids: List[str] = []
     results: Dict[str, Any] = {"n": n}
     try:
@@ -93,12 +125,23 @@ def main() -> int:
         tools = [a for _, a in runner.calls[before_i:]]
         results.update(status_1000_s=round(t_status, 3), status_calls=len(tools),
                        status_tools="+".join(tools), status_rows=len(table))
+        single = []
+        for j in singles[:20]:
+            t0 = time.perf_counter()
+            runner.run(["sacct", "--parsable2", "--noheader", "-X", "-j", j], check=False)
+            single.append(time.perf_counter() - t0)
+        results["single_sacct_ms"] = round(sorted(single)[len(single) // 2] * 1000, 2)
 
         jobs = [Job(slurm, [j]) for j in singles]
         start = time.monotonic()
         slurm.wait_all(jobs, timeout=args.watch)
         end = time.monotonic()
         polls = [t for t, a in runner.calls if t >= start and a in ("sacct", "scontrol", "squeue")]
+        by_tool: Dict[str, int] = {}
+        for t, a in runner.calls:
+            if t >= start:
+                by_tool[a] = by_tool.get(a, 0) + 1
+        results["watch_calls_by_tool"] = by_tool
         cap_reached = start + _time_to_cap(slurm.settings.poll_initial, 1.5, slurm.settings.poll_cap)
         at_cap = [t for t in polls if t >= cap_reached]
         results.update(
@@ -112,11 +155,7 @@ def main() -> int:
             t0 = time.perf_counter()
             slurm.cancel(ids)
             results["cancel_s"] = round(time.perf_counter() - t0, 3)
-    _print(results)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
-    ok = results.get("calls_per_min_at_cap") is None or results["calls_per_min_at_cap"] <= 6
-    return 0 if ok else 1
+    return results
 
 
 def _time_to_cap(initial: float, factor: float, cap: float) -> float:
@@ -135,7 +174,8 @@ def _print(r: Dict[str, Any]) -> None:
         (f"submit {n} tasks: {n} separate sbatch calls", f"{r.get('separate_submit_s')} s"),
         ("submit time ratio (separate / array)", f"{r.get('submit_ratio')}x"),
         (f"status of {n} jobs ({r.get('status_tools')}: {r.get('status_calls')} call, {r.get('status_rows')} rows)", f"{r.get('status_1000_s')} s"),
-        (f"wait_all on {n} jobs for {r.get('watch_s')} s: scheduler calls", f"{r.get('watch_calls')}"),
+        (f"  vs one sacct per job (median of 20 x {n})", f"{round(r.get('single_sacct_ms', 0) * n / 1000, 2)} s"),
+        (f"wait_all on {n} jobs for {r.get('watch_s')} s: scheduler calls", f"{r.get('watch_calls')} {r.get('watch_calls_by_tool')}"),
         ("  calls per minute, overall", f"{r.get('calls_per_min_overall')}"),
         (f"  calls per minute at the poll cap ({r.get('poll_cap_s')} s)", f"{r.get('calls_per_min_at_cap')} (target <= 6)"),
         (f"cancel all {2 * n} (one scancel call)", f"{r.get('cancel_s')} s"),

@@ -22,6 +22,8 @@ _EXPORTS = {
     "CommandTimeoutError": "errors", "ImageError": "errors", "RegistryError": "errors",
     "PreflightError": "errors", "SchedulerError": "errors", "SubmitError": "errors",
     "UnexpectedOutputError": "errors",
+    "submit": "api", "submit_array": "api", "attach": "api", "wait_all": "api",
+    "Job": "schedulers", "JobSpec": "schedulers", "JobState": "schedulers", "JobStatus": "schedulers",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -20,3 +20,32 @@ def pull(image: str, runtime: Optional[str] = None) -> NativeImage:
 def run(image: str, command: Sequence[str], runtime: Optional[str] = None, **options: Any) -> RunResult:
     """Run ``command`` in ``image``; see :meth:`Client.run` for the options."""
     return Client().run(image, command, runtime=runtime, **options)
+
+
+def submit(image: str, command: Sequence[str], runtime: Optional[str] = None, **resources: Any) -> Any:
+    """Submit ``command`` in ``image`` to Slurm; returns a :class:`~nsdf_hpc.schedulers.Job`.
+
+    ``resources`` are sbatch's (``nodes``, ``ntasks``, ``time``, ``partition``, ``array``,
+    ``dependencies``, ``mpi``, ...) and the run options of :func:`run` (``env``, ``binds``, ...).
+    """
+    return Client().submit(image, command, runtime=runtime, **resources)
+
+
+def submit_array(image: str, commands: Optional[Sequence[Sequence[str]]] = None, *,
+                 template: Optional[Sequence[str]] = None, indices: Any = None,
+                 runtime: Optional[str] = None, **resources: Any) -> Any:
+    """An array job: one command per task, or ``template`` with ``{index}`` per task."""
+    return Client().submit_array(image, commands, template=template, indices=indices,
+                                 runtime=runtime, **resources)
+
+
+def attach(job_id: Any) -> Any:
+    """A :class:`~nsdf_hpc.schedulers.Job` for an existing Slurm job id."""
+    return Client().scheduler().attach(job_id)
+
+
+def wait_all(jobs: Sequence[Any], timeout: Optional[float] = None) -> List[Any]:
+    """Wait for many jobs with ONE status query per poll round."""
+    if not jobs:
+        return []
+    return jobs[0].scheduler.wait_all(list(jobs), timeout=timeout)

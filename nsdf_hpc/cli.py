@@ -319,6 +319,8 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+from .cli_slurm import register as _register_slurm  # noqa: E402
+_register_slurm(cli)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

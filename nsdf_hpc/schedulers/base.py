@@ -1,0 +1,361 @@
+"""Scheduler-neutral pieces: the job spec, normalized states, statuses and polling (pure).
+
+* :class:`JobSpec` is a :class:`~nsdf_hpc.models.RunSpec` (what runs in the container) plus
+  what the batch system needs (resources, name, output paths, array, dependencies, MPI).
+* :class:`JobState` is the normalized state; :class:`JobStatus` keeps the scheduler's own word
+  (``native_state``), its reason, the exit code and where the answer came from (``source``).
+* :class:`Backoff` is the poll schedule of ``wait``: short at first, then longer, with jitter,
+  up to a cap; its clock and sleep are injectable so tests run it on a fake clock.
+"""
+from __future__ import annotations
+
+import enum
+import random
+import re
+import time
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from ..errors import SpecError
+from ..models import Model, RunSpec
+
+__all__ = ["JobState", "JobStatus", "JobSpec", "Dependency", "ArraySpec", "Backoff",
+           "aggregate", "parse_array_indices", "compress_indices", "TASK_INDEX"]
+
+#: in an array template command, replaced by the task index inside the job
+TASK_INDEX = "{index}"
+
+_NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class JobState(str, enum.Enum):
+    """The normalized state of a job (or of an array, aggregated)."""
+
+    QUEUED = "QUEUED"
+    ACTIVE = "ACTIVE"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELED)
+
+    @property
+    def ok(self) -> bool:
+        return self is JobState.COMPLETED
+
+
+class JobStatus(Model):
+    """One job's (or array task's) state as the scheduler reported it."""
+
+    job_id: str
+    state: JobState
+    native_state: str = ""               # Slurm's own word: "TIMEOUT", "CANCELLED by 0", ...
+    reason: Optional[str] = None         # Slurm's reason (pending jobs) or our note
+    exit_code: Optional[int] = None      # the job script's exit status
+    signal: Optional[int] = None         # the signal that ended it, when one did
+    name: Optional[str] = None
+    source: str = ""                     # sacct | scontrol | exit-code-file | pyslurm | none
+    accounting: bool = True              # False: accounting disabled, answer from squeue/scontrol/file
+    tasks: int = 1                       # >1 for an aggregated array status
+
+    @property
+    def final(self) -> bool:
+        return self.state.final
+
+    def shell_exit_code(self) -> int:
+        """The exit status a CLI should end with: 0 only for COMPLETED with status 0."""
+        if self.state is JobState.COMPLETED:
+            return self.exit_code or 0
+        if self.exit_code:
+            return self.exit_code
+        if self.signal:
+            return 128 + self.signal
+        return 1
+
+
+class Dependency(Model):
+    """``afterok`` / ``afterany`` / ``afternotok`` on one or more job ids."""
+
+    kind: str
+    job_ids: Tuple[str, ...]
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value not in ("afterok", "afterany", "afternotok"):
+            raise ValueError(f"dependency type {value!r}: use afterok, afterany or afternotok")
+        return value
+
+    @field_validator("job_ids")
+    @classmethod
+    def _ids(cls, value: Tuple[str, ...]) -> Tuple[str, ...]:
+        if not value:
+            raise ValueError("a dependency needs at least one job id")
+        for v in value:
+            if not re.fullmatch(r"\d+(_\d+)?", v):
+                raise ValueError(f"invalid job id {v!r} in a dependency")
+        return value
+
+
+class ArraySpec(Model):
+    """The task indices of an array job and how many may run at once (``%throttle``)."""
+
+    indices: Tuple[int, ...]
+    throttle: Optional[int] = Field(default=None, ge=1)
+
+    @field_validator("indices")
+    @classmethod
+    def _indices(cls, value: Tuple[int, ...]) -> Tuple[int, ...]:
+        if not value:
+            raise ValueError("an array needs at least one index")
+        if any(i < 0 for i in value):
+            raise ValueError("array indices must be >= 0")
+        if len(set(value)) != len(value):
+            raise ValueError("array indices must be unique")
+        return tuple(sorted(value))
+
+    @classmethod
+    def parse(cls, text: str) -> "ArraySpec":
+        """``0-99``, ``1,3,5-9:2``, ``0-999%10`` (sbatch's --array syntax)."""
+        body, _, thr = text.partition("%")
+        try:
+            return cls(indices=tuple(parse_array_indices(body)),
+                       throttle=int(thr) if thr else None)
+        except ValueError as err:
+            raise SpecError(f"invalid --array {text!r}: {err}") from None
+
+
+def parse_array_indices(text: str) -> List[int]:
+    out: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not m:
+            raise ValueError(f"cannot read {part!r} (expected N, N-M or N-M:STEP)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        step = int(m.group(3)) if m.group(3) else 1
+        if hi < lo or step < 1:
+            raise ValueError(f"empty range {part!r}")
+        out.extend(range(lo, hi + 1, step))
+    return out
+
+
+def compress_indices(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    parts: List[str] = []
+    items = sorted(indices)
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+class JobSpec(RunSpec):
+    """A :class:`RunSpec` plus the batch system's resources and options.
+
+    ``commands`` (one argv per array task, in index order) or a ``command`` containing
+    ``{index}`` make an array together with ``array``. ``extra_directives`` are added as
+    ``#SBATCH`` lines verbatim after validation (one option each, e.g. ``--mail-type=END``).
+    """
+
+    nodes: Optional[int] = Field(default=None, ge=1)
+    ntasks: Optional[int] = Field(default=None, ge=1)
+    ntasks_per_node: Optional[int] = Field(default=None, ge=1)
+    cpus_per_task: Optional[int] = Field(default=None, ge=1)
+    mem: Optional[str] = None            # sbatch syntax: 500M, 4G
+    gpus: Optional[str] = None           # sbatch --gpus syntax: 2, a100:2
+    time: Optional[str] = None           # sbatch syntax: 30, 1:00:00, 1-00:00:00
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    job_name: str = "nsdf"
+    output: Optional[str] = None         # sbatch patterns allowed (%j, %A, %a, %x)
+    error: Optional[str] = None
+    array: Optional[ArraySpec] = None
+    commands: Optional[Tuple[Tuple[str, ...], ...]] = None
+    dependencies: Tuple[Dependency, ...] = ()
+    extra_directives: Tuple[str, ...] = ()
+    mpi: Optional[str] = None            # None | "pmix" | "pmi2" (srun --mpi=..., one container per rank)
+
+    @field_validator("job_name")
+    @classmethod
+    def _job_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the job name is empty")
+        if _NAME_BAD.search(value):
+            raise ValueError(f"job name {value!r} contains a control character (newline, tab, ...)")
+        if len(value.encode("utf-8", "surrogateescape")) > 200:
+            raise ValueError("the job name is longer than 200 bytes")
+        return value
+
+    @field_validator("mem", "gpus", "time", "partition", "account", "qos", "constraint",
+                     "output", "error")
+    @classmethod
+    def _one_line(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not value or _NAME_BAD.search(value)):
+            raise ValueError(f"{value!r} is empty or contains a control character")
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(r"\d+[KMGT]?B?", value, re.I):
+            raise ValueError(f"invalid memory {value!r} (e.g. 500M, 4G)")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(
+                r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE", value, re.I):
+            raise ValueError(f"invalid time {value!r} (e.g. 30, 1:00:00, 2-00:00:00)")
+        return value
+
+    @field_validator("mpi")
+    @classmethod
+    def _mpi(cls, value: Optional[str]) -> Optional[str]:
+        if value not in (None, "pmix", "pmi2", "none"):
+            raise ValueError(f"mpi {value!r}: use pmix, pmi2 or none")
+        return None if value == "none" else value
+
+    @field_validator("extra_directives")
+    @classmethod
+    def _extra(cls, value: Tuple[str, ...]) -> Tuple[str, ...]:
+        for d in value:
+            if not d.startswith("-") or _NAME_BAD.search(d):
+                raise ValueError(f"extra directive {d!r} must be one sbatch option on one line "
+                                 "(e.g. --mail-type=END)")
+            if d.split("=", 1)[0] in ("--wrap", "--export"):
+                raise ValueError(f"{d.split('=', 1)[0]} is set by nsdf-hpc and cannot be overridden")
+        return value
+
+    @model_validator(mode="after")
+    def _array_commands(self) -> "JobSpec":
+        if self.commands is not None:
+            if self.array is None:
+                object.__setattr__(self, "array", ArraySpec(indices=tuple(range(len(self.commands)))))
+            if len(self.commands) != len(self.array.indices):  # type: ignore[union-attr]
+                raise ValueError(f"{len(self.commands)} commands for "
+                                 f"{len(self.array.indices)} array indices")  # type: ignore[union-attr]
+            for c in self.commands:
+                if not c or any("\0" in a for a in c):
+                    raise ValueError("an array command is empty or contains a NUL byte")
+        return self
+
+    def run_spec(self, command: Optional[Sequence[str]] = None) -> RunSpec:
+        """The container part, as the runtime layer takes it."""
+        fields = {k: getattr(self, k) for k in RunSpec.model_fields}
+        if command is not None:
+            fields["command"] = tuple(command)
+        return RunSpec(**fields)
+
+
+def aggregate(job_id: str, statuses: Sequence[JobStatus]) -> JobStatus:
+    """One status for an array from its tasks' (pending ranges included)."""
+    if not statuses:
+        return JobStatus(job_id=job_id, state=JobState.UNKNOWN, reason="no status reported")
+    states = [s.state for s in statuses]
+    first = statuses[0]
+    if all(s.final for s in states):
+        if all(s is JobState.COMPLETED for s in states):
+            state = JobState.COMPLETED
+        elif any(s is JobState.FAILED for s in states):
+            state = JobState.FAILED
+        else:
+            state = JobState.CANCELED
+    elif JobState.ACTIVE in states:
+        state = JobState.ACTIVE
+    elif JobState.QUEUED in states:
+        state = JobState.QUEUED
+    else:
+        state = JobState.UNKNOWN if JobState.UNKNOWN in states else JobState.ACTIVE
+    bad = [s for s in statuses if s.state not in (JobState.COMPLETED,)] or list(statuses)
+    worst = max(bad, key=lambda s: (s.exit_code or 0, s.signal or 0))
+    counts: Dict[str, int] = {}
+    for s in statuses:
+        counts[s.native_state.split(" ")[0] or "?"] = counts.get(s.native_state.split(" ")[0] or "?", 0) + 1
+    native = ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+    return JobStatus(job_id=job_id, state=state, native_state=native,
+                     reason=worst.reason, exit_code=worst.exit_code, signal=worst.signal,
+                     name=first.name, source=first.source, accounting=first.accounting,
+                     tasks=len(statuses))
+
+
+class Backoff:
+    """Poll intervals: ``initial``, times ``factor`` each round, capped at ``cap``, with jitter.
+
+    The jitter is multiplicative in ``[1 - jitter, 1]`` so the cap is never exceeded and
+    ``cap * (1 - jitter)`` bounds the poll rate from above (15 s, 0.2: at most 5 per minute).
+    """
+
+    def __init__(self, initial: float = 0.5, factor: float = 1.5, cap: float = 15.0,
+                 jitter: float = 0.2, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 rng: Optional[random.Random] = None) -> None:
+        if initial <= 0 or factor < 1 or cap < initial or not 0 <= jitter < 1:
+            raise ValueError("invalid backoff parameters")
+        self.initial, self.factor, self.cap, self.jitter = initial, factor, cap, jitter
+        self.clock, self._sleep = clock, sleep
+        self.rng = rng or random.Random()
+        self._next = initial
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+    def next_interval(self) -> float:
+        base = self._next
+        self._next = min(self.cap, self._next * self.factor)
+        return base * (1.0 - self.jitter * self.rng.random())
+
+    def sleep(self, deadline: Optional[float] = None) -> float:
+        """Sleep the next interval (never past ``deadline``, a ``clock()`` value)."""
+        dt = self.next_interval()
+        if deadline is not None:
+            dt = max(0.0, min(dt, deadline - self.clock()))
+        if dt > 0:
+            self._sleep(dt)
+        return dt
+
+
+def as_job_ids(items: Union[None, str, int, Any, Iterable[Any]]) -> Tuple[str, ...]:
+    """Job ids from ids, ``Job`` objects (anything with ``job_ids``) or lists of them."""
+    if items is None:
+        return ()
+    if isinstance(items, (str, int)):
+        return (str(items),)
+    if hasattr(items, "job_ids"):
+        return tuple(items.job_ids)
+    out: List[str] = []
+    for it in items:  # type: ignore[union-attr]
+        out.extend(as_job_ids(it))
+    return tuple(out)
+
+
+def parse_dependencies(value: Any) -> Tuple[Dependency, ...]:
+    """Dependencies from sbatch text (``"afterok:1:2,afterany:3"``), a mapping
+    ``{"afterok": [job, "12"]}`` or a sequence of :class:`Dependency`."""
+    if value is None or value == "" or value == ():
+        return ()
+    try:
+        if isinstance(value, str):
+            out = []
+            for part in value.split(","):
+                kind, _, ids = part.strip().partition(":")
+                out.append(Dependency(kind=kind, job_ids=tuple(i for i in ids.split(":") if i)))
+            return tuple(out)
+        if isinstance(value, Mapping):
+            return tuple(Dependency(kind=k, job_ids=as_job_ids(v)) for k, v in value.items())
+        return tuple(d if isinstance(d, Dependency) else Dependency(**d) for d in value)
+    except ValueError as err:
+        raise SpecError(f"invalid dependency {value!r}: {err}") from None

@@ -1,0 +1,89 @@
+"""pyslurm, used only when it imports AND was built for the cluster's Slurm major.minor.
+
+pyslurm links against one Slurm release and breaks on every upgrade, so nsdf-hpc checks
+``pyslurm.__version__`` (``"22.5.1"`` -> 22.05) against ``sinfo --version`` first; in every
+other case the Slurm commands are used and ONE log line says why. Only the status query goes
+through pyslurm (the part that matters at scale); submit, cancel and the exit-code fallback
+are the commands' in both backends, so behaviour is the same.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from .._exec import CommandRunner
+from ..errors import NsdfError
+from .base import JobStatus
+from .slurm import Slurm, SlurmSettings, slurm_state
+
+logger = logging.getLogger(__name__)
+
+
+def pyslurm_version(module: Any) -> Optional[Tuple[int, int]]:
+    """``"22.5.1"`` / ``"24.11.0"`` -> ``(22, 5)`` / ``(24, 11)``."""
+    text = str(getattr(module, "__version__", "") or getattr(module, "version", lambda: "")())
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def compatible(pyslurm_ver: Optional[Tuple[int, int]], slurm_ver: Tuple[int, int]) -> Tuple[bool, str]:
+    """Whether pyslurm built for ``pyslurm_ver`` can talk to Slurm ``slurm_ver``, and why not."""
+    if pyslurm_ver is None:
+        return False, "pyslurm does not report a version"
+    if pyslurm_ver != slurm_ver:
+        return False, (f"pyslurm {pyslurm_ver[0]}.{pyslurm_ver[1]:02d} does not match Slurm "
+                       f"{slurm_ver[0]}.{slurm_ver[1]:02d}")
+    return True, "versions match"
+
+
+class PyslurmSlurm(Slurm):
+    """The command backend with the status query done in-process by pyslurm."""
+
+    backend = "pyslurm"
+
+    def __init__(self, module: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pyslurm = module
+
+    def status(self, job_ids: Sequence[str]) -> Dict[str, JobStatus]:  # pragma: no cover - needs pyslurm
+        if self.accounting == "none":
+            return super().status(job_ids)
+        try:
+            db = self._pyslurm.db
+            ids = [int(str(j).split("_")[0]) for j in job_ids]
+            jobs = db.Jobs.load(db.JobFilter(ids=ids))
+            out: Dict[str, JobStatus] = {}
+            for job in jobs.values():
+                key = str(job.id)
+                if getattr(job, "array_id", None) and getattr(job, "array_task_id", None) is not None:
+                    key = f"{job.array_id}_{job.array_task_id}"
+                st = slurm_state(str(job.state), f"{job.exit_code or 0}:{job.exit_code_signal or 0}")
+                out[key] = st.model_copy(update={"job_id": key, "name": job.name,
+                                                 "reason": job.state_reason, "source": "pyslurm"})
+            return out
+        except Exception as err:  # noqa: BLE001 - any pyslurm failure: use the commands
+            logger.warning("pyslurm status failed (%s); using sacct", err)
+            return super().status(job_ids)
+
+
+def select_backend(runner: Optional[CommandRunner] = None, settings: Optional[SlurmSettings] = None,
+                   **overrides: Any) -> Slurm:
+    """pyslurm when it imports and matches ``sinfo --version``; else the commands (one log line)."""
+    commands = Slurm(runner, settings, **overrides)
+    try:
+        import pyslurm  # type: ignore[import-not-found]
+    except Exception as err:  # noqa: BLE001 - ImportError, or a broken build (undefined symbol)
+        logger.info("using the Slurm commands: pyslurm cannot be imported (%s)", err)
+        return commands
+    try:
+        slurm_ver = commands.version()
+    except NsdfError as err:
+        logger.info("using the Slurm commands: cannot read `sinfo --version` (%s)", err)
+        return commands
+    ok, why = compatible(pyslurm_version(pyslurm), slurm_ver)
+    if not ok:
+        logger.info("using the Slurm commands: %s", why)
+        return commands
+    logger.info("using pyslurm %s for status queries (%s)", getattr(pyslurm, "__version__", "?"), why)
+    return PyslurmSlurm(pyslurm, runner, commands.settings)

@@ -1,0 +1,295 @@
+"""The Slurm layer against the testbed's real cluster (2 nodes, slurmdbd, Slurm 22.05).
+
+The slow case (a job hitting its time limit: slurmctld checks limits about once a minute) is
+submitted by the first test and checked by the last, so the suite stays near 2 minutes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+from nsdf_hpc._exec import CompletedCommand, SubprocessRunner
+from nsdf_hpc.client import Client
+from nsdf_hpc.schedulers import Job, JobState, Slurm, SlurmSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRATCH = Path("/var/tmp/nsdf-scratch")
+FAST = "udocker"          # starts fastest
+IMAGE = "busybox"         # docker.io/library/busybox, mirrored to the testbed registry
+TESTBED_SLURM_ENV = {"SLURM_CI_ROOT": "/var/tmp/slurm-ci", "SLURM_CI_NODES": "2",
+                     "SLURM_CI_ACCOUNTING": "slurmdbd", "SLURM_CI_CPUS": "16",
+                     "SLURM_CI_MIN_JOB_AGE": "600"}
+
+
+@pytest.fixture(scope="module")
+def work_dir() -> Iterator[Path]:
+    d = SCRATCH / f"pytest-slurm-{uuid.uuid4().hex[:8]}"
+    d.mkdir(parents=True)
+    yield d
+    if os.environ.get("NSDF_KEEP_JOBS") != "1":   # keep scripts and logs for debugging
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cache() -> Path:
+    d = Path("/var/tmp/nsdf-hpc-test-cache") / str(os.getuid())
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def client(cache: Path) -> Client:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env["NSDF_HPC_CACHE"] = str(cache)
+    return Client(env=env)
+
+
+@pytest.fixture(scope="module")
+def slurm(work_dir: Path) -> Slurm:
+    return Slurm(settings=SlurmSettings(work_dir=str(work_dir), poll_initial=0.25, poll_cap=2.0))
+
+
+@pytest.fixture(scope="module")
+def timeout_job(client: Client, slurm: Slurm) -> Job:
+    return client.submit(IMAGE, ["sleep", "300"], runtime=FAST, scheduler=slurm, time="0:03",
+                         job_name="nsdf-timeout")
+
+
+def sacct_row(job_id: str, fields: str = "State,ExitCode") -> str:
+    return subprocess.run(["sacct", "-X", "-n", "-P", "-o", fields, "-j", job_id],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_00_submit_the_time_limit_job_early(timeout_job: Job) -> None:
+    assert timeout_job.job_id.isdigit()
+
+
+def test_single_node_job(client: Client, slurm: Slurm) -> None:
+    job = client.submit(IMAGE, ["sh", "-c", "echo out; echo err >&2; echo $SLURM_JOB_ID"],
+                        runtime=FAST, scheduler=slurm, job_name="single")
+    st = job.wait(timeout=60)
+    assert st.state is JobState.COMPLETED and st.exit_code == 0 and st.source == "sacct"
+    assert job.logs().splitlines() == ["out", job.job_id]
+    assert job.logs("stderr").strip() == "err" and job.logs(tail=1) == f"{job.job_id}\n"
+    prov = json.loads((Path(job.directory) / "provenance.json").read_text())
+    script = (Path(job.directory) / "job.sh").read_bytes()
+    assert prov["script_sha256"] == hashlib.sha256(script).hexdigest()
+    assert prov["job_ids"] == [job.job_id] and prov["runtime"] == FAST and prov["runtime_version"]
+    assert prov["digest"].startswith("sha256:") and prov["argv"][0].endswith("udocker")
+    assert (Path(job.directory) / "exit" / job.job_id).read_text().strip() == "0"
+    assert b"--wrap" not in script
+    again = slurm.attach(job.job_id)          # attach by id: same answers
+    assert again.status().state is JobState.COMPLETED and again.logs() == job.logs()
+
+
+def test_two_node_job_runs_one_container_per_rank_on_both_nodes(client: Client, slurm: Slurm) -> None:
+    cmd = ["sh", "-c", 'echo "rank=$SLURM_PROCID node=$SLURMD_NODENAME pmi=${PMI_RANK-none}"']
+    job = client.submit(IMAGE, cmd, runtime="apptainer", scheduler=slurm, nodes=2,
+                        ntasks_per_node=1, mpi="pmi2", job_name="two-nodes")
+    st = job.wait(timeout=60)
+    assert st.state is JobState.COMPLETED, (st, job.logs("stderr"))
+    lines = sorted(job.logs().splitlines())
+    assert lines == ["rank=0 node=c1 pmi=0", "rank=1 node=c2 pmi=1"], job.logs("stderr")
+    show = subprocess.run(["scontrol", "show", "job", "-o", job.job_id], capture_output=True, text=True)
+    assert " NodeList=c[1-2] " in show.stdout
+    assert "srun --export=ALL --kill-on-bad-exit=1 --mpi=pmi2" in Path(job.script).read_text()
+
+
+def test_array_template_and_split_by_max_array_size(client: Client, slurm: Slurm, work_dir: Path) -> None:
+    arr = client.submit_array(IMAGE, template=["sh", "-c", "echo task {index}"], indices="0-3",
+                              runtime=FAST, scheduler=slurm, job_name="array")
+    # a cluster whose MaxArraySize is 3: indices 10..14 are beyond it; 5 tasks, ceil(5/3) calls
+    small = Slurm(settings=SlurmSettings(work_dir=str(work_dir), poll_initial=0.25, poll_cap=2.0))
+    small._max_array = 3
+    calls: List[List[str]] = []
+    real = small.runner.run
+
+    def counting(argv, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(argv))
+        return real(argv, **kw)
+    small.runner.run = counting  # type: ignore[assignment]
+    split = client.submit_array(IMAGE, commands=[["echo", f"cmd {i}"] for i in range(5)],
+                                indices=list(range(10, 15)), runtime=FAST, scheduler=small)
+    assert len([c for c in calls if c[0] == "sbatch"]) == 2 and len(split.job_ids) == 2
+    statuses = slurm.wait_all([arr, split], timeout=90)
+    assert [s.state for s in statuses] == [JobState.COMPLETED, JobState.COMPLETED], statuses
+    assert statuses[0].tasks == 4
+    assert [arr.logs(task=i).strip() for i in range(4)] == [f"task {i}" for i in range(4)]
+    assert [split.logs(task=i).strip() for i in range(10, 15)] == [f"cmd {i}" for i in range(5)]
+
+
+def test_dependency_chain(client: Client, slurm: Slurm, work_dir: Path) -> None:
+    shared = work_dir / "dependency-data"
+    shared.mkdir()
+    a = client.submit(IMAGE, ["sh", "-c", f"sleep 1; echo A > {shared}/a"], runtime=FAST,
+                      scheduler=slurm, job_name="dep-a", binds=[str(shared)])
+    b = client.submit(IMAGE, ["sh", "-c", f"cat {shared}/a; echo B"], runtime=FAST, scheduler=slurm,
+                      job_name="dep-b", binds=[str(shared)], dependencies={"afterok": [a]})
+    c = client.submit(IMAGE, ["echo", "never"], runtime=FAST, scheduler=slurm, job_name="dep-c",
+                      dependencies=f"afternotok:{a.job_id}")
+    d = client.submit(IMAGE, ["echo", "always"], runtime=FAST, scheduler=slurm, job_name="dep-d",
+                      dependencies={"afterany": [b.job_id, c]})
+    sa, sb, sc, sd = slurm.wait_all([a, b, c, d], timeout=90)
+    assert (sa.state, sb.state, sd.state) == (JobState.COMPLETED,) * 3
+    assert b.logs().splitlines() == ["A", "B"]
+    assert sc.state is JobState.CANCELED      # afternotok of a success: never runs
+    assert d.logs() == "always\n"
+
+
+def test_cancel(client: Client, slurm: Slurm) -> None:
+    job = client.submit(IMAGE, ["sleep", "120"], runtime=FAST, scheduler=slurm, job_name="cancel-me")
+    deadline = time.time() + 30
+    while job.status().state is not JobState.ACTIVE and time.time() < deadline:
+        time.sleep(0.3)
+    job.cancel()
+    st = job.wait(timeout=30)
+    assert st.state is JobState.CANCELED and st.native_state.startswith("CANCELLED")
+
+
+def test_failing_job(client: Client, slurm: Slurm) -> None:
+    job = client.submit(IMAGE, ["sh", "-c", "echo bad >&2; exit 3"], runtime="apptainer",
+                        scheduler=slurm, job_name="fails")
+    st = job.wait(timeout=60)
+    assert (st.state, st.native_state, st.exit_code) == (JobState.FAILED, "FAILED", 3)
+    assert st.shell_exit_code() == 3 and job.logs("stderr").strip() == "bad"
+
+
+def test_accounting_disabled_path(client: Client, work_dir: Path) -> None:
+    # the real cluster keeps slurmdbd: the disabled path is forced, and detected from a sacct
+    # answering as it does without accounting storage
+    forced = Slurm(settings=SlurmSettings(work_dir=str(work_dir), accounting="none",
+                                          poll_initial=0.25, poll_cap=2.0))
+    ok = client.submit(IMAGE, ["true"], runtime=FAST, scheduler=forced, job_name="noacct-ok")
+    bad = client.submit(IMAGE, ["sh", "-c", "exit 4"], runtime=FAST, scheduler=forced,
+                        job_name="noacct-bad")
+    s_ok, s_bad = forced.wait_all([ok, bad], timeout=60)
+    assert s_ok.state is JobState.COMPLETED and not s_ok.accounting and s_ok.source == "scontrol"
+    assert s_bad.state is JobState.FAILED and s_bad.exit_code == 4 and not s_bad.accounting
+
+    class NoAccounting(SubprocessRunner):
+        """sacct as on a cluster without slurmdbd; scontrol forgets the jobs (MinJobAge passed)."""
+        def run(self, argv, **kw):  # type: ignore[no-untyped-def,override]
+            if argv[0] == "sacct":
+                return CompletedCommand(tuple(argv), 1, "",
+                                        "sacct: error: Slurm accounting storage is disabled\n")
+            if argv[0] == "scontrol" and argv[1:3] == ["show", "job"]:
+                return CompletedCommand(tuple(argv), 0, "No jobs in the system\n", "")
+            return super().run(argv, **kw)
+    auto = Slurm(NoAccounting(), SlurmSettings(work_dir=str(work_dir), accounting="auto"))
+    table = auto.status([ok.job_id, bad.job_id])
+    assert auto.accounting == "none"
+    assert table[ok.job_id].state is JobState.COMPLETED and table[ok.job_id].source == "exit-code-file"
+    assert table[bad.job_id].exit_code == 4 and not table[bad.job_id].accounting
+
+
+def test_hostile_values_round_trip_and_nothing_runs_on_the_submit_host(
+        client: Client, slurm: Slurm, tmp_path: Path) -> None:
+    marker = Path("/tmp") / f"nsdf-marker-{uuid.uuid4().hex[:8]}"
+    evil = f"it's \"q\" $(touch {marker}) `touch {marker}` ${{HOME}} \\ # ü ✓ ;|&"
+    value = evil + "\nsecond line\ttab"
+    job = client.submit(IMAGE, ["sh", "-c", 'printf "%s\\0" "$1" "$V" "$SLURM_JOB_NAME"', "sh", value],
+                        env={"V": value}, runtime="apptainer", scheduler=slurm, job_name=evil)
+    st = job.wait(timeout=60)
+    assert st.state is JobState.COMPLETED, job.logs("stderr")
+    out = Path(job.log_path()).read_bytes().decode().split("\0")
+    assert out[:3] == [value, value, evil]
+    show = subprocess.run(["scontrol", "show", "job", "-o", job.job_id], capture_output=True, text=True).stdout
+    assert f"JobName={evil} UserId=" in show
+    assert not marker.exists()
+    # sacct is not compared: slurmdbd stores '"' as '`' and shows "allocation" for a while
+
+
+def test_slurmctld_restarted_while_wait_runs(client: Client, work_dir: Path) -> None:
+    pidfile = Path("/var/tmp/slurm-ci/run/slurmctld.pid")
+    both = [Slurm(settings=SlurmSettings(work_dir=str(work_dir), accounting=a, poll_initial=0.25,
+                                         poll_cap=2.0)) for a in ("auto", "none")]
+    job = client.submit(IMAGE, ["sh", "-c", "sleep 6; exit 5"], runtime=FAST, scheduler=both[0],
+                        job_name="restart")
+    deadline = time.time() + 30
+    while job.status().state is not JobState.ACTIVE and time.time() < deadline:
+        time.sleep(0.3)
+    results: Dict[str, object] = {}
+
+    def waiter(s: Slurm) -> None:
+        results[s.accounting] = s.attach(job.job_id).wait(timeout=120)
+    threads = [threading.Thread(target=waiter, args=(s,)) for s in both]
+    for t in threads:
+        t.start()
+    os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+    time.sleep(3)
+    down = subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout
+    r = subprocess.run(["bash", str(ROOT / "tests/testbed/slurm-start.sh")], capture_output=True,
+                       text=True, env={**os.environ, **TESTBED_SLURM_ENV}, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for t in threads:
+        t.join(timeout=150)
+    assert "DOWN" in down
+    for mode in ("auto", "none"):
+        st = results[mode]
+        assert st.state is JobState.FAILED and st.exit_code == 5, (mode, st)  # type: ignore[attr-defined]
+
+
+def test_cli_submit_wait_status_logs_cancel(cache: Path, work_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env.update(NSDF_HPC_CACHE=str(cache), NSDF_HPC_SLURM_DIR=str(work_dir))
+    cli = [sys.executable, "-m", "nsdf_hpc"]
+
+    def run(*args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=120, cwd="/tmp")
+    dry = run("submit", "--dry-run", "-r", FAST, "-N", "2", "-J", "cli job", "--time", "5",
+              IMAGE, "--", "echo", "$(hi)")
+    assert dry.returncode == 0 and '#SBATCH --job-name="cli job"' in dry.stdout
+    assert "#SBATCH --nodes=2" in dry.stdout and "'$(hi)'" in dry.stdout
+    r = run("submit", "--wait", "-r", FAST, "-e", "X=7", IMAGE, "--", "sh", "-c", 'echo "x=$X"; exit 3')
+    assert r.returncode == 3, r.stderr
+    job_id = r.stdout.strip()
+    assert job_id.isdigit() and "FAILED" in r.stderr
+    st = run("status", "--json", job_id)
+    assert st.returncode == 0 and json.loads(st.stdout)[0]["state"] == "FAILED"
+    assert json.loads(st.stdout)[0]["exit_code"] == 3
+    assert run("logs", job_id).stdout == "x=7\n"
+    assert run("logs", "--follow", job_id).stdout == "x=7\n"
+    sub = run("submit", "-r", FAST, IMAGE, "--", "sleep", "60")
+    jid = sub.stdout.strip()
+    assert run("cancel", jid).returncode == 0
+    st = Slurm(settings=SlurmSettings(work_dir=str(work_dir))).attach(jid).wait(timeout=30)
+    assert st.state is JobState.CANCELED
+    assert "CANCELED" in run("status", jid).stdout
+
+
+def test_batch_wrapper_example_runs_nsdf_run_in_the_allocation(cache: Path, work_dir: Path) -> None:
+    example = ROOT / "examples" / "slurm_batch_wrapper.sbatch"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NSDF_HPC_", "SLURM_", "SBATCH_"))}
+    env.update(NSDF_HPC_CACHE=str(cache), NSDF_HPC_RUNTIME=FAST,
+               PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    pull = subprocess.run([sys.executable, "-m", "nsdf_hpc", "pull", IMAGE], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert pull.returncode == 0, pull.stderr
+    out = work_dir / "wrapper.out"
+    r = subprocess.run(["sbatch", "--parsable", "--wait", f"--output={out}", str(example)],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=str(work_dir))
+    text = out.read_text() if out.exists() else ""
+    assert r.returncode == 0, (r.stderr, text)
+    lines = text.splitlines()
+    assert "batch step in a container" in lines
+    assert sorted(x for x in lines if x.startswith("rank ")) == ["rank 0 of 2 on c1", "rank 1 of 2 on c2"]
+
+
+def test_zz_time_limit_is_a_failure_even_with_exit_code_0(timeout_job: Job) -> None:
+    st = timeout_job.wait(timeout=150)
+    assert st.state is JobState.FAILED and st.native_state == "TIMEOUT", st
+    assert st.exit_code == 0 and st.shell_exit_code() != 0

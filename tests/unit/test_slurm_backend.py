@@ -1,0 +1,213 @@
+"""The Slurm backend on a fake runner and a fake clock: retries, one query per round,
+polling backoff, the accounting-disabled path (no Slurm needed)."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import pytest
+
+from nsdf_hpc._exec import CompletedCommand
+from nsdf_hpc.errors import SchedulerError, SubmitError
+from nsdf_hpc.schedulers.base import Backoff, JobState
+from nsdf_hpc.schedulers.slurm import ACCOUNTING_DISABLED, Job, Slurm, SlurmSettings
+
+Answer = Union[CompletedCommand, Callable[[Tuple[str, ...]], CompletedCommand]]
+
+
+class FakeRunner:
+    """Answers by argv[0] from queues (the last answer repeats); records every argv."""
+
+    def __init__(self, answers: Dict[str, List[Answer]]) -> None:
+        self.answers = answers
+        self.calls: List[Tuple[str, ...]] = []
+
+    def run(self, argv: Sequence[str], **kw: object) -> CompletedCommand:
+        argv = tuple(argv)
+        self.calls.append(argv)
+        queue = self.answers[argv[0]]
+        ans = queue.pop(0) if len(queue) > 1 else queue[0]
+        return ans(argv) if callable(ans) else ans
+
+
+def ok(out: str = "", err: str = "", rc: int = 0) -> CompletedCommand:
+    return CompletedCommand(("x",), rc, out, err)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: List[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, dt: float) -> None:
+        self.sleeps.append(dt)
+        self.now += dt
+
+
+def backend(runner: FakeRunner, tmp_path, clock: Optional[FakeClock] = None, **kw: object) -> Slurm:
+    clock = clock or FakeClock()
+    return Slurm(runner, SlurmSettings(work_dir=str(tmp_path), **kw),  # type: ignore[arg-type]
+                 sleep=clock.sleep, clock=clock, rng=random.Random(1))
+
+
+# ------------------------------------------------------------------ backoff
+def test_backoff_grows_to_the_cap_with_jitter_below_it() -> None:
+    clock = FakeClock()
+    b = Backoff(initial=0.5, factor=1.5, cap=15.0, jitter=0.2, clock=clock, sleep=clock.sleep,
+                rng=random.Random(3))
+    xs = [b.next_interval() for _ in range(40)]
+    assert 0.4 <= xs[0] <= 0.5
+    assert all(x <= 15.0 for x in xs)
+    assert all(x >= 12.0 for x in xs[15:])          # at the cap: 12..15 s
+    assert len(set(round(x, 6) for x in xs[15:])) > 10   # jittered, not in lockstep
+
+
+def test_backoff_never_sleeps_past_the_deadline() -> None:
+    clock = FakeClock()
+    b = Backoff(initial=10, cap=10, jitter=0, clock=clock, sleep=clock.sleep)
+    assert b.sleep(deadline=3.0) == 3.0 and clock.now == 3.0
+
+
+# ------------------------------------------------------------------ submit retries
+def test_transient_submit_errors_are_retried_with_backoff(tmp_path) -> None:
+    err = "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"
+    runner = FakeRunner({"sbatch": [ok(err=err, rc=1), ok(err="QOSMaxSubmitJobPerUserLimit", rc=1),
+                                    ok("4242;ci\n")]})
+    clock = FakeClock()
+    s = backend(runner, tmp_path, clock)
+    assert s.sbatch("/x/job.sh") == "4242"
+    assert len(runner.calls) == 3 and len(clock.sleeps) == 2
+    assert clock.sleeps[1] > clock.sleeps[0] * 1.2      # backing off
+    assert all(c[:2] == ("sbatch", "--parsable") for c in runner.calls)
+    assert "--wrap" not in " ".join(runner.calls[0])
+
+
+def test_permanent_submit_error_is_not_retried(tmp_path) -> None:
+    runner = FakeRunner({"sbatch": [ok(err="sbatch: error: invalid partition specified: x", rc=1)]})
+    with pytest.raises(SubmitError) as e:
+        backend(runner, tmp_path).sbatch("/x/job.sh")
+    assert not e.value.transient and len(runner.calls) == 1
+
+
+def test_exhausted_retries_say_transient(tmp_path) -> None:
+    runner = FakeRunner({"sbatch": [ok(err="Unable to contact slurm controller", rc=1)]})
+    with pytest.raises(SubmitError) as e:
+        backend(runner, tmp_path, submit_retries=4).sbatch("/x/job.sh")
+    assert e.value.transient and len(runner.calls) == 4
+
+
+# ------------------------------------------------------------------ one query per round
+def _sacct_answer(done_after: int) -> Callable[[Tuple[str, ...]], CompletedCommand]:
+    rounds = {"n": 0}
+
+    def answer(argv: Tuple[str, ...]) -> CompletedCommand:
+        rounds["n"] += 1
+        ids = argv[-1].split(",")
+        state = "COMPLETED" if rounds["n"] > done_after else "RUNNING"
+        return ok("".join(f"{i}|{state}|0:0|None|c1|n\n" for i in ids))
+    return answer
+
+
+def test_wait_all_costs_one_status_query_per_round(tmp_path) -> None:
+    runner = FakeRunner({"sacct": [_sacct_answer(done_after=5)]})
+    s = backend(runner, tmp_path)
+    jobs = [Job(s, [str(1000 + i)]) for i in range(200)]
+    statuses = s.wait_all(jobs)
+    assert all(st.state is JobState.COMPLETED for st in statuses)
+    assert len(runner.calls) == 6                       # 6 rounds, 200 jobs
+    assert all(c[0] == "sacct" and len(c[-1].split(",")) == 200 for c in runner.calls)
+
+
+def test_polling_at_the_cap_is_at_most_six_calls_per_minute(tmp_path) -> None:
+    runner = FakeRunner({"sacct": [_sacct_answer(done_after=10 ** 9)]})
+    clock = FakeClock()
+    s = backend(runner, tmp_path, clock)
+    jobs = [Job(s, [str(i)]) for i in range(1, 1001)]
+    s.wait_all(jobs, timeout=1200)
+    calls_last_10_min = sum(1 for t in _call_times(clock) if t >= 600)
+    assert calls_last_10_min / 10 <= 6
+    assert clock.now == pytest.approx(1200, abs=1)
+
+
+def _call_times(clock: FakeClock) -> List[float]:
+    t, out = 0.0, [0.0]
+    for dt in clock.sleeps:
+        t += dt
+        out.append(t)
+    return out
+
+
+def test_wait_keeps_polling_through_controller_outages(tmp_path) -> None:
+    down = ok(err="sacct: error: Problem talking to the database: Connection refused", rc=1)
+    runner = FakeRunner({"sacct": [down, down, ok("7|TIMEOUT|0:0|TimeLimit|c1|x\n")]})
+    s = backend(runner, tmp_path)
+    st = Job(s, ["7"]).wait()
+    assert st.state is JobState.FAILED and st.native_state == "TIMEOUT" and st.exit_code == 0
+    assert len(runner.calls) == 3
+
+
+def test_wait_timeout_returns_a_non_final_status(tmp_path) -> None:
+    runner = FakeRunner({"sacct": [ok("7|PENDING|0:0|Priority|None assigned|x\n")]})
+    st = Job(backend(runner, tmp_path), ["7"]).wait(timeout=20)
+    assert st.state is JobState.QUEUED and not st.final and st.reason == "Priority"
+
+
+# ------------------------------------------------------------------ accounting disabled
+def test_accounting_disabled_is_detected_and_said(tmp_path) -> None:
+    scontrol = ("JobId=8 JobName=x UserId=root(0) GroupId=root(0) JobState=RUNNING Reason=None "
+                "ExitCode=0:0\n")
+    runner = FakeRunner({"sacct": [ok(err=f"sacct: error: {ACCOUNTING_DISABLED}", rc=1)],
+                         "scontrol": [ok(scontrol)]})
+    s = backend(runner, tmp_path)
+    jobdir = tmp_path / "job"
+    (jobdir / "exit").mkdir(parents=True)
+    (jobdir / "exit" / "9").write_text("3\n")
+    s.dirs["9"] = str(jobdir)
+    t = s.status(["8", "9", "10"])
+    assert t["8"].state is JobState.ACTIVE and t["8"].source == "scontrol" and not t["8"].accounting
+    assert t["9"].state is JobState.FAILED and t["9"].exit_code == 3 and t["9"].source == "exit-code-file"
+    assert t["10"].state is JobState.UNKNOWN and "accounting disabled" in (t["10"].reason or "")
+    assert s.accounting == "none"
+    s.status(["8"])                                   # sacct is not asked again
+    assert [c[0] for c in runner.calls] == ["sacct", "scontrol", "scontrol"]
+
+
+def test_forced_accounting_none_never_calls_sacct(tmp_path) -> None:
+    runner = FakeRunner({"scontrol": [ok("No jobs in the system\n")]})
+    s = backend(runner, tmp_path, accounting="none")
+    assert s.status(["5"])["5"].state is JobState.UNKNOWN
+    assert [c[0] for c in runner.calls] == ["scontrol"]
+
+
+def test_forced_sacct_reports_disabled_accounting(tmp_path) -> None:
+    runner = FakeRunner({"sacct": [ok(err=f"sacct: error: {ACCOUNTING_DISABLED}", rc=1)]})
+    with pytest.raises(SchedulerError):
+        backend(runner, tmp_path, accounting="sacct").status(["5"])
+
+
+def test_jobs_not_yet_in_the_database_come_from_scontrol(tmp_path) -> None:
+    scontrol = ("JobId=12 JobName=x UserId=root(0) GroupId=root(0) JobState=PENDING "
+                "Reason=Priority ExitCode=0:0\n")
+    runner = FakeRunner({"sacct": [ok("11|COMPLETED|0:0|None|c1|x\n")], "scontrol": [ok(scontrol)]})
+    t = backend(runner, tmp_path).status(["11", "12"])
+    assert t["11"].source == "sacct" and t["12"].state is JobState.QUEUED and t["12"].accounting
+
+
+def test_cancel_is_one_call(tmp_path) -> None:
+    runner = FakeRunner({"scancel": [ok()]})
+    backend(runner, tmp_path).cancel(["1", "2", "3", "2"])
+    assert runner.calls == [("scancel", "1", "2", "3")]
+
+
+def test_settings_from_config_and_env(tmp_path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[slurm]\nwork_dir = "/scratch/j"\npoll_cap = 30.0\naccounting = "none"\n')
+    s = SlurmSettings.load({"HOME": "/h"}, files=[str(conf)])
+    assert s.work_dir == "/scratch/j" and s.poll_cap == 30.0 and s.accounting == "none"
+    s = SlurmSettings.load({"HOME": "/h", "NSDF_HPC_SLURM_DIR": "/x"}, files=[])
+    assert s.work_dir == "/x"
+    assert SlurmSettings.load({"HOME": "/h"}, files=[]).work_dir == os.path.join("/h", ".nsdf-hpc", "jobs")
