@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -20,7 +20,10 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # not imported at run time: this module is on the start-up path
+    from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
 from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, container_env, matches
