@@ -44,7 +44,7 @@ def _direct(runtime: str, ref: str, work: str, env: Dict[str, str]) -> Callable[
         _sh(["ch-convert", "-i", "dir", "-o", "squash", f"{work}/st/img/x", f"{work}/x.sqfs"], e)
 
     def podman() -> None:
-        subprocess.run(["podman", "rmi", "-f", ref], env=env, capture_output=True)
+        subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True)
         _sh(["podman", "pull", "-q", ref], env)
 
     def udocker() -> None:
@@ -67,8 +67,8 @@ def cold(runtime: str) -> Result:
     mine, theirs = [], []
     for _ in range(RUNS):
         _fresh(f"{base}/cache")
-        if runtime == "podman":
-            subprocess.run(["podman", "rmi", "-f", IMAGE], capture_output=True)
+        if runtime == "podman":   # cold means no layer in the store, under any name
+            subprocess.run(["podman", "rmi", "-a", "-f"], capture_output=True)
         t0 = time.perf_counter()
         _sh([NSDF_RUN, "-q", "pull", "--runtime", runtime, IMAGE], {**env, "NSDF_HPC_CACHE": f"{base}/cache"})
         mine.append(time.perf_counter() - t0)

@@ -86,8 +86,10 @@ class UDocker(Runtime):
             image = f"nsdf/{key[:24]}:latest"
             steps.append(Step(base + ("-q", "load", "-i", "source.tar", image.rsplit(":", 1)[0]),
                               f"load {source.text}"))
-        steps.append(Step(base + ("-q", "rm", container), "remove a stale container", check=False))
-        steps.append(Step(base + ("-q", "create", f"--name={container}", image), "create container"))
+        # --force: a container left by a killed conversion may hold the name (its directory
+        # is replaced); saves a separate `udocker rm` (~0.2 s of udocker start-up)
+        steps.append(Step(base + ("-q", "create", "--force", f"--name={container}", image),
+                          "create container"))
         return ImagePlan(tuple(steps), location=container,
                          pre_extract="repack" if source.kind != "registry" else None)
 
