@@ -26,7 +26,7 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
-from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, container_env, matches
+from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, container_env, dq_escape, matches
 
 FORMAT = 1
 #: variables that change between identical calls and that planning never reads
@@ -137,7 +137,7 @@ def load(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Tupl
     elif mode == "prefix":
         for k, v in cenv.items():
             if rec["escape"]:
-                v = "".join("\\" + c if c in '\\$`"' else c for c in v)
+                v = dq_escape(v)
             penv[rec["prefix"] + k] = v
     elif mode == "process":
         penv.update(cenv)

@@ -261,10 +261,9 @@ class Client:
         work = self.cache.workdir(rt.name, digest)
         try:
             location = self._execute_plan(rt, plan, source, work)
-            main_file = plan.artifact if plan.artifact and os.path.isfile(os.path.join(work, plan.artifact)) else None
+            guard = plan.checksum or plan.artifact
+            main_file = guard if guard and os.path.isfile(os.path.join(work, guard)) else None
             dirs = [plan.artifact] if plan.artifact and os.path.isdir(os.path.join(work, plan.artifact)) else []
-            if rt.name == "charliecloud":
-                main_file = "image.sqfs" if os.path.isfile(os.path.join(work, "image.sqfs")) else None
             data = {"source": source.text, "location": location, "relative": bool(plan.artifact),
                     "runtime_version": rt.version, "runtime_flavour": rt.flavour}
             return self.cache.publish(work, rt.name, digest, data, main_file=main_file, dirs=dirs,

@@ -37,6 +37,11 @@ PROCESS_ENV_KEEP: Tuple[str, ...] = (
 )
 
 
+def dq_escape(value: str) -> str:
+    r"""Escape ``value`` for the inside of a shell double-quoted string (``\ $ ` "``)."""
+    return "".join("\\" + c if c in '\\$`"' else c for c in value)
+
+
 _COMPILED: dict = {}
 
 

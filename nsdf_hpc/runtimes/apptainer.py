@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
+from ..environment import dq_escape
 from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
@@ -173,7 +174,7 @@ class Apptainer(Runtime):
         penv = process_env(host_env)
         for k, v in container_env.items():
             if not no_eval:
-                v = "".join("\\" + c if c in '\\$`"' else c for c in v)
+                v = dq_escape(v)
             penv[f"{self.env_prefix}ENV_{k}"] = v
         return Invocation(tuple(argv), penv, env_mode="prefix", env_prefix=f"{self.env_prefix}ENV_",
                           env_escape=not no_eval, container_env=dict(container_env))

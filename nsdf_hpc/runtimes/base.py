@@ -52,6 +52,7 @@ class ImagePlan:
     artifact: Optional[str] = None
     location: Optional[str] = None
     pre_extract: Optional[str] = None   # "rootfs": nsdf_hpc unpacks the offline source first
+    checksum: Optional[str] = None      # the file whose sha256 guards the entry (default: artifact)
 
 
 @dataclass(frozen=True)

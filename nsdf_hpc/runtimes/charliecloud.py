@@ -98,7 +98,7 @@ class Charliecloud(Runtime):
             pre = "rootfs"
         steps.append(Step((self.ch_convert(), "--no-clobber", "-i", "dir", "-o", "squash",
                            rootfs_src, SQUASH), "convert to SquashFS", env))
-        return ImagePlan(tuple(steps), artifact=ROOTFS, pre_extract=pre,
+        return ImagePlan(tuple(steps), artifact=ROOTFS, pre_extract=pre, checksum=SQUASH,
                          location=rootfs_src if rootfs_src != ROOTFS else None)
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],

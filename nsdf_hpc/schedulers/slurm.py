@@ -36,7 +36,7 @@ from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequ
                     Union)
 
 from .._exec import CommandRunner, SubprocessRunner
-from ..environment import matches
+from ..environment import dq_escape, matches
 from ..errors import (CommandError, CommandTimeoutError, SchedulerError, SpecError, SubmitError,
                       ToolNotFoundError, UnexpectedOutputError)
 from .base import (ArraySpec, Backoff, JobSpec, JobState, JobStatus, TASK_INDEX, aggregate,
@@ -242,7 +242,7 @@ def sbatch_quote(value: str) -> str:
 
 def _dq_template(template: str) -> str:
     """A probe template ("--env=NAME=VALUE") as a bash double-quoted word over ``$n``."""
-    body = "".join("\\" + c if c in '\\$`"' else c for c in template)
+    body = dq_escape(template)
     return '"' + body.replace(_PROBE_NAME, "${n}").replace(_PROBE_VALUE, "${!n}") + '"'
 
 
