@@ -96,10 +96,12 @@ def test_single_node_job(client: Client, slurm: Slurm) -> None:
     assert again.status().state is JobState.COMPLETED and again.logs() == job.logs()
 
 
-def test_two_node_job_runs_one_container_per_rank_on_both_nodes(client: Client, slurm: Slurm) -> None:
+@pytest.mark.parametrize("runtime", ["apptainer", "charliecloud", "podman", "udocker"])
+def test_two_node_job_runs_one_container_per_rank_on_both_nodes(client: Client, slurm: Slurm,
+                                                                runtime: str) -> None:
     cmd = ["sh", "-c", 'echo "rank=$SLURM_PROCID node=$SLURMD_NODENAME pmi=${PMI_RANK-none}"']
-    job = client.submit(IMAGE, cmd, runtime="apptainer", scheduler=slurm, nodes=2,
-                        ntasks_per_node=1, mpi="pmi2", job_name="two-nodes")
+    job = client.submit(IMAGE, cmd, runtime=runtime, scheduler=slurm, nodes=2,
+                        ntasks_per_node=1, mpi="pmi2", job_name=f"two-nodes-{runtime}")
     st = job.wait(timeout=60)
     assert st.state is JobState.COMPLETED, (st, job.logs("stderr"))
     lines = sorted(job.logs().splitlines())
