@@ -13,9 +13,8 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
-from harness import Result, bench_venv, compare_calls, compare_commands
+from harness import bench_venv, compare_calls, compare_commands
 
 IMAGE = os.environ.get("NSDF_BENCH_IMAGE", "127.0.0.1:5443/hpc/busybox:latest")
 RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,udocker").split(",")

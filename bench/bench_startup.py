@@ -5,9 +5,8 @@ Target: at most 40 ms added, at most 35 MB peak.
 from __future__ import annotations
 
 import os
-import sys
 
-from harness import Result, bench_venv, compare_commands
+from harness import bench_venv, compare_commands
 
 
 def run(runs: int = 21) -> list:

@@ -31,7 +31,10 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+if TYPE_CHECKING:   # imported lazily at run time: only a lock holder needs a thread
+    import threading
 
 from .errors import ImageError
 
@@ -270,7 +273,7 @@ class ImageCache:
                 pass
             os.close(fd)   # closing releases the fcntl lock
 
-    def _beat(self, fd: int, stop: "threading.Event") -> None:  # type: ignore[name-defined]
+    def _beat(self, fd: int, stop: "threading.Event") -> None:
         while not stop.wait(self.heartbeat):
             self._write_owner(fd)
 

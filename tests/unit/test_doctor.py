@@ -1,7 +1,6 @@
 """`nsdf-run doctor`: concrete fixes for the usual problems, from host facts (no testbed)."""
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 from typing import Dict

@@ -1,7 +1,6 @@
 """Properties every runtime's pure builders share, and a few details the contracts do not show."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
