@@ -26,6 +26,8 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import __version__
+from ._fsutil import atomic_write_json
+from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, container_env, dq_escape, matches
 
 FORMAT = 1
@@ -33,13 +35,6 @@ FORMAT = 1
 _VOLATILE = ("_", "OLDPWD", "SHLVL", "PWD", "COLUMNS", "LINES")
 #: variables planning reads although the container allowlist also takes them
 _PLANNING = frozenset(PROCESS_ENV_KEEP) | {"SCRATCH", "PSCRATCH", "CSCRATCH"}
-
-
-def _config_files(env: Mapping[str, str]) -> List[str]:
-    home = env.get("HOME") or os.path.expanduser("~")
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    return [env.get("NSDF_HPC_SITE_CONFIG", "/etc/nsdf-hpc/config.toml"),
-            env.get("NSDF_HPC_CONFIG") or os.path.join(xdg, "nsdf-hpc", "config.toml")]
 
 
 def _stat_id(path: str) -> Optional[Tuple[int, int, int]]:
@@ -51,9 +46,7 @@ def _stat_id(path: str) -> Optional[Tuple[int, int, int]]:
 
 
 def record_dir(env: Mapping[str, str]) -> str:
-    home = env.get("HOME") or os.path.expanduser("~")
-    base = env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
-    return os.path.join(base, "nsdf-hpc", "launch")
+    return os.path.join(user_state_dir(env), "launch")
 
 
 def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
@@ -62,7 +55,7 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT, __version__, os.getuid(), os.getgid(), cwd, list(args)]).encode(
         "utf-8", "surrogateescape"))
-    for path in _config_files(env):
+    for path in candidate_config_files(env):
         h.update(f"|{path}|{_stat_id(path)}".encode("utf-8", "surrogateescape"))
     h.update(f"|alloc={bool(env.get('SLURM_JOB_ID'))}".encode())
     for k in sorted(env):
@@ -99,17 +92,10 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any, spec_e
     }
     d = record_dir(env)
     path = os.path.join(d, launch_key(args, env, cwd) + ".json")
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(d, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, path)
+        atomic_write_json(path, record)
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        pass
 
 
 def load(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Tuple[List[str], Dict[str, str], List[str]]]:

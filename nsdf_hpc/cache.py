@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 if TYPE_CHECKING:   # imported lazily at run time: only a lock holder needs a thread
     import threading
 
+from ._fsutil import atomic_write_json
 from .errors import ImageError
 
 logger = logging.getLogger(__name__)
@@ -353,12 +354,8 @@ class ImageCache:
         data = {**data, "format": FORMAT, "runtime": runtime, "digest": digest, "files": files,
                 "dirs": list(dirs), "size": size, "created": time.time(),
                 "builder": f"{_hostname()}:{os.getpid()}"}
-        tmp = os.path.join(workdir, ENTRY_FILE + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, os.path.join(workdir, ENTRY_FILE))
+        atomic_write_json(os.path.join(workdir, ENTRY_FILE), data, fsync=True, indent=1,
+                          make_dirs=False)
         final = self.entry_dir(runtime, digest)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         if os.path.exists(final):   # a broken entry we hold the lock for
@@ -373,12 +370,8 @@ class ImageCache:
 
     def remember_ref(self, slug: str, digest: str, size: Optional[int]) -> None:
         p = self.ref_path(slug)
-        tmp = f"{p}.{os.getpid()}.{_token(3)}"
         try:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(tmp, "w") as fh:
-                json.dump({"digest": digest, "size": size, "resolved": time.time()}, fh)
-            os.replace(tmp, p)
+            atomic_write_json(p, {"digest": digest, "size": size, "resolved": time.time()})
         except OSError as err:
             logger.debug("cannot record %s: %s", p, err)
 

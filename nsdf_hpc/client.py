@@ -15,6 +15,7 @@ from .environment import container_env
 from .errors import (CommandError, ImageError, NsdfError, PreflightError, SpecError,
                      ToolNotFoundError)
 from .host import HostFacts, free_bytes, mount_options, probe_host
+from .paths import user_state_dir
 from .models import Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo, parse_env
 from .reference import ImageRef, ImageSource, parse_source
 from .runtimes import choose, detect_all, runtime_class
@@ -69,9 +70,7 @@ class Client:
         if not self.settings.detect_cache:
             return None
         # per user and host, not per image cache: it describes this machine's binaries
-        home = self.env.get("HOME") or os.path.expanduser("~")
-        base = self.env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
-        return os.path.join(base, "nsdf-hpc", f"detect-{os.uname().nodename}-{os.getuid()}.json")
+        return os.path.join(user_state_dir(self.env), f"detect-{os.uname().nodename}-{os.getuid()}.json")
 
     def detect(self, refresh: bool = False, only: Optional[Sequence[str]] = None) -> List[RuntimeInfo]:
         """Every known runtime (or those in ``only``), found or not, with version,

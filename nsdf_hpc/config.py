@@ -26,11 +26,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from pydantic import Field, ValidationError
 
+from . import paths
 from .errors import ConfigError
+from .paths import candidate_config_files
 from .environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY
 from .models import Model
 
-SITE_CONFIG = "/etc/nsdf-hpc/config.toml"
+SITE_CONFIG = paths.SITE_CONFIG
 
 class Settings(Model):
     """Effective configuration; ``sources`` tells where each set value came from."""
@@ -101,11 +103,7 @@ def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[s
 
 def config_files(env: Mapping[str, str]) -> List[str]:
     """The config files that apply, site first, user last (existing ones only)."""
-    site = env.get("NSDF_HPC_SITE_CONFIG", SITE_CONFIG)
-    home = env.get("HOME") or os.path.expanduser("~")
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    user = env.get("NSDF_HPC_CONFIG") or os.path.join(xdg, "nsdf-hpc", "config.toml")
-    files = [p for p in (site, user) if p and os.path.isfile(p)]
+    files = [p for p in candidate_config_files(env) if p and os.path.isfile(p)]
     if env.get("NSDF_HPC_CONFIG") and not os.path.isfile(env["NSDF_HPC_CONFIG"]):
         raise ConfigError(f"NSDF_HPC_CONFIG={env['NSDF_HPC_CONFIG']} does not exist")
     return files
@@ -141,11 +139,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, files: Optional[List[
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
     """``$SCRATCH/nsdf-hpc`` when a scratch filesystem is set, else ``$XDG_CACHE_HOME/nsdf-hpc``."""
-    for var in ("SCRATCH", "PSCRATCH", "CSCRATCH"):
-        if env.get(var) and os.path.isdir(env[var]):
-            return Path(env[var]) / "nsdf-hpc"
-    home = env.get("HOME") or os.path.expanduser("~")
-    return Path(env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")) / "nsdf-hpc"
+    return Path(paths.default_cache_dir(env))
 
 
 def cache_dir(settings: Settings, env: Mapping[str, str]) -> Path:

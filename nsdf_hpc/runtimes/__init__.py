@@ -14,6 +14,7 @@ import os
 import shutil
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
+from .._fsutil import atomic_write_json
 from .._exec import CommandRunner, CompletedCommand
 from ..errors import ConfigError, NsdfError, RuntimeNotFoundError
 from ..host import HostFacts, probe_host
@@ -105,11 +106,7 @@ def _save_cache(path: Optional[str], key: str, probes: Mapping[str, Mapping[str,
     if not path:
         return
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"key": key, "probes": probes}, fh)
-        os.replace(tmp, path)
+        atomic_write_json(path, {"key": key, "probes": probes})
     except OSError as err:  # a read-only cache dir must not break detection
         logger.debug("cannot write detection cache %s: %s", path, err)
 

@@ -1,0 +1,53 @@
+"""Where things live: the XDG cache and config locations and the config files that apply.
+
+Standard library only: the launch fast path (``_launch.py``) imports it before anything heavy.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Mapping
+
+#: the site-wide config file (``NSDF_HPC_SITE_CONFIG`` overrides it, for tests and odd sites)
+SITE_CONFIG = "/etc/nsdf-hpc/config.toml"
+#: scratch variables that HPC centres set, in the order they are tried for the default cache
+SCRATCH_VARS = ("SCRATCH", "PSCRATCH", "CSCRATCH")
+
+
+def home_dir(env: Mapping[str, str]) -> str:
+    return env.get("HOME") or os.path.expanduser("~")
+
+
+def xdg_cache_home(env: Mapping[str, str]) -> str:
+    """``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    return env.get("XDG_CACHE_HOME") or os.path.join(home_dir(env), ".cache")
+
+
+def xdg_config_home(env: Mapping[str, str]) -> str:
+    """``$XDG_CONFIG_HOME`` or ``~/.config``."""
+    return env.get("XDG_CONFIG_HOME") or os.path.join(home_dir(env), ".config")
+
+
+def site_config_file(env: Mapping[str, str]) -> str:
+    return env.get("NSDF_HPC_SITE_CONFIG", SITE_CONFIG)
+
+
+def user_config_file(env: Mapping[str, str]) -> str:
+    return env.get("NSDF_HPC_CONFIG") or os.path.join(xdg_config_home(env), "nsdf-hpc", "config.toml")
+
+
+def candidate_config_files(env: Mapping[str, str]) -> List[str]:
+    """Site file first, user file last, whether they exist or not."""
+    return [site_config_file(env), user_config_file(env)]
+
+
+def default_cache_dir(env: Mapping[str, str]) -> str:
+    """``$SCRATCH/nsdf-hpc`` when a scratch filesystem is set, else ``$XDG_CACHE_HOME/nsdf-hpc``."""
+    for var in SCRATCH_VARS:
+        if env.get(var) and os.path.isdir(env[var]):
+            return os.path.join(env[var], "nsdf-hpc")
+    return os.path.join(xdg_cache_home(env), "nsdf-hpc")
+
+
+def user_state_dir(env: Mapping[str, str]) -> str:
+    """Per-user, per-machine files that describe this host (the detection cache)."""
+    return os.path.join(xdg_cache_home(env), "nsdf-hpc")
