@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:   # typing costs ~3 ms at start-up; the launch fast path does not need it
     from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
     "Client": "client", "detect": "api", "pull": "api", "run": "api",

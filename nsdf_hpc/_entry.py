@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 def main(argv: Optional[List[str]] = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args in (["--version"], ["-V"]):
-        from . import __version__
+        from ._version import __version__
         sys.stdout.write(f"nsdf-run, version {__version__}\n")
         return
     from ._launch import try_fast_run

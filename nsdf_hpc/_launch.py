@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:   # not imported at run time: this module is on the start-up path
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from . import __version__
+from ._version import __version__
 from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, container_env, dq_escape, matches

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import click
 
-from . import __version__
+from ._version import __version__
 
 if TYPE_CHECKING:
     from .client import Client

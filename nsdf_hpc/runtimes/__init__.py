@@ -14,6 +14,7 @@ import os
 import shutil
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
+from .._version import __version__
 from .._fsutil import atomic_write_json
 from .._exec import CommandRunner, CompletedCommand
 from ..errors import ConfigError, NsdfError, RuntimeNotFoundError
@@ -78,7 +79,6 @@ def _candidates(cls: Type[Runtime], configured: Mapping[str, str],
 
 
 def _fingerprint(paths: Sequence[str], path_env: str, uid: int) -> str:
-    from .. import __version__
     h = hashlib.sha256(f"{DETECT_CACHE_VERSION}|{__version__}|{uid}|{path_env}".encode())
     for p in sorted(set(paths)):
         try:
