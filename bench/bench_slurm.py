@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nsdf_hpc._exec import CompletedCommand, SubprocessRunner  # noqa: E402
 from nsdf_hpc.client import Client  # noqa: E402
 from nsdf_hpc.schedulers import Job, Slurm, SlurmSettings  # noqa: E402
-from nsdf_hpc.schedulers.slurm import prepare  # noqa: E402
+from nsdf_hpc.schedulers.submit import prepare  # noqa: E402
 
 
 class CountingRunner(SubprocessRunner):

@@ -169,7 +169,7 @@ def register(cli: click.Group) -> None:
         if not follow:
             click.echo(job.logs(stream, tail, task), nl=False)
             return
-        from .schedulers.base import Backoff
+        from .schedulers import Backoff
         backoff = Backoff(initial=0.5, cap=5.0)
         pos = 0
         while True:

@@ -16,15 +16,22 @@ monkeypatch. Files are TOML::
     [env]
     allow = ["MY_SITE_*"]                      # added to the built-in allowlist
     deny = ["SECRET_*"]                        # added to the built-in denylist
+    [slurm]                                    # SlurmSettings (load_slurm_settings)
+    work_dir = "/scratch/$USER/nsdf-jobs"      # or NSDF_HPC_SLURM_DIR; shared filesystem
+    accounting = "auto"                        # auto | sacct | none (or NSDF_HPC_SLURM_ACCOUNTING)
+    partition = "debug"
+    account = "proj42"
+    extra_directives = ["--mail-type=END"]
+    poll_cap = 15.0
 """
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
-from pydantic import Field, ValidationError
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 
 from . import paths
 from .errors import ConfigError
@@ -144,3 +151,78 @@ def default_cache_dir(env: Mapping[str, str]) -> Path:
 
 def cache_dir(settings: Settings, env: Mapping[str, str]) -> Path:
     return Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(env)
+
+
+class SlurmSettings(Model):
+    """``[slurm]`` in the config files, ``NSDF_HPC_SLURM_*`` variables, then arguments."""
+
+    work_dir: str = ""                  # "" only when built directly: load_slurm_settings fills it
+    accounting: Literal["auto", "sacct", "none"] = "auto"
+    poll_initial: PositiveFloat = 0.5
+    poll_cap: PositiveFloat = 15.0
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    extra_directives: Tuple[str, ...] = ()
+    submit_retries: PositiveInt = 6
+    command_timeout: PositiveFloat = 60.0
+    #: where each set value came from ("env:NSDF_HPC_SLURM_DIR", "config:PATH", "argument")
+    sources: Dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def load(cls, env: Optional[Mapping[str, str]] = None, files: Optional[Sequence[str]] = None,
+             **overrides: Any) -> "SlurmSettings":
+        """Same as :func:`load_slurm_settings`."""
+        return load_slurm_settings(env, files, **overrides)
+
+    def source(self, key: str) -> str:
+        """Where ``key`` came from, for messages: ``NSDF_HPC_SLURM_DIR``, a file, ``default``."""
+        where = self.sources.get(key, "default")
+        return where[4:] if where.startswith("env:") else where
+
+
+_SLURM_ENV = {"work_dir": "NSDF_HPC_SLURM_DIR", "accounting": "NSDF_HPC_SLURM_ACCOUNTING"}
+
+
+def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional[Sequence[str]] = None,
+                        **overrides: Any) -> SlurmSettings:
+    """:class:`SlurmSettings` from defaults < ``[slurm]`` tables < ``NSDF_HPC_SLURM_*`` < ``overrides``.
+
+    A bad value is one ConfigError line naming the key and where it came from.
+    """
+    env = os.environ if env is None else env
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    for path in (config_files(env) if files is None else files):
+        table = _read_toml(path).get("slurm", {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [slurm] must be a table")
+        values.update(table)
+        sources.update({k: f"config:{path}" for k in table})
+    for key, var in _SLURM_ENV.items():
+        if env.get(var):
+            values[key] = env[var]
+            sources[key] = f"env:{var}"
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = value
+            sources[key] = "argument"
+    known = set(SlurmSettings.model_fields) - {"sources"}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown [slurm] setting(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
+    if isinstance(values.get("extra_directives"), list):
+        values["extra_directives"] = tuple(values["extra_directives"])
+    if not values.get("work_dir"):
+        home = env.get("HOME") or os.path.expanduser("~")
+        values["work_dir"] = os.path.join(home, ".nsdf-hpc", "jobs")
+    elif isinstance(values["work_dir"], str):
+        values["work_dir"] = os.path.abspath(os.path.expanduser(os.path.expandvars(values["work_dir"])))
+    try:
+        return SlurmSettings(**values, sources=sources)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e.get("loc", ())) or "?"
+        where = sources.get(key.split(".")[0], "default")
+        raise ConfigError(f"invalid Slurm setting {key}={values.get(key.split('.')[0])!r} "
+                          f"(from {where}): {e.get('msg')}") from None

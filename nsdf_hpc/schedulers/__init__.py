@@ -1,14 +1,33 @@
-"""Batch schedulers: Slurm through its commands (and pyslurm when it matches the cluster)."""
+"""Batch schedulers, PSI/J-style rooms: which backend to use (and why), and the public names.
+
+* :mod:`.states` (pure): JobState, JobStatus, Slurm's state table, array aggregation.
+* :mod:`.commands` (pure): argv builders and output parsers of sbatch/sacct/scontrol/scancel/sinfo.
+* :mod:`.spec` (pure models): JobSpec, ArraySpec, Dependency, job ids.
+* :mod:`.script` (pure): #SBATCH directives, quoting, array splitting, the batch script.
+* :mod:`.slurm`: the command backend, the only place here that runs commands.
+* :mod:`.job`: the Job handle (status, wait, cancel, logs, follow).
+* :mod:`.submit`: spec -> prepared job -> submitted, for a Client.
+* :mod:`.pyslurm_backend`: pyslurm for status queries, only when it matches the cluster.
+"""
 from __future__ import annotations
 
-from .base import ArraySpec, Backoff, Dependency, JobSpec, JobState, JobStatus
-from .slurm import SLURM_STATES, Job, Slurm, SlurmSettings
+from typing import Any, Mapping, Optional
+
+from .._exec import CommandRunner
+from ..config import SlurmSettings
+from .backoff import Backoff
+from .job import Job, wait_all
+from .slurm import Slurm
+from .spec import ArraySpec, Dependency, JobSpec, as_job_ids
+from .states import SLURM_STATES, JobState, JobStatus
 
 __all__ = ["ArraySpec", "Backoff", "Dependency", "JobSpec", "JobState", "JobStatus", "Job",
-           "Slurm", "SlurmSettings", "SLURM_STATES", "get_backend"]
+           "Slurm", "SlurmSettings", "SLURM_STATES", "as_job_ids", "get_backend", "wait_all"]
 
 
-def get_backend(runner=None, settings=None, **overrides):  # type: ignore[no-untyped-def]
-    """pyslurm when it imports and matches ``sinfo --version``, else the Slurm commands."""
-    from .pyslurm_backend import select_backend
-    return select_backend(runner, settings, **overrides)
+def get_backend(runner: Optional[CommandRunner] = None, settings: Optional[SlurmSettings] = None,
+                env: Optional[Mapping[str, str]] = None, **overrides: Any) -> Slurm:
+    """pyslurm when it imports and matches ``sinfo --version``, else the Slurm commands;
+    the backend's ``choice_reason`` says why."""
+    from .pyslurm_backend import select_backend   # pyslurm is probed only when a backend is wanted
+    return select_backend(runner, settings, env=env, **overrides)

@@ -13,9 +13,10 @@ import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .._exec import CommandRunner
+from ..config import SlurmSettings
 from ..errors import NsdfError
-from .base import JobStatus
-from .slurm import Slurm, SlurmSettings, slurm_state
+from .slurm import Slurm
+from .states import JobStatus, final_reason, slurm_state
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class PyslurmSlurm(Slurm):
                 if getattr(job, "array_id", None) and getattr(job, "array_task_id", None) is not None:
                     key = f"{job.array_id}_{job.array_task_id}"
                 st = slurm_state(str(job.state), f"{job.exit_code or 0}:{job.exit_code_signal or 0}")
-                out[key] = st.model_copy(update={"job_id": key, "name": job.name,
-                                                 "reason": job.state_reason, "source": "pyslurm"})
+                out[key] = st.model_copy(update={"job_id": key, "name": job.name, "source": "pyslurm",
+                                                 "reason": final_reason(st.state, job.state_reason)})
             return out
         except Exception as err:  # noqa: BLE001 - any pyslurm failure: use the commands
             logger.warning("pyslurm status failed (%s); using sacct", err)
@@ -69,21 +70,29 @@ class PyslurmSlurm(Slurm):
 
 def select_backend(runner: Optional[CommandRunner] = None, settings: Optional[SlurmSettings] = None,
                    **overrides: Any) -> Slurm:
-    """pyslurm when it imports and matches ``sinfo --version``; else the commands (one log line)."""
+    """pyslurm when it imports and matches ``sinfo --version``; else the commands (one log line).
+
+    The reason is logged and kept on the backend as ``choice_reason``.
+    """
     commands = Slurm(runner, settings, **overrides)
     try:
         import pyslurm  # type: ignore[import-not-found]
     except Exception as err:  # noqa: BLE001 - ImportError, or a broken build (undefined symbol)
         logger.info("using the Slurm commands: pyslurm cannot be imported (%s)", err)
+        commands.choice_reason = f"pyslurm cannot be imported ({err})"
         return commands
     try:
         slurm_ver = commands.version()
     except NsdfError as err:
         logger.info("using the Slurm commands: cannot read `sinfo --version` (%s)", err)
+        commands.choice_reason = f"cannot read `sinfo --version` ({err})"
         return commands
     ok, why = compatible(pyslurm_version(pyslurm), slurm_ver)
     if not ok:
         logger.info("using the Slurm commands: %s", why)
+        commands.choice_reason = why
         return commands
     logger.info("using pyslurm %s for status queries (%s)", getattr(pyslurm, "__version__", "?"), why)
-    return PyslurmSlurm(pyslurm, runner, commands.settings)
+    chosen = PyslurmSlurm(pyslurm, runner, commands.settings, env=overrides.get("env"))
+    chosen.choice_reason = why
+    return chosen

@@ -10,8 +10,12 @@ import pytest
 
 from nsdf_hpc._exec import CompletedCommand
 from nsdf_hpc.errors import SchedulerError, SubmitError
-from nsdf_hpc.schedulers.base import Backoff, JobState
-from nsdf_hpc.schedulers.slurm import ACCOUNTING_DISABLED, Job, Slurm, SlurmSettings
+from nsdf_hpc.config import SlurmSettings
+from nsdf_hpc.schedulers.backoff import Backoff
+from nsdf_hpc.schedulers.commands import ACCOUNTING_DISABLED
+from nsdf_hpc.schedulers.job import Job
+from nsdf_hpc.schedulers.slurm import Slurm
+from nsdf_hpc.schedulers.states import JobState
 
 Answer = Union[CompletedCommand, Callable[[Tuple[str, ...]], CompletedCommand]]
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from nsdf_hpc.cli import cli
 from nsdf_hpc.client import Client
 from nsdf_hpc.errors import SpecError
-from nsdf_hpc.schedulers.base import ArraySpec
+from nsdf_hpc.schedulers.spec import ArraySpec
 
 
 @pytest.fixture

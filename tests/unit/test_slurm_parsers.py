@@ -10,12 +10,13 @@ import math
 import pytest
 
 from nsdf_hpc.errors import SpecError, UnexpectedOutputError
-from nsdf_hpc.schedulers.base import ArraySpec, JobState, JobStatus, aggregate, parse_dependencies
+from nsdf_hpc.schedulers.commands import (is_transient, parse_exit_code, parse_max_array_size,
+                                          parse_sacct, parse_scontrol_jobs, parse_slurm_version,
+                                          parse_submit, status_argv)
 from nsdf_hpc.schedulers.pyslurm_backend import compatible, pyslurm_version, select_backend
-from nsdf_hpc.schedulers.slurm import (SLURM_STATES, is_transient, parse_exit_code,
-                                       parse_max_array_size, parse_sacct, parse_scontrol_jobs,
-                                       parse_slurm_version, parse_submit, slurm_state, split_array,
-                                       status_argv)
+from nsdf_hpc.schedulers.script import split_array
+from nsdf_hpc.schedulers.spec import ArraySpec, parse_dependencies
+from nsdf_hpc.schedulers.states import SLURM_STATES, JobState, JobStatus, aggregate, slurm_state
 
 SACCT = """\
 4|COMPLETED|0:0|None|c[1-2]|it's a $(name) `q` # \\ ü
@@ -227,7 +228,7 @@ def test_pyslurm_must_match_major_minor() -> None:
 def test_without_pyslurm_the_commands_are_used_with_one_log_line(caplog: pytest.LogCaptureFixture,
                                                                  tmp_path) -> None:
     import sys
-    from nsdf_hpc.schedulers.slurm import SlurmSettings
+    from nsdf_hpc.config import SlurmSettings
     sys.modules.setdefault("pyslurm", None)  # type: ignore[arg-type]  # import fails
     try:
         with caplog.at_level(logging.INFO, logger="nsdf_hpc.schedulers.pyslurm_backend"):

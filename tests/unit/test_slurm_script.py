@@ -13,9 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from nsdf_hpc.errors import SpecError
-from nsdf_hpc.schedulers.base import ArraySpec, Dependency, JobSpec
-from nsdf_hpc.schedulers.slurm import (JOB_TIME_PATTERNS, ScriptInputs, directives, probe_templates,
-                                       render_script, sbatch_quote)
+from nsdf_hpc.schedulers.spec import ArraySpec, Dependency, JobSpec
+from nsdf_hpc.schedulers.script import (JOB_TIME_PATTERNS, ScriptInputs, directives, probe_templates,
+                                        render_script, sbatch_quote)
 
 HOSTILE = [
     "plain", "with space", "quote'd", 'dq"x', "semi;colon", "new\nline", "$(touch {marker})",

@@ -1,80 +1,39 @@
-"""Scheduler-neutral pieces: the job spec, normalized states, statuses and polling (pure).
+"""What to submit (pure, validated models): the job spec, array indices and dependencies.
 
 * :class:`JobSpec` is a :class:`~nsdf_hpc.models.RunSpec` (what runs in the container) plus
   what the batch system needs (resources, name, output paths, array, dependencies, MPI).
-* :class:`JobState` is the normalized state; :class:`JobStatus` keeps the scheduler's own word
-  (``native_state``), its reason, the exit code and where the answer came from (``source``).
-* :class:`Backoff` is the poll schedule of ``wait``: short at first, then longer, with jitter,
-  up to a cap; its clock and sleep are injectable so tests run it on a fake clock.
+* :class:`ArraySpec` holds an array's task indices (sbatch's ``--array`` syntax parsed);
+  :class:`Dependency` one ``afterok``/``afterany``/``afternotok`` clause.
+* Job ids are ``JOBID`` or Slurm's array-task form ``JOBID_TASK`` (``1349_10``) everywhere.
 """
 from __future__ import annotations
 
-import enum
-import random
 import re
-import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import SpecError
 from ..models import Model, RunSpec
 
-__all__ = ["JobState", "JobStatus", "JobSpec", "Dependency", "ArraySpec", "Backoff",
-           "aggregate", "parse_array_indices", "compress_indices", "TASK_INDEX"]
+__all__ = ["JobSpec", "Dependency", "ArraySpec", "parse_array_indices", "compress_indices",
+           "parse_dependencies", "as_job_ids", "check_job_id", "JOB_ID", "TASK_INDEX"]
 
 #: in an array template command, replaced by the task index inside the job
 TASK_INDEX = "{index}"
 
+#: a Slurm job id, or one task of an array (``1349_10``), as sacct/scancel/squeue take them
+JOB_ID = re.compile(r"\d+(?:_\d+)?")
+
 _NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class JobState(str, enum.Enum):
-    """The normalized state of a job (or of an array, aggregated)."""
-
-    QUEUED = "QUEUED"
-    ACTIVE = "ACTIVE"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELED = "CANCELED"
-    UNKNOWN = "UNKNOWN"
-
-    @property
-    def final(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELED)
-
-    @property
-    def ok(self) -> bool:
-        return self is JobState.COMPLETED
-
-
-class JobStatus(Model):
-    """One job's (or array task's) state as the scheduler reported it."""
-
-    job_id: str
-    state: JobState
-    native_state: str = ""               # Slurm's own word: "TIMEOUT", "CANCELLED by 0", ...
-    reason: Optional[str] = None         # Slurm's reason (pending jobs) or our note
-    exit_code: Optional[int] = None      # the job script's exit status
-    signal: Optional[int] = None         # the signal that ended it, when one did
-    name: Optional[str] = None
-    source: str = ""                     # sacct | scontrol | exit-code-file | pyslurm | none
-    accounting: bool = True              # False: accounting disabled, answer from squeue/scontrol/file
-    tasks: int = 1                       # >1 for an aggregated array status
-
-    @property
-    def final(self) -> bool:
-        return self.state.final
-
-    def shell_exit_code(self) -> int:
-        """The exit status a CLI should end with: 0 only for COMPLETED with status 0."""
-        if self.state is JobState.COMPLETED:
-            return self.exit_code or 0
-        if self.exit_code:
-            return self.exit_code
-        if self.signal:
-            return 128 + self.signal
-        return 1
+def check_job_id(value: Union[str, int]) -> str:
+    """``value`` as a job id string (``"12"`` or ``"12_3"``), or a SpecError."""
+    text = str(value).strip()
+    if not JOB_ID.fullmatch(text):
+        raise SpecError(f"invalid job id {str(value)!r} (expected JOBID or JOBID_TASK, e.g. 1349 or 1349_10)")
+    return text
 
 
 class Dependency(Model):
@@ -96,7 +55,7 @@ class Dependency(Model):
         if not value:
             raise ValueError("a dependency needs at least one job id")
         for v in value:
-            if not re.fullmatch(r"\d+(_\d+)?", v):
+            if not JOB_ID.fullmatch(v):
                 raise ValueError(f"invalid job id {v!r} in a dependency")
         return value
 
@@ -259,73 +218,6 @@ class JobSpec(RunSpec):
         if command is not None:
             fields["command"] = tuple(command)
         return RunSpec(**fields)
-
-
-def aggregate(job_id: str, statuses: Sequence[JobStatus]) -> JobStatus:
-    """One status for an array from its tasks' (pending ranges included)."""
-    if not statuses:
-        return JobStatus(job_id=job_id, state=JobState.UNKNOWN, reason="no status reported")
-    states = [s.state for s in statuses]
-    first = statuses[0]
-    if all(s.final for s in states):
-        if all(s is JobState.COMPLETED for s in states):
-            state = JobState.COMPLETED
-        elif any(s is JobState.FAILED for s in states):
-            state = JobState.FAILED
-        else:
-            state = JobState.CANCELED
-    elif JobState.ACTIVE in states:
-        state = JobState.ACTIVE
-    elif JobState.QUEUED in states:
-        state = JobState.QUEUED
-    else:
-        state = JobState.UNKNOWN if JobState.UNKNOWN in states else JobState.ACTIVE
-    bad = [s for s in statuses if s.state not in (JobState.COMPLETED,)] or list(statuses)
-    worst = max(bad, key=lambda s: (s.exit_code or 0, s.signal or 0))
-    counts: Dict[str, int] = {}
-    for s in statuses:
-        counts[s.native_state.split(" ")[0] or "?"] = counts.get(s.native_state.split(" ")[0] or "?", 0) + 1
-    native = ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))
-    return JobStatus(job_id=job_id, state=state, native_state=native,
-                     reason=worst.reason, exit_code=worst.exit_code, signal=worst.signal,
-                     name=first.name, source=first.source, accounting=first.accounting,
-                     tasks=len(statuses))
-
-
-class Backoff:
-    """Poll intervals: ``initial``, times ``factor`` each round, capped at ``cap``, with jitter.
-
-    The jitter is multiplicative in ``[1 - jitter, 1]`` so the cap is never exceeded and
-    ``cap * (1 - jitter)`` bounds the poll rate from above (15 s, 0.2: at most 5 per minute).
-    """
-
-    def __init__(self, initial: float = 0.5, factor: float = 1.5, cap: float = 15.0,
-                 jitter: float = 0.2, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep,
-                 rng: Optional[random.Random] = None) -> None:
-        if initial <= 0 or factor < 1 or cap < initial or not 0 <= jitter < 1:
-            raise ValueError("invalid backoff parameters")
-        self.initial, self.factor, self.cap, self.jitter = initial, factor, cap, jitter
-        self.clock, self._sleep = clock, sleep
-        self.rng = rng or random.Random()
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self.initial
-
-    def next_interval(self) -> float:
-        base = self._next
-        self._next = min(self.cap, self._next * self.factor)
-        return base * (1.0 - self.jitter * self.rng.random())
-
-    def sleep(self, deadline: Optional[float] = None) -> float:
-        """Sleep the next interval (never past ``deadline``, a ``clock()`` value)."""
-        dt = self.next_interval()
-        if deadline is not None:
-            dt = max(0.0, min(dt, deadline - self.clock()))
-        if dt > 0:
-            self._sleep(dt)
-        return dt
 
 
 def as_job_ids(items: Union[None, str, int, Any, Iterable[Any]]) -> Tuple[str, ...]:

@@ -1,0 +1,292 @@
+"""The Job handle: status, wait (one status query per poll round), cancel, logs and follow.
+
+A :class:`Job` holds one id per ``sbatch`` call (a split array has several), or one array
+task (``1349_10``). It asks its backend (:class:`~nsdf_hpc.schedulers.slurm.Slurm`, or
+anything with ``status``/``cancel``/``backoff``) and reads the log files Slurm writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional,
+                    Sequence, Tuple, Union)
+
+from ..errors import SchedulerError, SpecError
+from .backoff import Backoff
+from .spec import parse_array_indices
+from .states import JobState, JobStatus, aggregate
+
+if TYPE_CHECKING:
+    from .slurm import Slurm
+
+__all__ = ["Job", "wait_all", "group_by_job"]
+
+logger = logging.getLogger(__name__)
+
+
+def group_by_job(table: Mapping[str, JobStatus]) -> Dict[str, Dict[str, JobStatus]]:
+    """``{"12": {"12_0": ..., "12_[1-9]": ...}, "13": {"13": ...}}`` (array tasks by job)."""
+    out: Dict[str, Dict[str, JobStatus]] = {}
+    for k, v in table.items():
+        out.setdefault(k.split("_", 1)[0], {})[k] = v
+    return out
+
+
+def _task_in(task: str, key: str) -> bool:
+    """Whether ``key`` (``12_3`` or a pending range ``12_[0-9%2]``) covers task ``12_3``."""
+    if key == task:
+        return True
+    base, _, t = task.partition("_")
+    if not key.startswith(base + "_[") or not key.endswith("]"):
+        return False
+    try:
+        return int(t) in parse_array_indices(key[len(base) + 2:-1].split("%")[0])
+    except ValueError:
+        return False
+
+
+def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
+             backoff: Optional[Backoff] = None) -> List[JobStatus]:
+    """Wait for every job; each round is ONE status query, whatever the number of jobs.
+
+    The jobs share the first one's backend; ``backoff`` defaults to its settings' schedule.
+    """
+    if not jobs:
+        return []
+    scheduler = jobs[0].scheduler
+    backoff = backoff or scheduler.backoff()
+    clock = backoff.clock
+    deadline = None if timeout is None else clock() + timeout
+    unknown_rounds = 0
+    while True:
+        todo = [j for j in jobs if not (j.last and j.last.final)]
+        if todo:
+            ids = [i for j in todo for i in j.job_ids]
+            table: Optional[Dict[str, JobStatus]]
+            try:
+                table = scheduler.status(ids)
+            except SchedulerError as err:
+                if not getattr(err, "transient", False):
+                    raise
+                logger.info("status query failed (%s); polling again", err)
+                table = None
+            if table is not None:
+                grouped = group_by_job(table)
+                for j in todo:
+                    j._update(table, grouped)
+                if all(j.last and j.last.state is JobState.UNKNOWN for j in todo):
+                    unknown_rounds += 1
+                else:
+                    unknown_rounds = 0
+        if all(j.last and j.last.final for j in jobs) or unknown_rounds >= 30:
+            return [j.last for j in jobs]  # type: ignore[misc]
+        if deadline is not None and clock() >= deadline:
+            return [j.last or JobStatus(job_id=j.job_id, state=JobState.UNKNOWN) for j in jobs]
+        backoff.sleep(deadline)
+
+
+class Job:
+    """A submitted job (or array: one id per ``sbatch`` call; or one array task)."""
+
+    def __init__(self, scheduler: "Slurm", job_ids: Sequence[str], *, directory: Optional[str] = None,
+                 provenance: Optional[Mapping[str, Any]] = None, script: Optional[str] = None,
+                 user: str = "") -> None:
+        self.scheduler = scheduler
+        self.job_ids: Tuple[str, ...] = tuple(str(j) for j in job_ids)
+        self.directory = directory
+        self.provenance: Dict[str, Any] = dict(provenance or {})
+        self.script = script or (os.path.join(directory, "job.sh") if directory else None)
+        self.user = user                    # for %u in log patterns (never read from os.environ)
+        self.last: Optional[JobStatus] = None
+        self.tasks: Dict[str, JobStatus] = {}
+
+    def __repr__(self) -> str:
+        state = self.last.state.value if self.last else "?"
+        return f"<Job {','.join(self.job_ids)} {state}>"
+
+    @property
+    def job_id(self) -> str:
+        return self.job_ids[0]
+
+    @property
+    def is_array(self) -> bool:
+        return bool(self.provenance.get("array"))
+
+    @property
+    def is_task(self) -> bool:
+        """One task of an array (``1349_10``)."""
+        return "_" in self.job_id
+
+    def _update(self, table: Mapping[str, JobStatus],
+                grouped: Optional[Mapping[str, Dict[str, JobStatus]]] = None) -> JobStatus:
+        grouped = grouped if grouped is not None else group_by_job(table)
+        mine: Dict[str, JobStatus] = {}
+        for j in self.job_ids:
+            if "_" in j:    # one task: its own line, or the pending range that holds it
+                hits = {k: v for k, v in grouped.get(j.split("_", 1)[0], {}).items() if _task_in(j, k)}
+                mine.update({j: v.model_copy(update={"job_id": j}) for v in list(hits.values())[:1]})
+            else:
+                mine.update(grouped.get(j, {}))
+        self.tasks = mine
+        if len(mine) == 1 and not self.is_array:
+            st = next(iter(mine.values()))
+            self.last = st.model_copy(update={"job_id": self.job_id})
+            return self.last
+        expected = len(self.provenance.get("indices") or ())
+        tasks = [v for k, v in mine.items() if re.fullmatch(r"\d+_\d+", k)]
+        done = sum(1 for v in tasks if v.final)
+        if expected and done < expected:
+            # accounting lags behind: a bare "ID" line or missing task lines must not end
+            # the wait; the array is final only when every task has a final line
+            rest = [v for v in mine.values() if not v.final]
+            if not rest:
+                rest = [JobStatus(job_id=self.job_id, state=JobState.ACTIVE, native_state="RUNNING",
+                                  reason=f"{done}/{expected} tasks reported final")]
+            self.last = aggregate(self.job_id, [v for v in tasks if v.final] + rest)
+        else:
+            self.last = aggregate(self.job_id, tasks if expected else list(mine.values()))
+        return self.last
+
+    def status(self) -> JobStatus:
+        """Ask the scheduler now (one call)."""
+        return self._update(self.scheduler.status(self.job_ids))
+
+    @property
+    def state(self) -> JobState:
+        return (self.last or self.status()).state
+
+    @property
+    def native_state(self) -> str:
+        return (self.last or self.status()).native_state
+
+    @property
+    def reason(self) -> Optional[str]:
+        return (self.last or self.status()).reason
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return (self.last or self.status()).exit_code
+
+    def wait(self, timeout: Optional[float] = None, backoff: Optional[Backoff] = None) -> JobStatus:
+        """Poll until the job is final (or ``timeout`` s passed: check ``.final``)."""
+        return wait_all([self], timeout=timeout, backoff=backoff)[0]
+
+    def cancel(self) -> None:
+        """One scancel (for a task handle, only that task)."""
+        self.scheduler.cancel(self.job_ids)
+
+    # -------------------------------------------------------------- logs
+    def task_ids(self) -> List[str]:
+        """Slurm ids of the array's tasks (``ID_TASK``), in index order."""
+        out = []
+        for chunk in self.provenance.get("chunks", []):
+            for t in parse_array_indices(chunk["array"].split("%")[0]):
+                out.append(f"{chunk['job_id']}_{t}")
+        return out or list(self.job_ids)
+
+    def _expand_path(self, pattern: str, slurm_id: str) -> str:
+        jid, _, task = slurm_id.partition("_")
+        name = str(self.provenance.get("job_name", ""))
+        repl = {"j": jid, "A": jid, "a": task or "4294967294", "x": name, "u": self.user, "%": "%"}
+        return re.sub(r"%(\d*)([jAaxu%])", lambda m: repl[m.group(2)].zfill(int(m.group(1) or 0)),
+                      pattern)
+
+    def log_path(self, stream: str = "stdout", task: Optional[Union[int, str]] = None) -> Optional[str]:
+        """The file Slurm writes ``stream`` of this job (an array: task 0, or ``task``) to."""
+        key = "output" if stream == "stdout" else "error"
+        pattern = self.provenance.get(key)
+        if not pattern:
+            return None
+        if task is None:
+            slurm_id = self.task_ids()[0] if self.is_array else self.job_id
+        elif isinstance(task, int):
+            slurm_id = self.task_id(task)
+        else:
+            slurm_id = task
+        return self._expand_path(pattern, slurm_id)
+
+    def task_id(self, index: int) -> str:
+        """The Slurm id of the array task that runs user index ``index``."""
+        indices = self.provenance.get("indices") or []
+        for chunk in self.provenance.get("chunks", []):
+            start, stop = chunk["positions"]
+            if index in indices[start:stop]:
+                off = chunk["offset"]
+                return f"{chunk['job_id']}_{index if off is None else indices.index(index) - off}"
+        raise SpecError(f"job {self.job_id} has no array index {index}")
+
+    def logs(self, stream: str = "stdout", tail: Optional[int] = None,
+             task: Optional[Union[int, str]] = None) -> str:
+        """The job's stdout (or stderr); the last ``tail`` lines only when given.
+
+        For a whole array (no ``task``) every task's log, each headed ``==> ID_TASK <==``
+        (as ``tail`` heads several files), ``tail`` applying to each.
+        """
+        if task is None and self.is_array and self.provenance.get("chunks"):
+            parts = []
+            for tid in self.task_ids():
+                parts.append(f"==> {tid} <==\n" + _read_tail(self.log_path(stream, tid), tail))
+            return "\n".join(parts)
+        return _read_tail(self.log_path(stream, task), tail)
+
+    def follow(self, stream: str = "stdout", task: Optional[Union[int, str]] = None,
+               backoff: Optional[Backoff] = None,
+               opener: Callable[[str], Any] = lambda p: open(p, "rb")) -> Iterator[bytes]:
+        """Yield the log's new bytes as Slurm writes them, until the job is final.
+
+        Polls the file (short intervals after new output, longer when idle) and asks the
+        scheduler only when nothing new was written; the file's last bytes are read after
+        the job is final, so nothing written at the end is lost. Bytes, not text: a log may
+        hold anything, and a CLI writes them to ``sys.stdout.buffer`` unchanged.
+        """
+        path = self.log_path(stream, task)
+        if path is None:
+            raise SchedulerError(f"job {self.job_id}: no log path known (not submitted by nsdf-hpc "
+                                 "here, and slurmctld no longer knows it)")
+        backoff = backoff or Backoff(initial=0.5, cap=5.0)
+        pos = 0
+        while True:
+            chunk = _read_from(path, pos, opener)
+            if chunk:
+                pos += len(chunk)
+                yield chunk
+                backoff.reset()
+            elif self.status().final:
+                rest = _read_from(path, pos, opener)
+                if rest:
+                    yield rest
+                return
+            backoff.sleep()
+
+    def follow_lines(self, stream: str = "stdout", task: Optional[Union[int, str]] = None,
+                     backoff: Optional[Backoff] = None) -> Iterator[str]:
+        """:meth:`follow` as text lines (a last line without newline is yielded at the end)."""
+        buf = b""
+        for chunk in self.follow(stream, task, backoff):
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "surrogateescape") + "\n"
+        if buf:
+            yield buf.decode("utf-8", "surrogateescape")
+
+
+def _read_from(path: str, pos: int, opener: Callable[[str], Any]) -> bytes:
+    try:
+        with opener(path) as fh:
+            fh.seek(pos)
+            return bytes(fh.read())
+    except FileNotFoundError:
+        return b""
+
+
+def _read_tail(path: Optional[str], tail: Optional[int]) -> str:
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "r", encoding="utf-8", errors="surrogateescape") as fh:
+        text = fh.read()
+    if tail is not None:
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[-tail:]) if tail > 0 else ""
+    return text

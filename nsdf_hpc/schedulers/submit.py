@@ -1,0 +1,286 @@
+"""Submission: a spec -> a prepared job (script rendered, image pulled here) -> submitted.
+
+Plain functions taking the :class:`~nsdf_hpc.client.Client` first: the client supplies the
+runtime choice, the image and the exact runtime invocation; this module turns them into a
+batch script and hands it to the backend (:class:`.slurm.Slurm`). The image is always
+prepared on the submit host, never on the compute nodes.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .._version import __version__
+from ..config import SlurmSettings, load_slurm_settings
+from ..environment import matches
+from ..errors import ConfigError, SchedulerError, SpecError
+from ..models import Bind, RunSpec
+from .job import Job
+from .script import (CMD_SENTINEL, JOB_TIME_PATTERNS, PROBE_NAME, PROBE_VALUE, ArrayChunk,
+                     ScriptInputs, default_output, probe_templates, render_script, split_array)
+from .slurm import Slurm
+from .spec import ArraySpec, JobSpec, parse_dependencies
+
+if TYPE_CHECKING:
+    from ..client import Client
+    from ..models import NativeImage
+    from ..runtimes.base import Invocation, Runtime
+
+__all__ = ["Prepared", "job_spec", "scheduler", "submit", "submit_array", "prepare",
+           "submit_prepared", "new_job_dir", "check_work_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+def _first_error(err: Exception) -> str:
+    """The first pydantic error as ``field: message`` (one line, not the dump)."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        try:
+            e = errors()[0]
+            loc = ".".join(str(x) for x in e.get("loc", ()))
+            return f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+        except (IndexError, TypeError, KeyError):
+            pass
+    return str(err)
+
+
+def job_spec(client: "Client", image: str, command: Optional[Sequence[str]] = None, *,
+             binds: Sequence[Union[str, Bind]] = (),
+             env: Union[None, Mapping[str, str], Sequence[str]] = None,
+             commands: Optional[Sequence[Sequence[str]]] = None, array: Any = None,
+             dependencies: Any = None, slurm: Optional[Slurm] = None, **options: Any) -> JobSpec:
+    """A validated :class:`JobSpec` (run options + sbatch resources; ``[slurm]`` defaults)."""
+    run_keys = set(RunSpec.model_fields) - {"image", "command", "binds", "env"}
+    run_opts = {k: options.pop(k) for k in list(options) if k in run_keys}
+    run = client.spec(image, list(command or (commands[0] if commands else ())), binds=binds, env=env,
+                      **run_opts)
+    if isinstance(array, str):
+        array = ArraySpec.parse(array)
+    elif isinstance(array, int):
+        array = ArraySpec(indices=tuple(range(array)))
+    elif array is not None and not isinstance(array, ArraySpec):
+        array = ArraySpec(indices=tuple(array))
+    if slurm is not None:
+        for key in ("partition", "account"):
+            if options.get(key) is None and getattr(slurm.settings, key):
+                options[key] = getattr(slurm.settings, key)
+        if slurm.settings.extra_directives:
+            options["extra_directives"] = tuple(slurm.settings.extra_directives) + \
+                tuple(options.get("extra_directives") or ())
+    fields = {k: getattr(run, k) for k in type(run).model_fields}
+    unknown = set(options) - set(JobSpec.model_fields)
+    if unknown:
+        raise SpecError(f"unknown job option(s): {', '.join(sorted(unknown))}")
+    fields.update(options)
+    try:
+        return JobSpec(**fields, array=array,
+                       commands=tuple(tuple(c) for c in commands) if commands is not None else None,
+                       dependencies=parse_dependencies(dependencies))
+    except ValueError as err:
+        raise SpecError(f"invalid job: {_first_error(err)}") from None
+
+
+def scheduler(client: "Client", **overrides: Any) -> Slurm:
+    """The Slurm backend (pyslurm when it matches the cluster, else the commands); cached on
+    the client unless ``overrides`` (``accounting``, ``work_dir``, ...) are given."""
+    from . import get_backend   # the package imports this module: resolved at call time
+    sched = client.__dict__.get("_slurm")
+    if sched is None or overrides:
+        sched = get_backend(client.runner, load_slurm_settings(client.env, **overrides), env=client.env)
+        if not overrides:
+            client.__dict__["_slurm"] = sched
+    return sched
+
+
+def submit(client: "Client", image: str, command: Optional[Sequence[str]] = None, *,
+           runtime: Optional[str] = None, scheduler: Optional[Slurm] = None, dry_run: bool = False,
+           **options: Any) -> Union[Job, "Prepared"]:
+    """Submit ``command`` in ``image`` to Slurm; returns a :class:`Job`.
+
+    The image is prepared here (never on the compute nodes). ``options`` are the run options
+    of ``Client.run`` and the sbatch resources of :class:`JobSpec` (``nodes``, ``ntasks``,
+    ``time``, ``array``, ``dependencies``, ``mpi``, ...). With ``dry_run=True`` nothing is
+    pulled or submitted and the rendered script is returned (a :class:`Prepared`).
+    """
+    slurm = scheduler or client.scheduler()  # type: ignore[attr-defined]
+    if not dry_run:
+        check_work_dir(slurm.settings)      # before pulling an image: fail fast, one line
+    spec = options.pop("spec", None) or job_spec(client, image, command, slurm=slurm, **options)
+    prep = prepare(client, spec, slurm, runtime, dry_run=dry_run)
+    if dry_run:
+        return prep
+    return submit_prepared(slurm, prep)
+
+
+def submit_array(client: "Client", image: str, commands: Optional[Sequence[Sequence[str]]] = None, *,
+                 template: Optional[Sequence[str]] = None, indices: Any = None,
+                 **options: Any) -> Union[Job, "Prepared"]:
+    """An array job: one command per task (``commands``), or ``template`` with ``{index}``
+    replaced by each task's index (``indices``: a count, ``"0-99%10"`` or a list)."""
+    if (commands is None) == (template is None):
+        raise SpecError("give either commands (one per task) or a template with {index}")
+    if commands is not None:
+        return submit(client, image, None, commands=commands, array=indices, **options)
+    if indices is None:
+        raise SpecError("an array template needs indices (a count, '0-99' or a list)")
+    return submit(client, image, template, array=indices, **options)
+
+
+def _forwarding(static: "Client", cmd_spec: RunSpec, rt: "Runtime", native: "NativeImage",
+                inv: "Invocation") -> Tuple[Tuple[str, ...], Tuple[str, ...], int]:
+    """How the runtime takes one more variable (probe_templates), kept in this one place:
+    the lead replaces it by a per-runtime env encoding."""
+    probe_spec = cmd_spec.model_copy(update={"env": {**cmd_spec.env, PROBE_NAME: PROBE_VALUE}})
+    pinv, _, _ = static.invocation(probe_spec, rt, native)
+    return probe_templates(inv.argv, pinv.argv, inv.env, pinv.env)
+
+
+# ---------------------------------------------------------------------------- submission
+@dataclass
+class Prepared:
+    """A job ready for sbatch: the rendered script(s) and the provenance record."""
+
+    spec: JobSpec
+    inputs: ScriptInputs
+    chunks: List[ArrayChunk]
+    script: str
+    provenance: Dict[str, Any] = field(default_factory=dict)
+
+
+def new_job_dir(work_dir: str, name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:40] or "job"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(work_dir, f"{stamp}-{slug}-{uuid.uuid4().hex[:8]}")
+
+
+def prepare(client: "Client", spec: JobSpec, slurm: Slurm, runtime: Any = None,
+            dry_run: bool = False) -> Prepared:
+    """Pull the image on this host, build the runtime invocation and render the script."""
+    if "%" in slurm.settings.work_dir:
+        raise SpecError(f"the Slurm work directory cannot contain '%': {slurm.settings.work_dir}")
+    rt = client.runtime(runtime)
+    static = copy.copy(client)
+    static.env = {k: v for k, v in client.env.items() if not matches(k, JOB_TIME_PATTERNS)}
+    cmd_spec = spec.run_spec(command=(CMD_SENTINEL,))
+    if dry_run:
+        inv, native, rt = static.plan(cmd_spec, rt)
+    else:
+        native = client.pull(spec.image, rt)
+        inv, native, rt = static.invocation(cmd_spec, rt, native)
+    if not inv.argv or inv.argv[-1] != CMD_SENTINEL:
+        raise SchedulerError(f"{rt.name}: the command is not at the end of the runtime argv")
+    prefix = tuple(inv.argv[:-1])
+    fwd_env, fwd_args, fwd_index = _forwarding(static, cmd_spec, rt, native, inv)
+    if not dry_run:
+        for d in inv.mkdirs:
+            os.makedirs(d, exist_ok=True)
+    job_dir = new_job_dir(slurm.settings.work_dir, spec.job_name)
+    script_path = os.path.join(job_dir, "job.sh")
+    out = spec.output or default_output(spec, job_dir, "out")
+    err = spec.error or default_output(spec, job_dir, "err")
+    chdir = spec.cwd or os.getcwd()
+    chunks: List[ArrayChunk] = []
+    if spec.array:
+        try:
+            limit = slurm.max_array_size()
+        except SchedulerError:
+            if not dry_run:
+                raise
+            limit = 1001
+        chunks = split_array(spec.array, limit)
+    header = (f"generated by nsdf-hpc {__version__}: {spec.image} ({native.digest or 'no digest'})",
+              f"runtime {rt.name} {rt.version or ''}: {native.location}",
+              f"provenance: {os.path.join(job_dir, 'provenance.json')}")
+    inputs = ScriptInputs(
+        prefix=prefix, fixed_env=dict(inv.env), job_dir=job_dir, script_path=script_path,
+        chdir=chdir, fwd_env=fwd_env, fwd_args=fwd_args, fwd_index=fwd_index,
+        forward=tuple(p for p in JOB_TIME_PATTERNS if p in client.settings.env_allow),
+        deny=tuple(client.settings.env_deny),
+        array_indices=spec.array.indices if spec.array else (),
+        remapped=bool(chunks and chunks[0].offset is not None),
+        header=header, output=out, error=err)
+    # one script for every chunk: the chunk's offset is the script's first argument
+    script = render_script(spec, inputs, chunks[0].array if chunks else None)
+    provenance = {
+        "nsdf_hpc": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "image": spec.image, "digest": native.digest, "native": native.location,
+        "runtime": rt.name, "runtime_version": rt.version, "argv": list(prefix),
+        "command": list(spec.command) if spec.commands is None else [list(c) for c in spec.commands],
+        "script": script_path, "script_sha256": hashlib.sha256(script.encode("utf-8", "surrogateescape")).hexdigest(),
+        "job_name": spec.job_name, "output": out, "error": err, "directory": job_dir,
+        "array": bool(spec.array), "indices": list(spec.array.indices) if spec.array else [],
+        "accounting": slurm.accounting, "job_ids": [], "chunks": [],
+    }
+    return Prepared(spec, inputs, chunks, script, provenance)
+
+
+def check_work_dir(settings: SlurmSettings) -> None:
+    """A ConfigError naming the setting (NSDF_HPC_SLURM_DIR, a file, an argument) when the
+    work directory is a file or cannot be written, instead of an OSError traceback later."""
+    path = settings.work_dir
+    where = settings.source("work_dir")
+    what = f"{where}={path}" if where.startswith("NSDF_HPC_") else f"Slurm work_dir {path} (from {where})"
+    probe = path
+    while not os.path.exists(probe):        # the nearest existing parent decides
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{what}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {probe} is not writable by this user")
+
+
+def submit_prepared(slurm: Slurm, prep: Prepared) -> Job:
+    """Write the script and provenance, then one sbatch per array chunk."""
+    check_work_dir(slurm.settings)
+    job_dir = prep.inputs.job_dir
+    by_id = os.path.join(slurm.settings.work_dir, "by-id")
+    try:
+        os.makedirs(os.path.join(job_dir, "exit"), exist_ok=True)
+        os.makedirs(by_id, exist_ok=True)
+        with open(prep.inputs.script_path, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.write(prep.script)
+        os.chmod(prep.inputs.script_path, 0o755)
+    except OSError as err:
+        # a race, a full disk, a read-only mount: still one line naming the setting
+        raise ConfigError(f"cannot write the job directory {job_dir} "
+                          f"(work_dir from {slurm.settings.source('work_dir')}): "
+                          f"{err.strerror or err}") from err
+    prov = prep.provenance
+    ids: List[str] = []
+    chunks = prep.chunks or [None]
+    for chunk in chunks:
+        if chunk is not None and chunk.offset is not None:
+            jid = slurm.sbatch(prep.inputs.script_path, [str(chunk.offset)],
+                               [f"--array={chunk.array}"])
+        else:
+            jid = slurm.sbatch(prep.inputs.script_path)
+        ids.append(jid)
+        slurm.dirs[jid] = job_dir
+        if chunk is not None:
+            prov["chunks"].append({"job_id": jid, "array": chunk.array, "offset": chunk.offset,
+                                   "positions": list(chunk.positions)})
+        link = os.path.join(by_id, jid)
+        try:
+            if os.path.islink(link):
+                os.unlink(link)
+            os.symlink(job_dir, link)
+        except OSError as err:
+            logger.debug("cannot link %s: %s", link, err)
+    prov["job_ids"] = ids
+    with open(os.path.join(job_dir, "provenance.json"), "w") as fh:
+        json.dump(prov, fh, indent=2)
+    return Job(slurm, ids, directory=job_dir, provenance=prov, script=prep.inputs.script_path,
+               user=slurm.user)
+
