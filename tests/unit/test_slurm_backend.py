@@ -215,3 +215,125 @@ def test_settings_from_config_and_env(tmp_path) -> None:
     s = SlurmSettings.load({"HOME": "/h", "NSDF_HPC_SLURM_DIR": "/x"}, files=[])
     assert s.work_dir == "/x"
     assert SlurmSettings.load({"HOME": "/h"}, files=[]).work_dir == os.path.join("/h", ".nsdf-hpc", "jobs")
+
+
+# ------------------------------------------------------------------ issue 14: bad work dir
+@pytest.mark.parametrize("kind", ["file", "readonly"])
+def test_a_bad_slurm_dir_is_one_config_error_naming_the_variable(tmp_path, kind: str) -> None:
+    from nsdf_hpc.config import load_slurm_settings
+    from nsdf_hpc.errors import ConfigError
+    from nsdf_hpc.schedulers.submit import check_work_dir
+    if kind == "file":
+        target = tmp_path / "afile"
+        target.write_text("x")
+        path = str(target / "jobs")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes everywhere")
+        target = tmp_path / "ro"
+        target.mkdir(mode=0o500)
+        path = str(target)
+    settings = load_slurm_settings({"HOME": str(tmp_path), "NSDF_HPC_SLURM_DIR": path}, files=[])
+    with pytest.raises(ConfigError) as e:
+        check_work_dir(settings)
+    msg = str(e.value)
+    assert "NSDF_HPC_SLURM_DIR=" in msg and path in msg and "\n" not in msg
+    assert ("not a directory" if kind == "file" else "not writable") in msg
+
+
+def test_slurm_dir_at_etc_passwd_is_not_a_directory(tmp_path) -> None:
+    from nsdf_hpc.config import load_slurm_settings
+    from nsdf_hpc.errors import ConfigError
+    from nsdf_hpc.schedulers.submit import check_work_dir
+    s = load_slurm_settings({"HOME": str(tmp_path), "NSDF_HPC_SLURM_DIR": "/etc/passwd"}, files=[])
+    with pytest.raises(ConfigError, match=r"NSDF_HPC_SLURM_DIR=/etc/passwd: /etc/passwd is not a directory"):
+        check_work_dir(s)
+
+
+def test_bad_slurm_settings_are_one_line_config_errors(tmp_path) -> None:
+    from nsdf_hpc.config import load_slurm_settings
+    from nsdf_hpc.errors import ConfigError
+    conf = tmp_path / "c.toml"
+    conf.write_text('[slurm]\npoll_cap = "soon"\n')
+    with pytest.raises(ConfigError) as e:
+        load_slurm_settings({"HOME": "/h"}, files=[str(conf)])
+    assert "poll_cap" in str(e.value) and str(conf) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="NSDF_HPC_SLURM_ACCOUNTING"):
+        load_slurm_settings({"HOME": "/h", "NSDF_HPC_SLURM_ACCOUNTING": "maybe"}, files=[])
+    with pytest.raises(ConfigError, match="unknown"):
+        load_slurm_settings({"HOME": "/h"}, files=[], poll_kap=3)
+    # precedence: defaults < files < env < arguments
+    conf.write_text('[slurm]\nwork_dir = "/f"\naccounting = "none"\n')
+    env = {"HOME": "/h", "NSDF_HPC_SLURM_DIR": "/e"}
+    s = load_slurm_settings(env, files=[str(conf)])
+    assert (s.work_dir, s.accounting, s.source("work_dir")) == ("/e", "none", "NSDF_HPC_SLURM_DIR")
+    assert load_slurm_settings(env, files=[str(conf)], work_dir="/a").work_dir == "/a"
+
+
+# ------------------------------------------------------------------ issue 16: one array task
+SACCT_TASKS = ("1349_0|COMPLETED|0:0|JobArrayTaskLimit|c1|arr\n"
+               "1349_10|RUNNING|0:0|None|c2|arr\n"
+               "1349_[11-20%2]|PENDING|0:0|JobArrayTaskLimit|None assigned|arr\n")
+
+
+def test_attach_status_and_cancel_one_array_task(tmp_path) -> None:
+    runner = FakeRunner({"sacct": [ok(SACCT_TASKS)], "scancel": [ok()], "scontrol": [ok("")]})
+    s = backend(runner, tmp_path)
+    task = s.attach("1349_10")
+    assert task.job_ids == ("1349_10",) and task.is_task and not task.is_array
+    st = task.status()
+    assert (st.job_id, st.state) == ("1349_10", JobState.ACTIVE)
+    assert s.attach("1349_12").status().state is JobState.QUEUED   # inside the pending range
+    task.cancel()
+    assert runner.calls[-1] == ("scancel", "1349_10")
+
+
+def test_a_pending_reason_never_shows_on_a_final_task(tmp_path) -> None:
+    from nsdf_hpc.schedulers.commands import parse_sacct
+    t = parse_sacct(SACCT_TASKS)
+    assert t["1349_0"].reason is None                       # COMPLETED: JobArrayTaskLimit dropped
+    assert t["1349_[11-20%2]"].reason == "JobArrayTaskLimit"  # still pending: kept
+
+
+def test_invalid_job_ids_are_refused(tmp_path) -> None:
+    from nsdf_hpc.errors import SpecError
+    s = backend(FakeRunner({}), tmp_path)
+    for bad in ("12;rm", "12_", "_3", "12_3_4", "abc"):
+        with pytest.raises(SpecError):
+            s.attach(bad)
+
+
+def test_logs_of_an_array_show_every_task_headed_by_its_id(tmp_path) -> None:
+    s = backend(FakeRunner({}), tmp_path)
+    for t in (0, 1):
+        (tmp_path / f"77_{t}.out").write_text(f"task {t}\n")
+    prov = {"array": True, "indices": [0, 1], "output": str(tmp_path / "%A_%a.out"),
+            "chunks": [{"job_id": "77", "array": "0-1", "offset": None, "positions": [0, 2]}]}
+    job = Job(s, ["77"], provenance=prov)
+    assert job.logs() == "==> 77_0 <==\ntask 0\n\n==> 77_1 <==\ntask 1\n"
+    assert job.logs(task=1) == "task 1\n" and job.logs(task="77_0") == "task 0\n"
+
+
+def test_follow_yields_output_as_written_until_final(tmp_path) -> None:
+    log = tmp_path / "5.out"
+    states = iter(["RUNNING", "RUNNING", "COMPLETED"])
+
+    def sacct(argv: Tuple[str, ...]) -> CompletedCommand:
+        state = next(states, "COMPLETED")
+        with open(log, "a") as fh:         # the job writes one line per poll
+            fh.write(f"{state}\n")
+        return ok(f"5|{state}|0:0|None|c1|x\n")
+    clock = FakeClock()
+    s = backend(FakeRunner({"sacct": [sacct]}), tmp_path, clock)
+    job = Job(s, ["5"], provenance={"output": str(log)})
+    log.write_text("first\n")
+    lines = list(job.follow_lines(backoff=Backoff(initial=1, cap=1, jitter=0, clock=clock,
+                                                  sleep=clock.sleep)))
+    assert lines == ["first\n", "RUNNING\n", "RUNNING\n", "COMPLETED\n"]
+
+
+def test_log_patterns_use_the_given_user_not_os_environ(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("USER", "from-os-environ")
+    s = Slurm(FakeRunner({}), SlurmSettings(work_dir=str(tmp_path)), env={"USER": "alice"})
+    job = Job(s, ["9"], provenance={"output": "/x/%u-%j.out"}, user=s.user)
+    assert job.log_path() == "/x/alice-9.out"
