@@ -134,6 +134,44 @@ def test_array_template_and_split_by_max_array_size(client: Client, slurm: Slurm
     assert [split.logs(task=i).strip() for i in range(10, 15)] == [f"cmd {i}" for i in range(5)]
 
 
+def test_array_task_ids_attach_status_logs_and_cancel_one_task(
+        client: Client, slurm: Slurm, work_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nsdf_hpc
+    arr = client.submit_array(IMAGE, template=["sh", "-c", "echo task {index}"], indices="0-2",
+                              runtime=FAST, scheduler=slurm, job_name="array-tasks")
+    st = arr.wait(timeout=90)
+    assert st.state is JobState.COMPLETED and st.tasks == 3, st
+    # one task by Slurm's own id, through the backend and through nsdf_hpc.attach
+    one = slurm.attach(f"{arr.job_id}_1")
+    assert one.job_ids == (f"{arr.job_id}_1",)
+    ts = one.status()
+    assert (ts.job_id, ts.state, ts.exit_code) == (f"{arr.job_id}_1", JobState.COMPLETED, 0)
+    assert one.logs() == "task 1\n"
+    monkeypatch.setenv("NSDF_HPC_SLURM_DIR", str(work_dir))
+    assert nsdf_hpc.attach(f"{arr.job_id}_2").logs() == "task 2\n"
+    # the whole array: every task's log, each headed by its id
+    assert slurm.attach(arr.job_id).logs() == "".join(
+        f"{'' if i == 0 else chr(10)}==> {arr.job_id}_{i} <==\ntask {i}\n" for i in range(3))
+    # no pending reason (JobArrayTaskLimit, ...) on a finished task
+    whole = slurm.attach(arr.job_id)
+    whole.status()
+    assert len(whole.tasks) == 3 and all(t.reason is None for t in whole.tasks.values()), whole.tasks
+    # cancel exactly one running task: scancel JOBID_TASK
+    sleepy = client.submit_array(IMAGE, template=["sleep", "60"], indices="0-1", runtime=FAST,
+                                 scheduler=slurm, job_name="array-cancel-one")
+    deadline = time.time() + 40
+    while sleepy.status().state is not JobState.ACTIVE and time.time() < deadline:
+        time.sleep(0.3)
+    victim = slurm.attach(f"{sleepy.job_id}_1")
+    victim.cancel()
+    vs = victim.wait(timeout=30)
+    assert vs.state is JobState.CANCELED, vs
+    other = slurm.attach(f"{sleepy.job_id}_0").status()
+    assert other.state in (JobState.QUEUED, JobState.ACTIVE), other   # untouched
+    sleepy.cancel()
+    assert sleepy.wait(timeout=30).state is JobState.CANCELED
+
+
 def test_dependency_chain(client: Client, slurm: Slurm, work_dir: Path) -> None:
     shared = work_dir / "dependency-data"
     shared.mkdir()
