@@ -62,3 +62,11 @@ def test_job_spec_errors_are_spec_errors(client: Client) -> None:
         client.job_spec("busybox", None, commands=[["a"]], array="0-4")
     with pytest.raises(SpecError):
         client.submit_array("busybox")
+
+
+def test_submit_with_slurm_dir_at_a_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "NSDF_HPC_SITE_CONFIG": "/nonexistent",
+           "NSDF_HPC_CACHE": str(tmp_path / "cache"), "NSDF_HPC_SLURM_DIR": "/etc/passwd"}
+    res = CliRunner().invoke(cli, ["submit", "-r", "udocker", "busybox", "--", "true"], env=env)
+    assert res.exit_code == 2, res.output
+    assert "NSDF_HPC_SLURM_DIR=/etc/passwd" in res.output and "Traceback" not in res.output
