@@ -14,7 +14,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping,
 
 from ..errors import SchedulerError, SpecError
 from .backoff import Backoff
-from .spec import parse_array_indices
+from .spec import parse_array_indices, task_covered
 from .states import JobState, JobStatus, aggregate
 
 if TYPE_CHECKING:
@@ -31,19 +31,6 @@ def group_by_job(table: Mapping[str, JobStatus]) -> Dict[str, Dict[str, JobStatu
     for k, v in table.items():
         out.setdefault(k.split("_", 1)[0], {})[k] = v
     return out
-
-
-def _task_in(task: str, key: str) -> bool:
-    """Whether ``key`` (``12_3`` or a pending range ``12_[0-9%2]``) covers task ``12_3``."""
-    if key == task:
-        return True
-    base, _, t = task.partition("_")
-    if not key.startswith(base + "_[") or not key.endswith("]"):
-        return False
-    try:
-        return int(t) in parse_array_indices(key[len(base) + 2:-1].split("%")[0])
-    except ValueError:
-        return False
 
 
 def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
@@ -124,7 +111,7 @@ class Job:
         mine: Dict[str, JobStatus] = {}
         for j in self.job_ids:
             if "_" in j:    # one task: its own line, or the pending range that holds it
-                hits = {k: v for k, v in grouped.get(j.split("_", 1)[0], {}).items() if _task_in(j, k)}
+                hits = {k: v for k, v in grouped.get(j.split("_", 1)[0], {}).items() if task_covered(j, k)}
                 mine.update({j: v.model_copy(update={"job_id": j}) for v in list(hits.values())[:1]})
             else:
                 mine.update(grouped.get(j, {}))

@@ -36,7 +36,7 @@ from ..errors import (CommandError, CommandTimeoutError, SchedulerError, SubmitE
 from . import commands as cmd
 from .backoff import Backoff
 from .job import Job, wait_all
-from .spec import check_job_id, parse_array_indices
+from .spec import check_job_id, task_covered
 from .states import JobState, JobStatus
 
 __all__ = ["Slurm", "TransientStatusError"]
@@ -185,7 +185,7 @@ class Slurm:
                 raise SchedulerError(msg)
             table = cmd.parse_sacct(res.stdout)
             present = {_base(k) for k in table} | set(table)
-            missing = [j for j in ids if j not in present and not _in_range(j, table)]
+            missing = [j for j in ids if j not in present and not any(task_covered(j, k) for k in table)]
             if missing:
                 # not in the database yet (submitted a moment ago, or held: slurmctld
                 # records a job when it becomes eligible): slurmctld answers for them
@@ -281,21 +281,6 @@ class Slurm:
                  backoff: Optional[Backoff] = None) -> List[JobStatus]:
         """Wait for every job; each round is ONE status query (see :func:`.job.wait_all`)."""
         return wait_all(jobs, timeout=timeout, backoff=backoff or self.backoff())
-
-
-def _in_range(job_id: str, table: Mapping[str, JobStatus]) -> bool:
-    """Whether task ``J_T`` is inside a pending range line ``J_[0-9%2]`` of ``table``."""
-    base, _, task = job_id.partition("_")
-    if not task:
-        return False
-    for key in table:
-        if key.startswith(base + "_[") and key.endswith("]"):
-            try:
-                if int(task) in parse_array_indices(key[len(base) + 2:-1].split("%")[0]):
-                    return True
-            except ValueError:
-                continue
-    return False
 
 
 def _read_json(path: str) -> Dict[str, Any]:

@@ -17,7 +17,7 @@ from ..errors import SpecError
 from ..models import Model, RunSpec
 
 __all__ = ["JobSpec", "Dependency", "ArraySpec", "parse_array_indices", "compress_indices",
-           "parse_dependencies", "as_job_ids", "check_job_id", "JOB_ID", "TASK_INDEX"]
+           "parse_dependencies", "as_job_ids", "task_covered", "check_job_id", "JOB_ID", "TASK_INDEX"]
 
 #: in an array template command, replaced by the task index inside the job
 TASK_INDEX = "{index}"
@@ -232,6 +232,20 @@ def as_job_ids(items: Union[None, str, int, Any, Iterable[Any]]) -> Tuple[str, .
     for it in items:  # type: ignore[union-attr]
         out.extend(as_job_ids(it))
     return tuple(out)
+
+
+def task_covered(task: str, key: str) -> bool:
+    """Whether a status line keyed ``key`` (``12_3``, or a pending range ``12_[0-9%2]`` as
+    sacct and scontrol print it) answers for array task ``task`` (``12_3``)."""
+    if key == task:
+        return True
+    base, _, t = task.partition("_")
+    if not t or not key.startswith(base + "_[") or not key.endswith("]"):
+        return False
+    try:
+        return int(t) in parse_array_indices(key[len(base) + 2:-1].split("%")[0])
+    except ValueError:
+        return False
 
 
 def parse_dependencies(value: Any) -> Tuple[Dependency, ...]:
