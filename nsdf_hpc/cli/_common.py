@@ -158,7 +158,7 @@ class SizeType(click.ParamType):
 
 class AgeType(click.ParamType):
     """An age in seconds: ``30d``, ``12h``, ``90m``, ``2w``, ``45s`` or plain seconds; ``0`` is
-    allowed (meaning "any"); negative and non-finite values are rejected."""
+    allowed (every entry is old enough); negative and non-finite values are rejected."""
     name = "age"
     _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

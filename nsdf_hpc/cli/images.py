@@ -58,9 +58,9 @@ def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
 
 @click.command()
 @click.option("--older-than", type=AGE, metavar="AGE",
-              help="Remove entries unused for AGE (30d, 12h, 90m; 0: any).")
+              help="Remove entries unused for AGE (30d, 12h, 90m; 0: all).")
 @click.option("--max-size", type=SIZE, metavar="SIZE",
-              help="Then shrink to SIZE (10G, 500M; 0: empty), least recently used first.")
+              help="Then shrink to SIZE (10G, 500M; 0: nothing left), least recently used first.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.pass_context
 @cli_errors()

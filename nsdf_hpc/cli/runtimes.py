@@ -49,7 +49,8 @@ def runtimes(ctx: click.Context, as_json: bool, refresh: bool) -> None:
                 click.echo(f"      note: {n}")
     click.echo("")
     if chosen:
-        how = {"argument": "asked for", "auto": "first usable in NSDF's order"}.get(source or "", f"set by {source}")
+        how = {"argument": "asked for", "auto": "first usable in NSDF's order"}.get(
+            source or "", f"set by {source}")
         click.echo(f"chosen: {chosen} ({how})")
         for name, why in rejected.items():
             click.echo(f"  not {name}: {why}")
