@@ -240,6 +240,20 @@ def test_images_and_prune(tmp_path: Path) -> None:
     assert r.stdout.strip() == HELLO
 
 
+@pytest.mark.charliecloud
+def test_absurd_prune_values_leave_the_cache_alone(tmp_path: Path) -> None:
+    """Issue 14: `prune --max-size -5G` printed "removed 8 entries" and emptied the cache."""
+    cache = tmp_path / "cache"
+    assert nsdf_root(["pull", "--runtime", "charliecloud", BUSYBOX], cache).returncode == 0
+    for option, value in (("--max-size", "-5G"), ("--older-than", "-1d"), ("--max-size", "nan"),
+                          ("--max-size", "1e400G"), ("--older-than", "")):
+        r = nsdf_root(["prune", option, value], cache)
+        assert r.returncode == 2, (option, value, r.stdout, r.stderr)
+        assert f"Invalid value for '{option}'" in r.stderr and "removed" not in r.stdout
+    listed = json.loads(nsdf_root(["images", "--json"], cache).stdout)
+    assert [(e["runtime"], e["ok"]) for e in listed] == [("charliecloud", True)]
+
+
 def test_json_progress_events(tmp_path: Path) -> None:
     r = nsdf_root(["pull", "--json", "--runtime", "charliecloud", BUSYBOX], tmp_path / "c")
     events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from nsdf_hpc import __version__
 from nsdf_hpc._entry import main as entry_main
 from nsdf_hpc.cli import cli
+from nsdf_hpc.cli._common import AGE, SIZE
 
 
 @pytest.fixture
@@ -90,3 +91,29 @@ def test_prune_needs_a_criterion(invoke):
     assert res.exit_code == 2 and "--older-than" in res.output
     res = invoke("prune", "--older-than", "soon")
     assert res.exit_code == 2 and "invalid age 'soon'" in res.output
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--max-size", "-5G"), ("--max-size", "-1"), ("--max-size", "10Q"), ("--max-size", ""),
+    ("--max-size", "nan"), ("--max-size", "nanG"), ("--max-size", "inf"), ("--max-size", "1e400G"),
+    ("--max-size", "9e18"), ("--older-than", "-1d"), ("--older-than", "-5"), ("--older-than", ""),
+    ("--older-than", "nan"), ("--older-than", "infd"), ("--older-than", "1e400w"),
+])
+def test_absurd_prune_values_are_usage_errors(invoke, option, value):
+    """Issue 14: `prune --max-size -5G` emptied the cache. Now click refuses it (exit 2)."""
+    res = invoke("prune", option, value)
+    assert res.exit_code == 2, res.output
+    assert f"Invalid value for '{option}'" in res.output and "Traceback" not in res.output
+    assert "removed" not in res.output
+
+
+@pytest.mark.parametrize("text,size", [("0", 0), ("500M", 500 << 20), ("10G", 10 << 30), ("10GiB", 10 << 30),
+                                       ("1.5k", 1536), ("4096", 4096), ("2tb", 2 << 40)])
+def test_sizes(text, size):
+    assert SIZE.convert(text, None, None) == size
+
+
+@pytest.mark.parametrize("text,age", [("0", 0), ("30d", 30 * 86400), ("12h", 43200), ("90m", 5400),
+                                      ("2w", 1209600), ("45s", 45), ("1.5", 1.5)])
+def test_ages(text, age):
+    assert AGE.convert(text, None, None) == age

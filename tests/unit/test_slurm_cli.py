@@ -1,15 +1,19 @@
 """The Slurm commands are registered on nsdf-run, and Client.job_spec builds valid specs (pure)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 import pytest
 from click.testing import CliRunner
 
 from nsdf_hpc.cli import cli
+from nsdf_hpc.cli import slurm as cli_slurm
 from nsdf_hpc.client import Client
 from nsdf_hpc.errors import SpecError
 from nsdf_hpc.schedulers.spec import ArraySpec
+from nsdf_hpc.schedulers.states import JobState
 
 
 @pytest.fixture
@@ -70,3 +74,75 @@ def test_submit_with_slurm_dir_at_a_file_is_one_line_and_exit_2(tmp_path: Path) 
     res = CliRunner().invoke(cli, ["submit", "-r", "udocker", "busybox", "--", "true"], env=env)
     assert res.exit_code == 2, res.output
     assert "NSDF_HPC_SLURM_DIR=/etc/passwd" in res.output and "Traceback" not in res.output
+
+
+class _FakeStatus:
+    def __init__(self, job_id: str) -> None:
+        self.job_id, self.exit_code, self.signal, self.reason, self.accounting = job_id, 0, None, None, True
+        self.native_state = "COMPLETED"
+        self.state = JobState.COMPLETED
+
+    def model_dump_json(self) -> str:
+        return json.dumps({"job_id": self.job_id, "state": self.state.value})
+
+
+class _FakeJob:
+    def __init__(self, job_id: str) -> None:
+        self.job_ids, self.tasks = (job_id,), {}
+
+    def _update(self, table: object) -> _FakeStatus:
+        return _FakeStatus(self.job_ids[0])
+
+    def log_path(self, stream: str, task: object) -> str:
+        return "/dev/null"
+
+    def logs(self, stream: str, tail: object, task: object) -> str:
+        return f"log of {self.job_ids[0]}\n"
+
+
+class _FakeSlurm:
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, object]] = []
+
+    def attach(self, job_id: str) -> _FakeJob:
+        self.calls.append(("attach", job_id))
+        return _FakeJob(job_id)
+
+    def status(self, ids: List[str]) -> Dict[str, object]:
+        return {}
+
+    def cancel(self, ids: List[str]) -> None:
+        self.calls.append(("cancel", list(ids)))
+
+
+@pytest.fixture
+def fake_slurm(monkeypatch: pytest.MonkeyPatch) -> _FakeSlurm:
+    fake = _FakeSlurm()
+    monkeypatch.setattr(cli_slurm, "_slurm", lambda ctx, *a, **k: (None, fake))
+    return fake
+
+
+def test_array_task_ids_are_accepted(fake_slurm: _FakeSlurm) -> None:
+    """Issue 14: Slurm prints array tasks as N_M; status, logs and cancel take them."""
+    res = CliRunner().invoke(cli, ["status", "1349_10", "1350"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0].split("\t")[:2] == ["1349_10", "COMPLETED"]
+    res = CliRunner().invoke(cli, ["status", "--json", "1349_10", "1350"], catch_exceptions=False)
+    assert [r["job_id"] for r in json.loads(res.output)] == ["1349_10", "1350"]   # one array
+    res = CliRunner().invoke(cli, ["logs", "1349_10"], catch_exceptions=False)
+    assert res.exit_code == 0 and res.output == "log of 1349_10\n"
+    res = CliRunner().invoke(cli, ["cancel", "1349_10", "7"], catch_exceptions=False)
+    assert res.exit_code == 0 and ("cancel", ["1349_10", "7"]) in fake_slurm.calls
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "cancel"])
+@pytest.mark.parametrize("job_id", ["abc", "12_", "_3", "1_2_3", "-1", "12.3", "1349_[1-3]", ""])
+def test_malformed_job_ids_are_usage_errors(fake_slurm: _FakeSlurm, command: str, job_id: str) -> None:
+    res = CliRunner().invoke(cli, [command, "--", job_id])
+    assert res.exit_code == 2, res.output
+    assert "invalid job id" in res.output and fake_slurm.calls == []
+
+
+def test_status_help_says_json_is_an_array() -> None:
+    out = CliRunner().invoke(cli, ["status", "--help"], catch_exceptions=False).output
+    assert "JSON array" in " ".join(out.split()) and "N_M" in out

@@ -1,4 +1,5 @@
-"""Progress on a terminal for pulls and conversions (rich), phases with elapsed time.
+"""Progress on a terminal for pulls and conversions (rich), phases with elapsed time: the CLI's
+rendering of the library's progress events.
 
 Runtimes do not report bytes in a machine-readable way (apptainer, ch-image and podman
 print human progress, udocker nothing), so the bar shows the phases of the plan and the

@@ -1,0 +1,47 @@
+"""``nsdf-run``, the command line: the click group, its global options, and :func:`main`.
+
+The only part of nsdf_hpc that prints or exits. Each group of commands lives in its own module
+(``run``, ``images``, ``runtimes``, ``slurm``), which imports only :mod:`._common` (errors ->
+exit codes, shared options, the client) and never another command module; this module adds
+their commands to the group. ``nsdf_hpc._entry`` answers ``--version`` and replays recorded
+launches before importing this package.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import click
+
+from .._version import __version__
+from . import images, runtimes, slurm
+from . import run as _run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="nsdf-run")
+@click.option("-v", "--verbose", count=True, help="Log what nsdf-run does (-vv: every command).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Run Docker/OCI images on HPC clusters with Apptainer, Charliecloud, Shifter,
+    Podman or UDocker, whichever this machine offers."""
+    ctx.ensure_object(dict)["quiet"] = quiet
+    if verbose:
+        import logging
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO,
+                            format="nsdf-run: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+for _command in (_run.run, images.pull, runtimes.runtimes, runtimes.doctor, images.images,
+                 images.prune, slurm.submit, slurm.status, slurm.cancel, slurm.logs):
+    cli.add_command(_command)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``nsdf-run`` console script and ``python -m nsdf_hpc``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    cli.main(args=args, prog_name="nsdf-run", obj={"argv": args})
+
+
+__all__ = ["cli", "main"]

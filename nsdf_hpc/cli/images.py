@@ -1,0 +1,88 @@
+"""``nsdf-run pull | images | prune``: the image cache from the command line."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, List, Optional
+
+import click
+
+from ._common import AGE, SIZE, cli_errors, make_client
+
+
+@click.command()
+@click.option("--runtime", "-r", metavar="NAME", help="Prepare for this runtime.")
+@click.option("--json", "as_json", is_flag=True, help="JSON events on stderr, the result on stdout.")
+@click.argument("image")
+@click.pass_context
+@cli_errors()
+def pull(ctx: click.Context, image: str, runtime: Optional[str], as_json: bool) -> None:
+    """Convert IMAGE to the runtime's native form and cache it by digest."""
+    client = make_client(ctx, json_events=as_json)
+    native = client.pull(image, runtime)
+    if as_json:
+        click.echo(native.model_dump_json())
+    else:
+        state = "cached" if native.cached else "pulled"
+        click.echo(f"{state}: {native.source} -> {native.runtime}: {native.location}"
+                   + (f" ({native.digest})" if native.digest else ""))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--verify", is_flag=True, help="Re-hash every artifact (slow).")
+@click.pass_context
+@cli_errors()
+def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
+    """List cached images: digest, runtime, size, last use."""
+    client = make_client(ctx)
+    rows: List[Dict[str, Any]] = []
+    for e in client.images():
+        ok = client.cache.verify_full(e) if verify else client.cache.check(e)
+        rows.append({"runtime": e.runtime, "digest": e.digest, "source": e.data.get("source"),
+                     "location": e.location, "size": e.size(), "last_use": e.last_use(),
+                     "tier": e.tier, "ok": ok})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no cached images in {client.cache.root}")
+        return
+    click.echo(f"{'RUNTIME':<13} {'DIGEST':<19} {'SIZE':>9}  {'LAST USE':<16} SOURCE")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_use"]))
+        flag = "" if r["ok"] else "  [BROKEN]"
+        click.echo(f"{r['runtime']:<13} {r['digest'][:19]:<19} {_human(r['size']):>9}  {when:<16} "
+                   f"{r['source']}{' (site)' if r['tier'] == 'site' else ''}{flag}")
+
+
+@click.command()
+@click.option("--older-than", type=AGE, metavar="AGE",
+              help="Remove entries unused for AGE (30d, 12h, 90m; 0: all).")
+@click.option("--max-size", type=SIZE, metavar="SIZE",
+              help="Then shrink to SIZE (10G, 500M; 0: nothing left), least recently used first.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.pass_context
+@cli_errors()
+def prune(ctx: click.Context, older_than: Optional[float], max_size: Optional[int], dry_run: bool) -> None:
+    """Remove cached images safely while others may be using the cache."""
+    from ..errors import SpecError
+    if older_than is None and max_size is None:
+        raise SpecError("say what to prune: --older-than AGE and/or --max-size SIZE")
+    client = make_client(ctx)
+    removed = client.prune(older_than=older_than, max_size=max_size, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for e in removed:
+        click.echo(f"{verb} {e.runtime} {e.digest} ({_human(e.size())}) {e.data.get('source')}")
+    click.echo(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
+               f"{_human(sum(e.size() for e in removed))}")
+
+
+def _human(n: int) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, ... TiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
