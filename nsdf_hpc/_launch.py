@@ -28,9 +28,9 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
 from ._version import __version__
 from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
-from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, container_env, dq_escape, matches
+from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 1
+FORMAT = 2
 #: variables that change between identical calls and that planning never reads
 _VOLATILE = ("_", "OLDPWD", "SHLVL", "PWD", "COLUMNS", "LINES")
 #: variables planning reads although the container allowlist also takes them
@@ -65,28 +65,18 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
     return h.hexdigest()[:40]
 
 
-def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any, spec_env: Mapping[str, str],
+def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
          allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
          exists: Sequence[str] = ()) -> None:
-    """Write the record for a planned run (best effort: a read-only home just skips it)."""
-    if inv.env_mode not in ("argv", "prefix", "process"):
-        return
-    host_part = container_env(env, {}, allow, deny)
-    explicit = {k: v for k, v in inv.container_env.items() if k in spec_env or k not in host_part}
-    if inv.env_mode == "argv":
-        a, b = inv.env_block
-        argv_head, argv_tail = list(inv.argv[:a]), list(inv.argv[b:])
-        static_env = dict(inv.env)
-    elif inv.env_mode == "prefix":
-        argv_head, argv_tail = list(inv.argv), []
-        static_env = {k: v for k, v in inv.env.items() if not k.startswith(inv.env_prefix)}
-    else:
-        argv_head, argv_tail = list(inv.argv), []
-        static_env = {k: v for k, v in inv.env.items() if k not in inv.container_env}
+    """Write the record for a planned run (best effort: a read-only home just skips it).
+
+    The record keeps the invocation in its parts (``runtimes.base.Invocation``) and the
+    runtime's one environment encoding, so a later call re-encodes its own host variables.
+    """
     record = {
-        "format": FORMAT, "mode": inv.env_mode, "argv_head": argv_head, "argv_tail": argv_tail,
-        "flag": inv.env_flag, "prefix": inv.env_prefix, "escape": inv.env_escape,
-        "static_env": static_env, "explicit": explicit, "allow": list(allow), "deny": list(deny),
+        "format": FORMAT, "encoding": inv.encoding.as_dict(), "head": list(inv.head),
+        "tail": list(inv.tail) + list(inv.command), "static_env": dict(inv.static_env),
+        "explicit": dict(inv.explicit_env), "allow": list(allow), "deny": list(deny),
         "mkdirs": list(inv.mkdirs), "expires": expires,
         "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
     }
@@ -113,22 +103,9 @@ def load(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Tupl
         if now is None or (ident is not None and list(now) != ident):
             return None
     cenv = container_env(env, rec["explicit"], rec["allow"], rec["deny"])
-    mode = rec["mode"]
-    argv = list(rec["argv_head"])
-    penv = dict(rec["static_env"])
-    if mode == "argv":
-        for k, v in cenv.items():
-            argv += [rec["flag"], f"{k}={v}"]
-        argv += rec["argv_tail"]
-    elif mode == "prefix":
-        for k, v in cenv.items():
-            if rec["escape"]:
-                v = dq_escape(v)
-            penv[rec["prefix"] + k] = v
-    elif mode == "process":
-        penv.update(cenv)
-    else:
-        return None
+    encoding = EnvEncoding(**rec["encoding"])
+    argv = [*rec["head"], *encoding.argv_words(cenv), *rec["tail"]]
+    penv = encoding.process_env(rec["static_env"], cenv)
     return argv, penv, list(rec.get("mkdirs", []))
 
 

@@ -341,7 +341,7 @@ class ImageCache:
                 except OSError:
                     continue
             if dead:
-                _rmtree(p)
+                rmtree(p)
                 removed += 1
         return removed
 
@@ -419,7 +419,7 @@ class ImageCache:
                 os.rename(entry.path, trash)
             except OSError:
                 return False
-        _rmtree(trash)
+        rmtree(trash)
         return True
 
 
@@ -433,7 +433,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _rmtree(path: str) -> None:
+def rmtree(path: str) -> None:
     def onerror(func: Any, p: str, exc: Any) -> None:
         try:   # read-only dirs from image layers: make writable, retry once
             os.chmod(os.path.dirname(p), 0o700)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:   # kept off the launch fast path (nsdf_hpc/_launch.py)
-    from typing import Dict, Mapping, Sequence, Tuple
+    from typing import Dict, List, Mapping, Sequence, Tuple
 
 #: Host variables that reach the container (fnmatch patterns); configurable.
 DEFAULT_ENV_ALLOW: Tuple[str, ...] = (
@@ -55,6 +55,58 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
         from fnmatch import translate
         rx = _COMPILED[key] = re.compile("|".join(f"(?:{translate(p)})" for p in key) or "(?!)")
     return rx.match(name) is not None
+
+
+class EnvEncoding:
+    """How one runtime carries the container environment: the one encoding used alike by
+    runs, launch records (``_launch.py``) and Slurm batch scripts.
+
+    * ``"argv"``: ``flag K=V`` word pairs on the command line (Podman, UDocker ``-e``);
+    * ``"prefix"``: process variables ``prefix + K`` (Apptainer's ``APPTAINERENV_K``), values
+      escaped for a shell's double quotes when ``escape`` (a version without ``--no-eval``);
+    * ``"process"``: the runtime's own process environment is the container's (ch-run,
+      Shifter copy theirs in).
+
+    A plain class, not a dataclass: the launch fast path imports this module.
+    """
+
+    __slots__ = ("mode", "flag", "prefix", "escape")
+
+    def __init__(self, mode: str, flag: str = "", prefix: str = "", escape: bool = False) -> None:
+        if mode not in ("argv", "prefix", "process"):
+            raise ValueError(f"unknown environment encoding {mode!r}")
+        self.mode, self.flag, self.prefix, self.escape = mode, flag, prefix, escape
+
+    def __repr__(self) -> str:
+        return f"EnvEncoding({self.mode!r}, flag={self.flag!r}, prefix={self.prefix!r}, escape={self.escape})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EnvEncoding) and self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.mode, self.flag, self.prefix, self.escape))
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"mode": self.mode, "flag": self.flag, "prefix": self.prefix, "escape": self.escape}
+
+    def argv_words(self, cenv: Mapping[str, str]) -> List[str]:
+        """The command-line words that carry ``cenv`` (empty unless mode is "argv")."""
+        if self.mode != "argv":
+            return []
+        words: List[str] = []
+        for k, v in cenv.items():
+            words += [self.flag, f"{k}={v}"]
+        return words
+
+    def process_env(self, static: Mapping[str, str], cenv: Mapping[str, str]) -> Dict[str, str]:
+        """The runtime process's environment: ``static`` plus what carries ``cenv``."""
+        out = dict(static)
+        if self.mode == "prefix":
+            for k, v in cenv.items():
+                out[self.prefix + k] = dq_escape(v) if self.escape else v
+        elif self.mode == "process":
+            out.update(cenv)
+        return out
 
 
 def container_env(host_env: Mapping[str, str], explicit: Mapping[str, str],

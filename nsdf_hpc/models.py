@@ -8,6 +8,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import SpecError
+from .reference import ImageSource
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -92,6 +93,8 @@ class RunSpec(Model):
     """
 
     image: str
+    #: the parsed ``image`` (set by ``Client.spec``), so it is parsed once and then carried
+    source: Optional[ImageSource] = Field(default=None, exclude=True)
     command: Tuple[str, ...]
     binds: Tuple[Bind, ...] = ()
     env: Dict[str, str] = Field(default_factory=dict)
@@ -182,7 +185,3 @@ class RunResult(Model):
     @property
     def ok(self) -> bool:
         return self.returncode == 0
-
-
-def env_list(env: Mapping[str, str]) -> List[str]:
-    return [f"{k}={v}" for k, v in env.items()]

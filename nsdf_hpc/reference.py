@@ -91,10 +91,6 @@ class ImageSource(_Frozen):
     layout_ref: Optional[str] = None  # oci-dir: the ref inside the layout
     text: str                         # what the user wrote
 
-    @property
-    def is_offline(self) -> bool:
-        return self.kind != "registry"
-
     def __str__(self) -> str:
         if self.kind == "registry":
             return str(self.ref)

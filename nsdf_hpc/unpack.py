@@ -298,9 +298,3 @@ def repack_for_udocker(source: ImageSource, dest: str) -> None:
                     out.addfile(info, tin.extractfile(real))
                 else:
                     out.addfile(m, tin.extractfile(m) if m.isreg() else None)
-
-
-def iter_files(root: str) -> Iterator[str]:
-    for d, _dirs, files in os.walk(root):
-        for f in files:
-            yield os.path.join(d, f)

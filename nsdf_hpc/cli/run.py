@@ -1,21 +1,17 @@
 """``nsdf-run run``: run a command in a container and exit with its exit code.
 
-The library calls that plan and execute the run are in one function, :func:`_plan_and_run`,
-so the sequence can become a single ``Client.run(...)`` call without touching the command.
+Planning, the launch record and execution are the library's one run pipeline
+(:meth:`nsdf_hpc.client.Client.run`); this module only prints ``--dry-run`` plans.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import sys
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import click
 
 from ._common import container_command, exit_on_errors, make_client, run_options, spec_options
-
-if TYPE_CHECKING:
-    from ..client import Client
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -52,17 +48,5 @@ def _plan_and_run(ctx: click.Context, image: str, command: Sequence[str], runtim
             click.echo(f"export {k}={shlex.quote(inv.env[k])}")
         click.echo(shlex.join(inv.argv))
         return 0
-    inv, native, rt = client.invocation(spec, runtime)
-    _save_launch(ctx, client, spec, inv, native)
-    return client.execute(inv, native, rt, capture=False).returncode
-
-
-def _save_launch(ctx: click.Context, client: "Client", spec: Any, inv: Any, native: Any) -> None:
-    """Record this planned run so the next identical call can skip planning (_launch.py)."""
     args = ctx.ensure_object(dict).get("argv")
-    if not args or args[0] != "run" or os.environ.get("NSDF_HPC_NO_FAST_PATH"):
-        return
-    from .. import _launch
-    checks, exists, expires = client.launch_checks(spec, inv, native)
-    _launch.save(args, os.environ, os.getcwd(), inv, spec.env, client.settings.env_allow,
-                 client.settings.env_deny, checks, expires, exists)
+    return client.run(image, command, runtime=runtime, spec=spec, capture=False, record=args).returncode

@@ -25,7 +25,7 @@ from .base import Runtime
 from .charliecloud import Charliecloud
 from .podman import Podman, PodmanHPC
 from .shifter import Shifter
-from .udocker import UDocker, bundled_udocker
+from .udocker import UDocker
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,8 @@ def _candidates(cls: Type[Runtime], configured: Mapping[str, str],
         p = shutil.which(exe, path=path_env)
         if p and p not in found:
             found.append(p)
-    if cls is UDocker and not found:
-        b = bundled_udocker()
-        if b:
-            found.append(b)
+    if not found:
+        found += [p for p in cls.extra_candidates() if p not in found]
     return found, notes
 
 
@@ -169,7 +167,7 @@ def _assess_one(cls: Type[Runtime], paths: Sequence[str], notes: List[str],
             text = str(err).splitlines()[-1] if "not " in str(err).splitlines()[-1] else str(err).splitlines()[0]
             notes.append(f"{p}: {text}")
             continue
-        if probe.get("rc") not in ("0", None) and cls is not UDocker:
+        if probe.get("rc") not in ("0", None) and cls.probe_status_matters:
             notes.append(f"{p}: `--version` exited with status {probe['rc']}")
         a = inst.assess(host, version, flavour)
         return RuntimeInfo(name=cls.name, found=True, usable=a.usable, path=p, flavour=flavour,

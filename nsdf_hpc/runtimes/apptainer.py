@@ -8,9 +8,10 @@ reported under ``apptainer`` and the ``singularity`` entry stays for Singularity
 """
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
-from ..environment import dq_escape
+from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
@@ -45,7 +46,7 @@ class Apptainer(Runtime):
     name: ClassVar[str] = "apptainer"
     executables: ClassVar[Tuple[str, ...]] = ("apptainer", "singularity")
     priority: ClassVar[int] = 10
-    description: ClassVar[str] = "Apptainer: SIF images, setuid or user namespaces"
+    native_kinds: ClassVar[Tuple[str, ...]] = (".sif", ".simg", ".sqfs", ".squashfs", "dir")
     env_prefix: ClassVar[str] = "APPTAINER"
     accepts: ClassVar[Tuple[str, ...]] = ("apptainer",)
 
@@ -82,7 +83,6 @@ class Apptainer(Runtime):
         return Assessment(usable, caps, tuple(notes))
 
     def _setuid_starter(self) -> bool:
-        import os
         real = os.path.realpath(self.path)
         prefix = os.path.dirname(os.path.dirname(real))
         for sub in ("libexec/apptainer/bin/starter-suid", "libexec/singularity/bin/starter-suid",
@@ -140,8 +140,7 @@ class Apptainer(Runtime):
     # ---------------------------------------------------------------- run
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
-        import os
-        binds, workdir = effective_binds(spec, os.getcwd())
+        binds, workdir = effective_binds(spec)
         argv: List[str] = [self.path, "-s", "exec", "--cleanenv"]
         no_eval = self._has_no_eval(self.flavour, self.version or "")
         if no_eval:
@@ -169,15 +168,11 @@ class Apptainer(Runtime):
         if spec.fakeroot:
             argv.append("--fakeroot")
         argv += list(spec.extra_args)
-        argv.append(native.location)
-        argv += list(spec.command)
-        penv = process_env(host_env)
-        for k, v in container_env.items():
-            if not no_eval:
-                v = dq_escape(v)
-            penv[f"{self.env_prefix}ENV_{k}"] = v
-        return Invocation(tuple(argv), penv, env_mode="prefix", env_prefix=f"{self.env_prefix}ENV_",
-                          env_escape=not no_eval, container_env=dict(container_env))
+        # APPTAINERENV_K carries each variable; without --no-eval the values are evaluated by
+        # a shell in the container, so they are escaped for its double quotes instead
+        encoding = EnvEncoding("prefix", prefix=f"{self.env_prefix}ENV_", escape=not no_eval)
+        return Invocation(tuple(argv), (native.location,), tuple(spec.command), process_env(host_env),
+                          encoding, dict(container_env), dict(spec.env))
 
 
 class Singularity(Apptainer):
@@ -186,6 +181,5 @@ class Singularity(Apptainer):
     name: ClassVar[str] = "singularity"
     executables: ClassVar[Tuple[str, ...]] = ("singularity",)
     priority: ClassVar[int] = 20
-    description: ClassVar[str] = "SingularityCE / legacy Singularity"
     env_prefix: ClassVar[str] = "SINGULARITY"
     accepts: ClassVar[Tuple[str, ...]] = ("singularityce", "singularity")

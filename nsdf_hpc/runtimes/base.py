@@ -18,14 +18,15 @@ import csv
 import io
 import os
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+import shutil
+from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import Bind, NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
 
-from ..environment import PROCESS_ENV_KEEP  # noqa: E402  (re-exported)
+from ..environment import PROCESS_ENV_KEEP, EnvEncoding
 
 #: placeholder in a Step's env values, replaced by the absolute private work directory
 WORKDIR = "{workdir}"
@@ -57,22 +58,55 @@ class ImagePlan:
 
 @dataclass(frozen=True)
 class Invocation:
-    """The exact process to start for a run."""
+    """The exact process to start for a run, kept in parts so that a launch record and a
+    Slurm batch script can re-encode another container environment the same way:
+    ``argv = head + encoding.argv_words(container_env) + tail + command``."""
 
-    argv: Tuple[str, ...]
-    env: Dict[str, str]
-    mkdirs: Tuple[str, ...] = ()   # directories to create first (Charliecloud mount points)
-    # How the container environment is encoded, so a launch record can re-encode a new host
-    # environment without re-planning (nsdf_hpc/_launch.py):
-    #   "argv":    argv[env_block[0]:env_block[1]] holds (env_flag, "K=V") pairs
-    #   "prefix":  process env holds env_prefix + K = V (escaped for a shell when env_escape)
-    #   "process": the process env is the container env plus the other (default) entries
-    env_mode: str = ""
-    env_block: Tuple[int, int] = (0, 0)
-    env_flag: str = ""
-    env_prefix: str = ""
-    env_escape: bool = False
+    head: Tuple[str, ...]             # the runtime and its options, before the env words
+    tail: Tuple[str, ...]             # after the env words, before the command (the image, "--")
+    command: Tuple[str, ...]          # what runs in the container (as the runtime needs it)
+    static_env: Dict[str, str]        # the runtime process's own variables (not the container's)
+    encoding: EnvEncoding
     container_env: Dict[str, str] = field(default_factory=dict)
+    #: the part of ``container_env`` that does not come from the host (``--env`` values and
+    #: what the runtime adds itself); the rest is rebuilt from each task's own environment
+    explicit_env: Dict[str, str] = field(default_factory=dict)
+    mkdirs: Tuple[str, ...] = ()      # directories to create first
+
+    @property
+    def argv(self) -> Tuple[str, ...]:
+        return (*self.head, *self.encoding.argv_words(self.container_env), *self.tail, *self.command)
+
+    @property
+    def env(self) -> Dict[str, str]:
+        return self.encoding.process_env(self.static_env, self.container_env)
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """The host facts a runtime's builders read, passed in (tests pass their own)."""
+
+    uid: int
+    gid: int
+    user: str
+    which: Callable[[str], Optional[str]] = shutil.which
+
+    @classmethod
+    def current(cls, env: Optional[Mapping[str, str]] = None) -> "RuntimeContext":
+        env = os.environ if env is None else env
+        return cls(os.getuid(), os.getgid(), env.get("USER") or env.get("LOGNAME") or _user_name())
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+def _user_name() -> str:
+    try:
+        import pwd   # noqa: PLC0415  (only when $USER is unset)
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.getuid())
 
 
 @dataclass(frozen=True)
@@ -83,25 +117,33 @@ class Assessment:
 
 
 class Runtime(abc.ABC):
-    """A container runtime: its vocabulary, as pure functions."""
+    """A container runtime: its vocabulary as pure functions, and everything in which it
+    differs from the others (so that no caller branches on a runtime's name)."""
 
     name: ClassVar[str]
     executables: ClassVar[Tuple[str, ...]]
     priority: ClassVar[int]
-    description: ClassVar[str] = ""
     #: "file" runtimes run an artifact from the cache (SIF, SquashFS, dir); "store" runtimes
     #: run a name from their own image store (podman, udocker, shifter).
     storage: ClassVar[str] = "file"
-    #: the image sources it converts itself; others go through an intermediate step
-    offline_sources: ClassVar[Tuple[str, ...]] = ("docker-archive", "oci-archive", "oci-dir")
+    #: native artifacts it runs as they are (file suffixes, "dir" for a directory)
+    native_kinds: ClassVar[Tuple[str, ...]] = ()
+    #: False when the version probe's exit status says nothing (udocker exits 1 after printing)
+    probe_status_matters: ClassVar[bool] = True
 
     def __init__(self, path: Optional[str] = None, flavour: Optional[str] = None,
-                 version: Optional[str] = None) -> None:
+                 version: Optional[str] = None, ctx: Optional[RuntimeContext] = None) -> None:
         self.path = path or self.executables[0]
         self.flavour = flavour or self.name
         self.version = version
+        self.ctx = ctx or RuntimeContext.current()
 
     # ---------------------------------------------------------------- probe
+    @classmethod
+    def extra_candidates(cls) -> List[str]:
+        """Executables to probe when none of ``executables`` is on PATH."""
+        return []
+
     def version_argv(self, path: str) -> List[str]:
         return [path, "--version"]
 
@@ -122,20 +164,37 @@ class Runtime(abc.ABC):
         """Variables every call of this runtime gets (its caches pointed at ours)."""
         return {}
 
+    def preflight(self, cache_root: str, mount_options: Sequence[str]) -> Optional[str]:
+        """Why the cache at ``cache_root`` (mounted with ``mount_options``) cannot hold this
+        runtime's images, or None."""
+        return None
+
     @abc.abstractmethod
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
                    insecure: bool = False) -> ImagePlan:
         """Steps that make the native image; ``ref`` is the digest-pinned, mirrored reference."""
+
+    def parse_import_output(self, stdout: str) -> str:
+        """The store name an import printed (plans whose location is ``"@stdout"``)."""
+        lines = [ln.strip() for ln in stdout.strip().splitlines() if ln.strip()]
+        if not lines:
+            raise UnexpectedOutputError(f"{self.name} import", stdout, expected="the image id")
+        return lines[-1]
+
+    def store_path(self, location: str, runtime_env: Mapping[str, str]) -> Optional[str]:
+        """The directory that a store runtime keeps for an entry outside the cache (it must
+        exist for the entry to be usable, and its size counts), or None."""
+        return None
+
+    def remove_argv(self, location: str) -> Optional[List[str]]:
+        """How to remove an entry's image from the runtime's own store (None: nothing to do)."""
+        return None
 
     # ---------------------------------------------------------------- run
     @abc.abstractmethod
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
         """The argv and process environment that run ``spec`` (pure)."""
-
-    # ---------------------------------------------------------------- helpers
-    def unsupported(self, what: str) -> SpecError:
-        return SpecError(f"{self.name} does not support {what}")
 
 
 def process_env(env: Mapping[str, str], extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
@@ -147,12 +206,13 @@ def process_env(env: Mapping[str, str], extra: Optional[Mapping[str, str]] = Non
     return out
 
 
-def effective_binds(spec: RunSpec, host_cwd: str) -> Tuple[List[Bind], Optional[str]]:
-    """The binds to make and the working directory, with the current-directory default."""
+def effective_binds(spec: RunSpec) -> Tuple[List[Bind], Optional[str]]:
+    """The binds to make and the working directory, with the current-directory default
+    (``spec.cwd``: the caller fills in the host's working directory)."""
     binds = list(spec.binds)
     workdir = spec.workdir
     if spec.bind_cwd:
-        cwd = spec.cwd or host_cwd
+        cwd = spec.cwd or "/"
         if not any(b.target == cwd for b in binds):
             binds.append(Bind(source=cwd, target=cwd))
         workdir = workdir or cwd
@@ -199,10 +259,6 @@ def version_tuple(version: Optional[str]) -> Tuple[int, ...]:
                 parts.append(int(digits))
             break
     return tuple(parts)
-
-
-def uid_gid() -> Tuple[int, int]:
-    return os.getuid(), os.getgid()
 
 
 def require_paths(binds: Sequence[Bind], runtime: str, forbidden: str = "") -> None:

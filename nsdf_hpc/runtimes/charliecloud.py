@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..environment import EnvEncoding
 from ..errors import ImageError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
@@ -23,12 +24,12 @@ class Charliecloud(Runtime):
     name: ClassVar[str] = "charliecloud"
     executables: ClassVar[Tuple[str, ...]] = ("ch-run",)
     priority: ClassVar[int] = 30
-    description: ClassVar[str] = "Charliecloud: unprivileged, directory or SquashFS images"
+    native_kinds: ClassVar[Tuple[str, ...]] = (".sqfs", ".squashfs", ".squash", "dir")
 
     def probe_env(self, env: Mapping[str, str]) -> Dict[str, str]:
         # ch-run refuses to start without $USER ("error: $USER not set"), even for --version
         out = super().probe_env(env)
-        out.setdefault("USER", env.get("LOGNAME") or _user_name())
+        out.setdefault("USER", env.get("LOGNAME") or self.ctx.user)
         return out
 
     def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
@@ -63,17 +64,21 @@ class Charliecloud(Runtime):
     def _tool(self, name: str) -> str:
         # PATH first (a site wrapper, e.g. one pinning the Python that has lark), then the
         # directory of the ch-run that was detected
-        import shutil
-        found = shutil.which(name)
+        found = self.ctx.which(name)
         if found:
             return found
         return os.path.join(os.path.dirname(self.path), name) if os.path.isabs(self.path) else name
 
     def _env(self) -> Dict[str, Optional[str]]:
         # The build cache is a git repository: a user without a git identity breaks the storage
-        # on the first call (charliecloud 0.31); and requests' CA variables make ch-image ignore
-        # --tls-no-verify, so they are dropped only when that flag is in use.
-        return {"CH_IMAGE_CACHE": "disabled", "USER": os.environ.get("USER") or _user_name()}
+        # on the first call (charliecloud 0.31), so it is disabled; ch-image needs $USER.
+        return {"CH_IMAGE_CACHE": "disabled", "USER": self.ctx.user}
+
+    def preflight(self, cache_root: str, mount_options: Sequence[str]) -> Optional[str]:
+        if "noexec" in mount_options:
+            return (f"the cache {cache_root} is on a noexec filesystem, where Charliecloud "
+                    "directory images cannot run; set NSDF_HPC_CACHE elsewhere")
+        return None
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
                    insecure: bool = False) -> ImagePlan:
@@ -103,7 +108,7 @@ class Charliecloud(Runtime):
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
-        binds, workdir = effective_binds(spec, os.getcwd())
+        binds, workdir = effective_binds(spec)
         argv: List[str] = [self.path]
         # The container environment is ch-run's own process environment (ch-run copies it in);
         # then the image's ENV (--set-env with no argument), then explicit values, so that
@@ -122,8 +127,7 @@ class Charliecloud(Runtime):
                 # ch-run 0.31 cannot bind onto a path missing from the image and has no
                 # --write-fake: create the mount point in our (private) unpacked image
                 mkdirs.append(os.path.join(native.location, b.target.lstrip("/")))
-        if any(b.read_only for b in binds):
-            pass  # ch-run 0.31 binds are read-write; see the support table (ro not enforced)
+        # read-only binds: ch-run 0.31 binds are read-write (see the support table)
         if workdir:
             argv.append(f"--cd={workdir}")
         if spec.fakeroot:
@@ -131,19 +135,9 @@ class Charliecloud(Runtime):
         if spec.writable_tmpfs:
             argv.append("--private-tmp")
         argv += list(spec.extra_args)
-        argv += [native.location, "--", *spec.command]
-        penv = dict(container_env)
-        penv.setdefault("USER", host_env.get("USER") or _user_name())
-        # the image's ENV (--set-env) replaces this; it only stops ch-run's "$PATH not set"
-        # warning and serves images that set no PATH (Docker's default)
-        penv.setdefault("PATH", DEFAULT_PATH)
-        return Invocation(tuple(argv), penv, tuple(mkdirs), env_mode="process",
-                          container_env=dict(container_env))
-
-
-def _user_name() -> str:
-    try:
-        import pwd
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (KeyError, ImportError):
-        return str(os.getuid())
+        # ch-run needs $USER; the PATH default only stops ch-run's "$PATH not set" warning and
+        # serves images that set no PATH (the image's ENV, --set-env, replaces it). Container
+        # values win over both (the process encoding lays them over the static part).
+        static = {"USER": host_env.get("USER") or self.ctx.user, "PATH": DEFAULT_PATH}
+        return Invocation(tuple(argv), (native.location, "--"), tuple(spec.command), static,
+                          EnvEncoding("process"), dict(container_env), dict(spec.env), tuple(mkdirs))

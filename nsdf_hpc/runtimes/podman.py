@@ -1,10 +1,11 @@
 """Podman (rootful or rootless) and NERSC's podman-hpc wrapper."""
 from __future__ import annotations
 
-import os
+import re
 from typing import ClassVar, List, Mapping, Optional, Tuple
 
-from ..errors import SpecError
+from ..environment import EnvEncoding
+from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
@@ -18,7 +19,6 @@ class Podman(Runtime):
     name: ClassVar[str] = "podman"
     executables: ClassVar[Tuple[str, ...]] = ("podman",)
     priority: ClassVar[int] = 50
-    description: ClassVar[str] = "Podman (rootless with user namespaces, or root)"
     storage: ClassVar[str] = "store"
 
     def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
@@ -57,30 +57,37 @@ class Podman(Runtime):
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
-        binds, workdir = effective_binds(spec, os.getcwd())
+        binds, workdir = effective_binds(spec)
         require_paths(binds, self.name, ":")
         argv: List[str] = [self.path, "run", "--rm", "--pull=never",
                            "--network=" + ("host" if spec.network else "none")]
-        if os.getuid() != 0 and not spec.fakeroot:
+        if not self.ctx.is_root and not spec.fakeroot:
             # run as the caller, with files in binds owned by the caller (HPC expectation)
             argv.append("--userns=keep-id")
         for b in binds:
             argv += ["-v", f"{b.source}:{b.target}" + (":ro" if b.read_only else "")]
         if workdir:
             argv += ["-w", workdir]
-        env_start = len(argv)
-        for k, v in container_env.items():
-            argv += ["-e", f"{k}={v}"]
-        env_block = (env_start, len(argv))
+        tail: List[str] = []
         if spec.gpu:
-            argv += self.gpu_args()
+            tail += self.gpu_args()
         if spec.writable_tmpfs:
-            argv += ["--read-only=false"]
-        argv += list(spec.extra_args)
-        argv.append(native.location)
-        argv += list(spec.command)
-        return Invocation(tuple(argv), process_env(host_env), env_mode="argv", env_block=env_block,
-                          env_flag="-e", container_env=dict(container_env))
+            tail += ["--read-only=false"]
+        tail += list(spec.extra_args)
+        tail.append(native.location)
+        return Invocation(tuple(argv), tuple(tail), tuple(spec.command), process_env(host_env),
+                          EnvEncoding("argv", flag="-e"), dict(container_env), dict(spec.env))
+
+    def parse_import_output(self, stdout: str) -> str:
+        lines = [ln.strip() for ln in stdout.strip().splitlines() if ln.strip()]
+        # `podman-hpc pull` prints "INFO: Migrating image to ..." after the id (podman_hpc.py)
+        ids = [ln for ln in lines if re.fullmatch(r"(sha256:)?[0-9a-f]{12,64}", ln)]
+        if not lines:
+            raise UnexpectedOutputError(f"{self.name} pull", stdout, expected="the image id")
+        return (ids or lines)[-1]
+
+    def remove_argv(self, location: str) -> Optional[List[str]]:
+        return [self.path, "rmi", "--ignore", location]
 
     def gpu_args(self) -> List[str]:
         return ["--device", "nvidia.com/gpu=all"]
@@ -92,7 +99,6 @@ class PodmanHPC(Podman):
     name: ClassVar[str] = "podman-hpc"
     executables: ClassVar[Tuple[str, ...]] = ("podman-hpc",)
     priority: ClassVar[int] = 45
-    description: ClassVar[str] = "podman-hpc (NERSC's podman wrapper)"
 
     def version_argv(self, path: str) -> List[str]:
         # podman-hpc (a click group) has no --version: `podman-hpc --version` fails with

@@ -11,7 +11,8 @@ import os
 import re
 from typing import ClassVar, List, Mapping, Optional, Tuple
 
-from ..errors import ImageError, SpecError
+from ..environment import EnvEncoding
+from ..errors import ImageError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import DOCKER_HUB, ImageRef, ImageSource
@@ -43,9 +44,7 @@ class Shifter(Runtime):
     name: ClassVar[str] = "shifter"
     executables: ClassVar[Tuple[str, ...]] = ("shifter",)
     priority: ClassVar[int] = 40
-    description: ClassVar[str] = "Shifter (NERSC): gateway-converted images, setuid runtime"
     storage: ClassVar[str] = "store"
-    offline_sources: ClassVar[Tuple[str, ...]] = ()
 
     def version_argv(self, path: str) -> List[str]:
         return [path, "--version"]
@@ -63,7 +62,6 @@ class Shifter(Runtime):
                 return "shifter", words[-1]
             if words and words[0][:1].isdigit():
                 return "shifter", words[0]
-        from ..errors import UnexpectedOutputError
         raise UnexpectedOutputError("shifter --version", text, expected="'shifter version X'")
 
     def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
@@ -72,12 +70,11 @@ class Shifter(Runtime):
         return Assessment(True, {"setuid": True, "gateway": gw, "gpu_nvidia": host.nvidia}, notes)
 
     def _shifterimg(self) -> Optional[str]:
-        import shutil
         if os.path.isabs(self.path):
             cand = os.path.join(os.path.dirname(self.path), "shifterimg")
             if os.access(cand, os.X_OK):
                 return cand
-        return shutil.which("shifterimg")
+        return self.ctx.which("shifterimg")
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
                    insecure: bool = False) -> ImagePlan:
@@ -92,7 +89,7 @@ class Shifter(Runtime):
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
-        binds, workdir = effective_binds(spec, os.getcwd())
+        binds, workdir = effective_binds(spec)
         require_paths(binds, self.name, ":;")
         for b in binds:
             if any(b.target == t or b.target.startswith(t + "/") for t in FORBIDDEN_TARGETS) \
@@ -115,10 +112,9 @@ class Shifter(Runtime):
         if spec.gpu:
             argv.append("--module=gpu")
         argv += list(spec.extra_args)
-        argv += ["--", *spec.command]
-        penv = dict(container_env)
-        penv.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        return Invocation(tuple(argv), penv, env_mode="process", container_env=dict(container_env))
+        static = {"PATH": "/usr/local/bin:/usr/bin:/bin"}   # container values win over it
+        return Invocation(tuple(argv), ("--",), tuple(spec.command), static, EnvEncoding("process"),
+                          dict(container_env), dict(spec.env))
 
 
 def _is_shifter_usage(text: str) -> bool:

@@ -11,6 +11,7 @@ import shlex
 import sys
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
+from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
@@ -24,16 +25,22 @@ class UDocker(Runtime):
     name: ClassVar[str] = "udocker"
     executables: ClassVar[Tuple[str, ...]] = ("udocker",)
     priority: ClassVar[int] = 90
-    description: ClassVar[str] = "UDocker: no privileges needed (proot)"
     storage: ClassVar[str] = "store"
+    # `udocker --version` exits non-zero on some versions although it printed the version
+    probe_status_matters: ClassVar[bool] = False
 
-    def _base(self) -> List[str]:
+    @classmethod
+    def extra_candidates(cls) -> List[str]:
+        found = bundled_udocker()
+        return [found] if found else []
+
+    def _base(self, path: Optional[str] = None) -> List[str]:
         # udocker refuses root ("Error: do not run as root !") without --allow-root
-        return [self.path, "--allow-root"] if os.getuid() == 0 else [self.path]
+        path = path or self.path
+        return [path, "--allow-root"] if self.ctx.is_root else [path]
 
     def version_argv(self, path: str) -> List[str]:
-        self.path = path
-        return [*self._base(), "--version"]
+        return [*self._base(path), "--version"]
 
     def probe_env(self, env: Mapping[str, str]) -> Dict[str, str]:
         out = process_env(env)
@@ -95,7 +102,7 @@ class UDocker(Runtime):
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
-        binds, workdir = effective_binds(spec, os.getcwd())
+        binds, workdir = effective_binds(spec)
         argv: List[str] = [*self._base(), "-q", "run", "--nobanner"]
         # udocker 1.3.17's option parser strips whitespace from "--opt=value" but not from
         # "--opt value", so values always go in the separate-argument form (they start with
@@ -111,18 +118,22 @@ class UDocker(Runtime):
             # shell-quoted in a variable and rebuild it with /bin/sh inside the container
             env["NSDF_HPC_ARGV"] = shlex.join(command)
             command = ["/bin/sh", "-c", 'eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV; exec "$@"']
-        env_start = len(argv)
-        for k, v in env.items():
-            argv += ["-e", f"{k}={v}"]
-        env_block = (env_start, len(argv))
-        if not spec.fakeroot and os.getuid() != 0:
+        explicit = {k: v for k, v in env.items() if k in spec.env or k not in container_env}
+        tail: List[str] = []
+        if not spec.fakeroot and not self.ctx.is_root:
             # run as the caller (proot otherwise emulates root), with the host's passwd
-            argv += [f"--user={os.getuid()}:{os.getgid()}", "--hostauth"]
-        argv += list(spec.extra_args)
-        argv += [native.location, *command]
-        return Invocation(tuple(argv), process_env(host_env, {
-            k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)}), env_mode="argv",
-            env_block=env_block, env_flag="-e", container_env=env)
+            tail += [f"--user={self.ctx.uid}:{self.ctx.gid}", "--hostauth"]
+        tail += list(spec.extra_args)
+        tail.append(native.location)
+        static = process_env(host_env, {k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)})
+        return Invocation(tuple(argv), tuple(tail), tuple(command), static,
+                          EnvEncoding("argv", flag="-e"), env, explicit)
+
+    def store_path(self, location: str, runtime_env: Mapping[str, str]) -> Optional[str]:
+        return os.path.join(runtime_env["UDOCKER_DIR"], "containers", location)
+
+    def remove_argv(self, location: str) -> Optional[List[str]]:
+        return [*self._base(), "-q", "rm", location]
 
 
 def engine_source(env: Optional[Mapping[str, str]] = None) -> str:

@@ -3,13 +3,12 @@
 The script calls the container runtime directly with the exact argv and process environment
 the runtime layer builds, under ``env -i``; Slurm/MPI variables set per rank (``SLURM_*``,
 ``PMI*``, ...) are forwarded into the container the way that runtime takes variables (found
-by :func:`probe_templates`, comparing the invocation with and without a probe variable).
+by :func:`forwarding_templates`, from the runtime's one environment encoding).
 Arrays are split by ``MaxArraySize``: it caps the *index*, so N tasks cost
 ceil(N / MaxArraySize) ``sbatch`` calls, each chunk indexed from 0 and mapped back inside the job.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -17,13 +16,14 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ..environment import EnvEncoding
 from ..environment import dq_escape
 from ..errors import SpecError
 from .spec import TASK_INDEX, ArraySpec, JobSpec, compress_indices
 
 __all__ = ["JOB_TIME_PATTERNS", "PROBE_NAME", "PROBE_VALUE", "CMD_SENTINEL", "ArrayChunk",
            "split_array", "sbatch_quote", "ScriptInputs", "default_output", "directives",
-           "uses_srun", "render_script", "probe_templates"]
+           "uses_srun", "render_script", "forwarding_templates"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,20 +234,15 @@ def render_script(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = No
     return "\n".join(L) + "\n"
 
 
-def probe_templates(base: Sequence[str], probe: Sequence[str], base_env: Mapping[str, str],
-                    probe_env: Mapping[str, str]) -> Tuple[Tuple[str, ...], Tuple[str, ...], int]:
-    """How this runtime takes one more container variable: the argv words and process-env
-    entries that appear when a probe variable is added (pure)."""
-    env_t = tuple(f"{k}={v}" for k, v in probe_env.items()
-                  if k not in base_env and (PROBE_NAME in k or PROBE_VALUE in v))
-    args: Tuple[str, ...] = ()
-    index = len(base)
-    ops = [op for op in difflib.SequenceMatcher(a=list(base), b=list(probe), autojunk=False).get_opcodes()
-           if op[0] != "equal"]
-    if len(ops) == 1 and ops[0][0] == "insert":
-        _, i1, _, j1, j2 = ops[0]
-        args, index = tuple(probe[j1:j2]), i1
-    elif ops:
-        logger.warning("cannot tell how the runtime takes variables (argv diff %s): Slurm/MPI "
-                       "variables are passed through the process environment only", ops)
-    return env_t, args, index
+def forwarding_templates(encoding: EnvEncoding, head_len: int
+                         ) -> Tuple[Tuple[str, ...], Tuple[str, ...], int]:
+    """How the runtime takes one more container variable at job time, from its one
+    environment encoding (pure): process-env templates, argv templates, and where in the
+    prefix the argv words go (``head_len``: the runtime words before them)."""
+    pair = f"{PROBE_NAME}={PROBE_VALUE}"
+    if encoding.mode == "argv":
+        return (), (encoding.flag, pair), head_len
+    if encoding.mode == "prefix":
+        return (encoding.prefix + pair,), (), head_len
+    return (pair,), (), head_len
+

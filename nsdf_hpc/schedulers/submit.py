@@ -7,7 +7,6 @@ prepared on the submit host, never on the compute nodes.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -24,8 +23,8 @@ from ..environment import matches
 from ..errors import ConfigError, SchedulerError, SpecError
 from ..models import Bind, RunSpec
 from .job import Job
-from .script import (CMD_SENTINEL, JOB_TIME_PATTERNS, PROBE_NAME, PROBE_VALUE, ArrayChunk,
-                     ScriptInputs, default_output, probe_templates, render_script, split_array)
+from .script import (CMD_SENTINEL, JOB_TIME_PATTERNS, ArrayChunk,
+                     ScriptInputs, default_output, forwarding_templates, render_script, split_array)
 from .slurm import Slurm
 from .spec import ArraySpec, JobSpec, parse_dependencies
 
@@ -135,15 +134,6 @@ def submit_array(client: "Client", image: str, commands: Optional[Sequence[Seque
     return submit(client, image, template, array=indices, **options)
 
 
-def _forwarding(static: "Client", cmd_spec: RunSpec, rt: "Runtime", native: "NativeImage",
-                inv: "Invocation") -> Tuple[Tuple[str, ...], Tuple[str, ...], int]:
-    """How the runtime takes one more variable (probe_templates), kept in this one place:
-    the lead replaces it by a per-runtime env encoding."""
-    probe_spec = cmd_spec.model_copy(update={"env": {**cmd_spec.env, PROBE_NAME: PROBE_VALUE}})
-    pinv, _, _ = static.invocation(probe_spec, rt, native)
-    return probe_templates(inv.argv, pinv.argv, inv.env, pinv.env)
-
-
 # ---------------------------------------------------------------------------- submission
 @dataclass
 class Prepared:
@@ -168,18 +158,19 @@ def prepare(client: "Client", spec: JobSpec, slurm: Slurm, runtime: Any = None,
     if "%" in slurm.settings.work_dir:
         raise SpecError(f"the Slurm work directory cannot contain '%': {slurm.settings.work_dir}")
     rt = client.runtime(runtime)
-    static = copy.copy(client)
-    static.env = {k: v for k, v in client.env.items() if not matches(k, JOB_TIME_PATTERNS)}
+    # the job-time variables (SLURM_*, PMI*, ...) come from each task, not from this host
+    static_env = {k: v for k, v in client.env.items() if not matches(k, JOB_TIME_PATTERNS)}
     cmd_spec = spec.run_spec(command=(CMD_SENTINEL,))
     if dry_run:
-        inv, native, rt = static.plan(cmd_spec, rt)
+        inv, native, rt = client.plan(cmd_spec, rt, env=static_env)
     else:
         native = client.pull(spec.image, rt)
-        inv, native, rt = static.invocation(cmd_spec, rt, native)
+        inv, native, rt = client.invocation(cmd_spec, rt, native, env=static_env)
     if not inv.argv or inv.argv[-1] != CMD_SENTINEL:
         raise SchedulerError(f"{rt.name}: the command is not at the end of the runtime argv")
     prefix = tuple(inv.argv[:-1])
-    fwd_env, fwd_args, fwd_index = _forwarding(static, cmd_spec, rt, native, inv)
+    fwd_env, fwd_args, fwd_index = forwarding_templates(
+        inv.encoding, len(inv.head) + len(inv.encoding.argv_words(inv.container_env)))
     if not dry_run:
         for d in inv.mkdirs:
             os.makedirs(d, exist_ok=True)

@@ -36,5 +36,5 @@ def fakebin(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture(autouse=True)
 def _no_bundled_udocker(monkeypatch: pytest.MonkeyPatch) -> None:
     """The udocker installed beside this interpreter must not leak into detection tests."""
-    import nsdf_hpc.runtimes as rts
-    monkeypatch.setattr(rts, "bundled_udocker", lambda: None)
+    from nsdf_hpc.runtimes.udocker import UDocker
+    monkeypatch.setattr(UDocker, "extra_candidates", classmethod(lambda cls: []))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nsdf_hpc import _launch
-from nsdf_hpc.environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY
+from nsdf_hpc.environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, EnvEncoding
 from nsdf_hpc.runtimes.base import Invocation
 
 ARGS = ["run", "--runtime", "podman", "img", "--", "printf", "%s", "a b"]
@@ -22,16 +22,17 @@ def env(tmp_path: Path) -> dict:
 
 
 def _inv(binary: Path) -> Invocation:
-    argv = (str(binary), "run", "--rm", "-e", "SLURM_PROCID=0", "-e", "X=1", "img", "printf", "%s", "a b")
-    return Invocation(argv, {"PATH": "/usr/bin:/bin", "HOME": "/h"}, env_mode="argv", env_block=(3, 7),
-                      env_flag="-e", container_env={"SLURM_PROCID": "0", "X": "1"})
+    # argv: binary run --rm -e SLURM_PROCID=0 -e X=1 img printf %s "a b"
+    return Invocation((str(binary), "run", "--rm"), ("img",), ("printf", "%s", "a b"),
+                      {"PATH": "/usr/bin:/bin", "HOME": "/h"}, EnvEncoding("argv", flag="-e"),
+                      {"SLURM_PROCID": "0", "X": "1"}, {"X": "1"})
 
 
 def _save(env: dict, tmp_path: Path, expires: float = 2e9) -> Path:
     binary = tmp_path / "podman"
     binary.write_text("#!/bin/sh\n")
     (tmp_path / "user.toml").write_text("")
-    _launch.save(ARGS, env, "/work", _inv(binary), {"X": "1"}, DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY,
+    _launch.save(ARGS, env, "/work", _inv(binary), DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY,
                  [str(binary)], expires)
     return binary
 
@@ -86,9 +87,10 @@ def test_denylisted_host_variables_never_enter(env: dict, tmp_path: Path) -> Non
 def test_prefix_mode_escapes_only_without_no_eval(env: dict, tmp_path: Path) -> None:
     binary = tmp_path / "apptainer"
     binary.write_text("")
-    inv = Invocation((str(binary), "exec", "x.sif", "true"), {"PATH": "/bin", "APPTAINERENV_V": "$x"},
-                     env_mode="prefix", env_prefix="APPTAINERENV_", env_escape=True, container_env={"V": "$x"})
-    _launch.save(ARGS, env, "/w", inv, {"V": "$x"}, DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)], 2e9)
+    inv = Invocation((str(binary), "exec"), ("x.sif",), ("true",), {"PATH": "/bin"},
+                     EnvEncoding("prefix", prefix="APPTAINERENV_", escape=True), {"V": "$x"}, {"V": "$x"})
+    assert inv.env["APPTAINERENV_V"] == "\\$x"
+    _launch.save(ARGS, env, "/w", inv, DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)], 2e9)
     _, penv, _ = _launch.load(ARGS, env, "/w")
     assert penv["APPTAINERENV_V"] == "\\$x" and penv["APPTAINERENV_SLURM_PROCID"] == "0"
 

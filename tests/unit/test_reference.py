@@ -103,7 +103,7 @@ def test_validate_digest():
 def test_offline_sources(tmp_path):
     archive = tmp_path / "img.tar"
     s = parse_source(f"docker-archive:{archive}")
-    assert (s.kind, s.path, s.is_offline) == ("docker-archive", str(archive), True)
+    assert (s.kind, s.path) == ("docker-archive", str(archive))
     assert str(s) == f"docker-archive:{archive}"
     s = parse_source(f"oci-archive:{archive}")
     assert (s.kind, s.path) == ("oci-archive", str(archive))
@@ -144,6 +144,6 @@ def test_malformed_sources(text):
 
 def test_registry_source_keeps_what_the_user_wrote():
     s = parse_source("nsdf/name:v1.0.0", nsdf_registry="registry.nsdf.org")
-    assert s.kind == "registry" and not s.is_offline
+    assert s.kind == "registry"
     assert s.text == "nsdf/name:v1.0.0"
     assert str(s) == "registry.nsdf.org/nsdf/name:v1.0.0"

@@ -52,14 +52,14 @@ def test_probe_is_path_plus_a_version_query(name):
 
 def test_effective_binds_default_binds_the_current_directory():
     spec = RunSpec(image="x", command=("pwd",), cwd="/home/alice/proj")
-    binds, workdir = effective_binds(spec, "/ignored")
+    binds, workdir = effective_binds(spec)
     assert binds == [Bind(source="/home/alice/proj", target="/home/alice/proj")]
     assert workdir == "/home/alice/proj"
     spec = RunSpec(image="x", command=("pwd",), workdir="/data", binds=(Bind(source="/h", target="/home/alice/proj"),),
                    cwd="/home/alice/proj")
-    binds, workdir = effective_binds(spec, "/ignored")
+    binds, workdir = effective_binds(spec)
     assert len(binds) == 1 and workdir == "/data"          # an explicit bind at the cwd is kept, not doubled
-    binds, workdir = effective_binds(RunSpec(image="x", command=("pwd",), bind_cwd=False), "/here")
+    binds, workdir = effective_binds(RunSpec(image="x", command=("pwd",), bind_cwd=False))
     assert binds == [] and workdir is None
 
 
@@ -128,5 +128,5 @@ def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tm
     plan = rt.image_plan(source, None, "k" * 64)
     work = tmp_path / "work"
     work.mkdir()
-    assert client._execute_plan(rt, plan, source, str(work)) == image_id
+    assert client.images._execute_plan(rt, plan, source, str(work)) == image_id
     assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}")]

@@ -12,9 +12,10 @@ from typing import List
 import pytest
 from pydantic import ValidationError
 
+from nsdf_hpc.environment import EnvEncoding
 from nsdf_hpc.errors import SpecError
 from nsdf_hpc.schedulers.spec import ArraySpec, Dependency, JobSpec
-from nsdf_hpc.schedulers.script import (JOB_TIME_PATTERNS, ScriptInputs, directives, probe_templates,
+from nsdf_hpc.schedulers.script import (JOB_TIME_PATTERNS, ScriptInputs, directives, forwarding_templates,
                                         render_script, sbatch_quote)
 
 HOSTILE = [
@@ -195,12 +196,11 @@ def test_remapped_array_maps_chunk_ids_back_to_user_indices(tmp_path: Path) -> N
     assert "NSDF_TASK_INDEX=$(( 100 + ${1:-0} + SLURM_ARRAY_TASK_ID ))" in contiguous
 
 
-def test_probe_templates_find_how_a_runtime_takes_variables() -> None:
-    base = ["udocker", "run", "-e", "A=1", "img", "CMD"]
-    probe = ["udocker", "run", "-e", "A=1", "-e", "NSDFPROBEVARNAME=NSDFPROBEVARVALUE", "img", "CMD"]
-    env_t, args, index = probe_templates(base, probe, {"P": "1"}, {"P": "1"})
+def test_forwarding_templates_follow_the_runtime_env_encoding() -> None:
+    """The same assertions the old argv-diff probing made, now from the one encoding."""
+    env_t, args, index = forwarding_templates(EnvEncoding("argv", flag="-e"), 4)
     assert env_t == () and args == ("-e", "NSDFPROBEVARNAME=NSDFPROBEVARVALUE") and index == 4
-    env_t, args, index = probe_templates(["apptainer", "exec", "x.sif", "CMD"],
-                                         ["apptainer", "exec", "x.sif", "CMD"], {},
-                                         {"APPTAINERENV_NSDFPROBEVARNAME": "NSDFPROBEVARVALUE"})
+    env_t, args, _ = forwarding_templates(EnvEncoding("prefix", prefix="APPTAINERENV_"), 3)
     assert env_t == ("APPTAINERENV_NSDFPROBEVARNAME=NSDFPROBEVARVALUE",) and args == ()
+    env_t, args, _ = forwarding_templates(EnvEncoding("process"), 3)
+    assert env_t == ("NSDFPROBEVARNAME=NSDFPROBEVARVALUE",) and args == ()
