@@ -9,7 +9,6 @@ IMAGE defaults to NSDF's naming, nsdf/busybox:v1.0.0 (on the testbed: the local 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import nsdf_hpc

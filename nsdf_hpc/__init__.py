@@ -10,8 +10,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:   # typing costs ~3 ms at start-up; the launch fast path does not need it
+if TYPE_CHECKING:
+    # Type checkers see the real objects; at run time they are imported on first use (PEP 562,
+    # below), so `nsdf-run --version` and the launch fast path import none of them.
     from typing import Any
+
+    from .api import attach, detect, pull, run, submit, submit_array, wait_all
+    from .client import Client
+    from .config import Settings, load_settings
+    from .errors import (CommandError, CommandTimeoutError, ConfigError, ImageError, NsdfError,
+                         PreflightError, RegistryError, RuntimeNotFoundError, SchedulerError,
+                         SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError)
+    from .models import Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo
+    from .reference import ImageRef, parse_reference
+    from .schedulers import Job, JobSpec, JobState, JobStatus
 
 from ._version import __version__
 

@@ -1,10 +1,12 @@
 """One-line shortcuts over a default :class:`~nsdf_hpc.client.Client`."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 from .client import Client
 from .models import NativeImage, RunResult, RuntimeInfo
+from .schedulers import Job, JobStatus
+from .schedulers.submit import Prepared
 
 
 def detect(refresh: bool = False) -> List[RuntimeInfo]:
@@ -22,7 +24,8 @@ def run(image: str, command: Sequence[str], runtime: Optional[str] = None, **opt
     return Client().run(image, command, runtime=runtime, **options)
 
 
-def submit(image: str, command: Sequence[str], runtime: Optional[str] = None, **resources: Any) -> Any:
+def submit(image: str, command: Sequence[str], runtime: Optional[str] = None,
+           **resources: Any) -> Union[Job, Prepared]:
     """Submit ``command`` in ``image`` to Slurm; returns a :class:`~nsdf_hpc.schedulers.Job`.
 
     ``resources`` are sbatch's (``nodes``, ``ntasks``, ``time``, ``partition``, ``array``,
@@ -33,18 +36,18 @@ def submit(image: str, command: Sequence[str], runtime: Optional[str] = None, **
 
 def submit_array(image: str, commands: Optional[Sequence[Sequence[str]]] = None, *,
                  template: Optional[Sequence[str]] = None, indices: Any = None,
-                 runtime: Optional[str] = None, **resources: Any) -> Any:
+                 runtime: Optional[str] = None, **resources: Any) -> Union[Job, Prepared]:
     """An array job: one command per task, or ``template`` with ``{index}`` per task."""
     return Client().submit_array(image, commands, template=template, indices=indices,
                                  runtime=runtime, **resources)
 
 
-def attach(job_id: Any) -> Any:
+def attach(job_id: Union[str, int]) -> Job:
     """A :class:`~nsdf_hpc.schedulers.Job` for an existing Slurm job id."""
     return Client().scheduler().attach(job_id)
 
 
-def wait_all(jobs: Sequence[Any], timeout: Optional[float] = None) -> List[Any]:
+def wait_all(jobs: Sequence[Job], timeout: Optional[float] = None) -> List[JobStatus]:
     """Wait for many jobs with ONE status query per poll round."""
     if not jobs:
         return []

@@ -28,13 +28,11 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
-
-if TYPE_CHECKING:   # imported lazily at run time: only a lock holder needs a thread
-    import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from ._fsutil import atomic_write_json
 from .errors import ImageError
@@ -237,10 +235,10 @@ class ImageCache:
                 if not waited and on_wait:
                     on_wait(owner)
                 waited = True
-                beat = float(owner.get("heartbeat") or 0)
-                if beat and time.time() - beat > self.stale_after:
+                last_beat = float(owner.get("heartbeat") or 0)
+                if last_beat and time.time() - last_beat > self.stale_after:
                     logger.warning("lock %s held by %s without a heartbeat for %.0f s: replacing it",
-                                   path, owner.get("owner"), time.time() - beat)
+                                   path, owner.get("owner"), time.time() - last_beat)
                     self._replace_lock(path)
                     continue
                 if time.monotonic() > deadline:
@@ -258,7 +256,6 @@ class ImageCache:
                 os.close(fd)
                 continue
             break
-        import threading
         stop = threading.Event()
         self._write_owner(fd)
         beat = threading.Thread(target=self._beat, args=(fd, stop), daemon=True)

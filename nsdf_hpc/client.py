@@ -23,7 +23,9 @@ from .runtimes.base import Invocation, Runtime, RuntimeContext
 from .schedulers import submit as slurm_submit
 
 if TYPE_CHECKING:
+    from .schedulers.job import Job
     from .schedulers.slurm import Slurm
+    from .schedulers.submit import Prepared
     from .schedulers.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -283,13 +285,13 @@ class Client:
         return slurm_submit.scheduler(self, **overrides)
 
     def submit(self, image: str, command: Optional[Sequence[str]] = None, *,
-               runtime: Optional[str] = None, **options: Any) -> Any:
+               runtime: Optional[str] = None, **options: Any) -> Union["Job", "Prepared"]:
         """Submit ``command`` in ``image`` to Slurm; returns a :class:`~nsdf_hpc.schedulers.Job`
         (with ``dry_run=True``, the prepared script). See :func:`nsdf_hpc.schedulers.submit.submit`."""
         return slurm_submit.submit(self, image, command, runtime=runtime, **options)
 
     def submit_array(self, image: str, commands: Optional[Sequence[Sequence[str]]] = None,
-                     **options: Any) -> Any:
+                     **options: Any) -> Union["Job", "Prepared"]:
         """An array job: one command per task, or ``template`` with ``{index}``."""
         return slurm_submit.submit_array(self, image, commands, **options)
 

@@ -67,7 +67,7 @@ def _read_toml(path: str) -> Dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - exercised on 3.9/3.10
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)

@@ -172,7 +172,7 @@ def parse_source(text: str, *, nsdf_registry: str = DOCKER_HUB) -> ImageSource:
             path = text[len(prefix):]
             if not path:
                 raise SpecError(f"{prefix} needs a path: {text!r}")
-            return ImageSource(kind=kind, path=_abs(path), text=text)  # type: ignore[arg-type]
+            return ImageSource(kind=kind, path=_abs(path), text=text)
     if text.startswith("oci:"):
         body = text[len("oci:"):]
         if not body:

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .errors import RegistryError
 from .reference import DOCKER_HUB, ImageRef
@@ -100,7 +100,7 @@ class RegistryClient:
         self._auth: Optional[str] = None
         self.requests = 0
 
-    def _open(self, req: urllib.request.Request) -> "urllib.response.addinfourl":  # type: ignore[name-defined]
+    def _open(self, req: urllib.request.Request) -> Any:
         self.requests += 1
         if req.full_url.startswith("https:"):
             return urllib.request.urlopen(req, timeout=self.timeout, context=_ssl_context())  # noqa: S310
@@ -115,7 +115,7 @@ class RegistryClient:
             try:
                 with self._open(req) as resp:
                     body = resp.read() if method == "GET" else b""
-                    return resp.status, {k.lower(): v for k, v in resp.headers.items()}, body
+                    return int(resp.status), {k.lower(): v for k, v in resp.headers.items()}, body
             except urllib.error.HTTPError as err:
                 if err.code == 401 and attempt == 0:
                     self._authenticate(err.headers.get("WWW-Authenticate", ""))
@@ -194,7 +194,8 @@ class RegistryClient:
 
     @staticmethod
     def _pick(index: Dict[str, object], platform: Tuple[str, str]) -> Optional[str]:
-        for m in index.get("manifests", []) or []:  # type: ignore[union-attr]
+        manifests = index.get("manifests")
+        for m in manifests if isinstance(manifests, list) else []:
             p = m.get("platform", {}) if isinstance(m, dict) else {}
             if p.get("os") == platform[0] and p.get("architecture") == platform[1]:
                 return str(m["digest"])

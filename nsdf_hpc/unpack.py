@@ -17,7 +17,7 @@ import shutil
 import stat
 import tarfile
 from contextlib import ExitStack
-from typing import IO, Iterator, List, Optional, Tuple
+from typing import IO, Any, List, Optional, Tuple
 
 from .errors import ImageError
 from .reference import ImageSource
@@ -132,8 +132,9 @@ def _layers(arc: _Archive) -> Tuple[dict, List[str]]:
 def _open_layer(fh: IO[bytes]) -> tarfile.TarFile:
     head = fh.read(4)
     rest = fh
+    stream: Any
     if head[:2] == b"\x1f\x8b":
-        stream: IO[bytes] = gzip.GzipFile(fileobj=_Prefixed(head, rest))
+        stream = gzip.GzipFile(fileobj=_Prefixed(head, rest))
     elif head == b"\x28\xb5\x2f\xfd":
         raise ImageError("zstd-compressed layers are not supported for offline conversion; "
                          "convert the archive with gzip layers (skopeo copy --dest-compress-format gzip)")

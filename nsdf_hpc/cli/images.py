@@ -37,7 +37,7 @@ def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
     """List cached images: digest, runtime, size, last use."""
     client = make_client(ctx)
     rows: List[Dict[str, Any]] = []
-    for e in client.images():
+    for e in client.entries():
         ok = client.cache.verify_full(e) if verify else client.cache.check(e)
         rows.append({"runtime": e.runtime, "digest": e.digest, "source": e.data.get("source"),
                      "location": e.location, "size": e.size(), "last_use": e.last_use(),

@@ -8,9 +8,8 @@ the batch script and submits nothing. Job ids are ``N`` or an array task ``N_M``
 from __future__ import annotations
 
 import json
-import os
 import sys
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, cast
 
 import click
 
@@ -21,6 +20,8 @@ from ._common import (JOB_ID, cli_errors, container_command, exit_on_errors, mak
 
 if TYPE_CHECKING:
     from ..client import Client
+    from ..schedulers.job import Job
+    from ..schedulers.submit import Prepared
 
 
 def _slurm(ctx: click.Context, accounting: Optional[str] = None,
@@ -89,11 +90,12 @@ def submit(ctx: click.Context, image: str, command: Sequence[str], runtime: Opti
                                     dry_run=dry_run, array=array, dependencies=dependency,
                                     **spec_options(**options), **res)
         if dry_run:
-            click.echo(job_or_prep.script, nl=False)
-            for chunk in job_or_prep.chunks[1:]:
+            prep = cast("Prepared", job_or_prep)
+            click.echo(prep.script, nl=False)
+            for chunk in prep.chunks[1:]:
                 click.echo(f"# then: sbatch --parsable --array={chunk.array} SCRIPT {chunk.offset}")
             return
-        job = job_or_prep
+        job = cast("Job", job_or_prep)
         click.echo(",".join(job.job_ids))
         if not wait_:
             return

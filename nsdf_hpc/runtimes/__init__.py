@@ -68,9 +68,9 @@ def _candidates(cls: Type[Runtime], configured: Mapping[str, str],
         return [], notes
     found: List[str] = []
     for exe in cls.executables:
-        p = shutil.which(exe, path=path_env)
-        if p and p not in found:
-            found.append(p)
+        hit = shutil.which(exe, path=path_env)
+        if hit and hit not in found:
+            found.append(hit)
     if not found:
         found += [p for p in cls.extra_candidates() if p not in found]
     return found, notes

@@ -134,8 +134,8 @@ class Apptainer(Runtime):
             raise SpecError(f"{source.path} is already a native image")
         prefix = {"docker-archive": "docker-archive", "oci-archive": "oci-archive", "oci-dir": "oci"}[source.kind]
         # Apptainer 1.4 takes an OCI layout *path* only: "oci:DIR:tag" fails with "stat DIR:tag"
-        argv = (self.path, "-s", "build", out, f"{prefix}:{source.path}")
-        return ImagePlan((Step(argv, f"build SIF from {source.text}", tmp_env),), artifact=out)
+        build = (self.path, "-s", "build", out, f"{prefix}:{source.path}")
+        return ImagePlan((Step(build, f"build SIF from {source.text}", tmp_env),), artifact=out)
 
     # ---------------------------------------------------------------- run
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],

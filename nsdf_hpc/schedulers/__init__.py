@@ -17,6 +17,7 @@ from .._exec import CommandRunner
 from ..config import SlurmSettings
 from .backoff import Backoff
 from .job import Job, wait_all
+from .pyslurm_backend import select_backend   # it imports pyslurm itself only when asked
 from .slurm import Slurm
 from .spec import ArraySpec, Dependency, JobSpec, as_job_ids
 from .states import SLURM_STATES, JobState, JobStatus
@@ -29,5 +30,4 @@ def get_backend(runner: Optional[CommandRunner] = None, settings: Optional[Slurm
                 env: Optional[Mapping[str, str]] = None, **overrides: Any) -> Slurm:
     """pyslurm when it imports and matches ``sinfo --version``, else the Slurm commands;
     the backend's ``choice_reason`` says why."""
-    from .pyslurm_backend import select_backend   # pyslurm is probed only when a backend is wanted
     return select_backend(runner, settings, env=env, **overrides)

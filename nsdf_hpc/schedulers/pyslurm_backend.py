@@ -76,7 +76,7 @@ def select_backend(runner: Optional[CommandRunner] = None, settings: Optional[Sl
     """
     commands = Slurm(runner, settings, **overrides)
     try:
-        import pyslurm  # type: ignore[import-not-found]
+        import pyslurm
     except Exception as err:  # noqa: BLE001 - ImportError, or a broken build (undefined symbol)
         logger.info("using the Slurm commands: pyslurm cannot be imported (%s)", err)
         commands.choice_reason = f"pyslurm cannot be imported ({err})"

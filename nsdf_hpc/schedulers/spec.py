@@ -229,7 +229,7 @@ def as_job_ids(items: Union[None, str, int, Any, Iterable[Any]]) -> Tuple[str, .
     if hasattr(items, "job_ids"):
         return tuple(items.job_ids)
     out: List[str] = []
-    for it in items:  # type: ignore[union-attr]
+    for it in items:
         out.extend(as_job_ids(it))
     return tuple(out)
 

@@ -15,8 +15,9 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from . import get_backend
 from .._version import __version__
 from ..config import SlurmSettings, load_slurm_settings
 from ..environment import matches
@@ -30,8 +31,6 @@ from .spec import ArraySpec, JobSpec, parse_dependencies
 
 if TYPE_CHECKING:
     from ..client import Client
-    from ..models import NativeImage
-    from ..runtimes.base import Invocation, Runtime
 
 __all__ = ["Prepared", "job_spec", "scheduler", "submit", "submit_array", "prepare",
            "submit_prepared", "new_job_dir", "check_work_dir"]
@@ -91,7 +90,6 @@ def job_spec(client: "Client", image: str, command: Optional[Sequence[str]] = No
 def scheduler(client: "Client", **overrides: Any) -> Slurm:
     """The Slurm backend (pyslurm when it matches the cluster, else the commands); cached on
     the client unless ``overrides`` (``accounting``, ``work_dir``, ...) are given."""
-    from . import get_backend   # the package imports this module: resolved at call time
     sched = client.__dict__.get("_slurm")
     if sched is None or overrides:
         sched = get_backend(client.runner, load_slurm_settings(client.env, **overrides), env=client.env)
@@ -110,7 +108,7 @@ def submit(client: "Client", image: str, command: Optional[Sequence[str]] = None
     ``time``, ``array``, ``dependencies``, ``mpi``, ...). With ``dry_run=True`` nothing is
     pulled or submitted and the rendered script is returned (a :class:`Prepared`).
     """
-    slurm = scheduler or client.scheduler()  # type: ignore[attr-defined]
+    slurm = scheduler or client.scheduler()
     if not dry_run:
         check_work_dir(slurm.settings)      # before pulling an image: fail fast, one line
     spec = options.pop("spec", None) or job_spec(client, image, command, slurm=slurm, **options)
@@ -250,7 +248,7 @@ def submit_prepared(slurm: Slurm, prep: Prepared) -> Job:
                           f"{err.strerror or err}") from err
     prov = prep.provenance
     ids: List[str] = []
-    chunks = prep.chunks or [None]
+    chunks: List[Optional[ArrayChunk]] = list(prep.chunks) or [None]
     for chunk in chunks:
         if chunk is not None and chunk.offset is not None:
             jid = slurm.sbatch(prep.inputs.script_path, [str(chunk.offset)],
