@@ -11,9 +11,10 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import IO, Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
@@ -71,6 +72,24 @@ def _child_env(env: Optional[Mapping[str, str]],
     return result
 
 
+def _forward_signals(proc: "subprocess.Popen[bytes]") -> Dict[int, Any]:
+    """While a streamed child runs, SIGTERM/SIGINT/SIGHUP sent to this process are passed on
+    to it and this process keeps waiting for it (so nothing keeps running after we return).
+    Returns the previous handlers; only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: Dict[int, Any] = {}
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            proc.send_signal(signum)
+        except OSError:
+            pass
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, forward)
+    return previous
+
+
 def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -104,6 +123,7 @@ class SubprocessRunner:
             raise ToolNotFoundError(args[0]) from err
         except PermissionError as err:
             raise ToolNotFoundError(args[0], f"not executable ({err.strerror})") from err
+        forwarded = _forward_signals(proc) if not capture and timeout is None else {}
         try:
             out, err_out = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -114,7 +134,12 @@ class SubprocessRunner:
             _kill_group(proc) if timeout is not None else proc.kill()
             proc.wait()
             raise
-        result = CompletedCommand(args, proc.returncode, _decode(out), _decode(err_out),
+        finally:
+            for signum, handler in forwarded.items():
+                signal.signal(signum, handler)
+        # a command killed by signal N exits 128+N, as in a shell (Popen reports -N)
+        rc = 128 - proc.returncode if proc.returncode < 0 else proc.returncode
+        result = CompletedCommand(args, rc, _decode(out), _decode(err_out),
                                   time.perf_counter() - start, child_env)
         logger.debug("rc=%s in %.1f ms", result.returncode, result.duration * 1000)
         if check and result.returncode != 0:

@@ -46,7 +46,10 @@ def _stat_id(path: str) -> Optional[Tuple[int, int, int]]:
 
 
 def record_dir(env: Mapping[str, str]) -> str:
-    return os.path.join(user_state_dir(env), "launch")
+    """Launch records live in the cache named by ``NSDF_HPC_CACHE`` when it is set (with the
+    images they point at), else in the per-user state directory."""
+    cache = env.get("NSDF_HPC_CACHE")
+    return os.path.join(cache if cache else user_state_dir(env), "launch")
 
 
 def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
@@ -58,6 +61,8 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
     for path in candidate_config_files(env):
         h.update(f"|{path}|{_stat_id(path)}".encode("utf-8", "surrogateescape"))
     h.update(f"|alloc={bool(env.get('SLURM_JOB_ID'))}".encode())
+    # a plan made under a terminal (podman -t) is not valid in a pipe, and back
+    h.update(f"|tty={os.isatty(0) and os.isatty(1)}".encode())
     for k in sorted(env):
         if k in _VOLATILE or (k not in _PLANNING and matches(k, DEFAULT_ENV_ALLOW)):
             continue

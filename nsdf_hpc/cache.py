@@ -157,7 +157,7 @@ class ImageCache:
         try:
             with open(os.path.join(d, ENTRY_FILE)) as fh:
                 data = json.load(fh)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):   # no entry (or no cache dir at all)
             return None
         except (OSError, ValueError) as err:
             logger.warning("unreadable cache entry %s: %s", d, err)

@@ -137,6 +137,10 @@ class Client:
         return self.images.prune(self._runtime_for, older_than=older_than, max_size=max_size,
                                  dry_run=dry_run)
 
+    def remove(self, entry: Entry) -> bool:
+        """Remove one cache entry (and its runtime's store image)."""
+        return self.images.remove(entry, self._runtime_for)
+
     def _runtime_for(self, name: str) -> Optional[Runtime]:
         """The installed runtime ``name`` (to clean its store), or None."""
         try:
@@ -209,7 +213,9 @@ class Client:
 
         The one run pipeline (the CLI uses it too): spec -> plan -> optional launch record ->
         execute. ``record`` is the ``nsdf-run`` argument list a launch record is keyed by
-        (``_launch.py``); the library's own callers leave it out.
+        (``_launch.py``); the library's own callers leave it out. With ``capture=False`` the
+        runtime gets this process's terminal or pipes, and SIGTERM/SIGINT/SIGHUP sent to this
+        process are passed on to it and waited for (``_exec.py``).
 
         A non-zero exit of the command is data, not an error; errors are raised only when
         nothing could run (no runtime, bad input, image unavailable).
@@ -221,7 +227,8 @@ class Client:
         return self.execute(inv, native, rt, capture=capture)
 
     def execute(self, inv: Invocation, native: NativeImage, rt: Runtime, *, capture: bool = True) -> RunResult:
-        """Run a planned invocation (mount points first); the exit code is data."""
+        """Run a planned invocation (mount points first); the exit code is data (a command
+        killed by signal N gives 128+N)."""
         for d in inv.mkdirs:
             try:
                 os.makedirs(d, exist_ok=True)

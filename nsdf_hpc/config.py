@@ -92,11 +92,22 @@ def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[s
         if key == "slurm":
             continue
         if key == "env":
-            if not isinstance(value, dict) or set(value) - {"allow", "deny"}:
-                raise ConfigError(f"{path}: [env] takes 'allow' and 'deny' lists")
+            # [env] allow/deny ADD to the built-in lists (an MPI job still needs SLURM_*,
+            # PMI*, OMP_*...); replace = true makes the file's lists replace them instead
+            keys = {"allow", "deny", "replace"}
+            if not isinstance(value, dict) or set(value) - keys:
+                raise ConfigError(f"{path}: [env] takes 'allow' and 'deny' lists (and 'replace')")
+            replace = value.get("replace", False)
+            if not isinstance(replace, bool):
+                raise ConfigError(f"{path}: [env] replace must be true or false")
+            defaults = {"allow": DEFAULT_ENV_ALLOW, "deny": DEFAULT_ENV_DENY}
             for sub in ("allow", "deny"):
                 if sub in value:
-                    values[f"env_{sub}"] = tuple(values.get(f"env_{sub}", ())) + tuple(value[sub])
+                    items = value[sub]
+                    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                        raise ConfigError(f"{path}: [env] {sub} must be a list of strings")
+                    base = () if replace else tuple(values.get(f"env_{sub}", defaults[sub]))
+                    values[f"env_{sub}"] = base + tuple(x for x in items if x not in base)
                     sources[f"env_{sub}"] = f"config:{path}"
             continue
         if key in ("mirrors", "runtime_paths") and isinstance(value, dict):
@@ -140,8 +151,11 @@ def load_settings(env: Optional[Mapping[str, str]] = None, files: Optional[List[
             sources[key] = "argument"
     try:
         return Settings(**values, sources=sources, files=tuple(files))
-    except ValidationError as err:
-        raise ConfigError(f"invalid settings ({', '.join(files) or 'no file'}): {err}") from None
+    except ValidationError as err:   # one line naming the key and where its value came from
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e.get("loc", ())) or "?"
+        where = sources.get(key.split(".")[0], "default")
+        raise ConfigError(f"invalid setting {key} ({where}): {e.get('msg')}") from None
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:

@@ -314,7 +314,7 @@ class ImageService:
             return doomed
         removed = []
         for e in doomed:
-            if self.cache.remove(e, lambda entry: self._store_cleanup(entry, runtime_for)):
+            if self.remove(e, runtime_for):
                 removed.append(e)
         self.cache.clean_tmp(older_than=24 * 3600)
         self._prune_launch_records(older_than if older_than is not None else 7 * 86400)
@@ -335,6 +335,10 @@ class ImageService:
                     os.unlink(p)
             except OSError:
                 pass
+
+    def remove(self, entry: Entry, runtime_for: Callable[[str], Optional[Runtime]]) -> bool:
+        """Remove one entry and what its runtime keeps for it in its own store."""
+        return self.cache.remove(entry, lambda e: self._store_cleanup(e, runtime_for))
 
     def _store_cleanup(self, entry: Entry, runtime_for: Callable[[str], Optional[Runtime]]) -> None:
         """Remove what a store runtime keeps outside the cache entry."""

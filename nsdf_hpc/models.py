@@ -104,6 +104,7 @@ class RunSpec(Model):
     writable_tmpfs: bool = False
     fakeroot: bool = False
     bind_cwd: bool = True
+    tty: bool = False                  # stdin and stdout are a terminal (podman then needs -t)
     cwd: Optional[str] = None          # the host directory for bind_cwd (default: os.getcwd())
     extra_args: Tuple[str, ...] = ()   # passed to the runtime verbatim, before the image
 

@@ -122,6 +122,11 @@ def parse_reference(text: str, *, nsdf_registry: str = DOCKER_HUB) -> ImageRef:
     elif "://" in text:
         raise SpecError(f"invalid image reference {raw!r}: unsupported transport "
                         f"{text.split('://')[0]!r} (use docker://, docker-archive:, oci-archive: or oci:)")
+    if re.fullmatch(r"(sha256:)?[a-f0-9]{64}", text):
+        # Docker and the Go reference grammar refuse a bare image id as a name: it would mean
+        # docker.io/library/<hex>:latest, never what was meant
+        raise SpecError(f"invalid image reference {raw!r}: a bare image id is not a reference "
+                        "(use NAME@sha256:<digest>)")
     text = text.lstrip("/") if text.startswith("//") else text
     digest = None
     if "@" in text:
@@ -181,7 +186,10 @@ def parse_source(text: str, *, nsdf_registry: str = DOCKER_HUB) -> ImageSource:
         if not os.path.isdir(_abs(body)) and ":" in body:
             body, layout_ref = body.rsplit(":", 1)
         return ImageSource(kind="oci-dir", path=_abs(body), layout_ref=layout_ref, text=text)
-    looks_like_path = text.startswith(("/", "./", "../", "~")) or text.endswith(NATIVE_SUFFIXES)
+    # an existing relative directory with a "/" in it ("arch/rootdir") is a directory image;
+    # a bare name ("busybox") stays a reference even when such a directory exists here
+    looks_like_path = (text.startswith(("/", "./", "../", "~")) or text.endswith(NATIVE_SUFFIXES)
+                       or ("/" in text and os.path.isdir(text)))
     if looks_like_path:
         path = _abs(text)
         if os.path.isdir(os.path.join(path, "index.json")) is False and os.path.isfile(

@@ -39,7 +39,8 @@ def _plan_and_run(ctx: click.Context, image: str, command: Sequence[str], runtim
     """Plan the run (print the plan for ``--dry-run``), record it for the fast path, execute
     it with the terminal attached; returns the exit code to exit with."""
     client = make_client(ctx)
-    spec = client.spec(image, command, **spec_opts)
+    # a terminal on both ends: the runtimes that need to be told (podman -t) allocate one
+    spec = client.spec(image, command, tty=sys.stdin.isatty() and sys.stdout.isatty(), **spec_opts)
     if dry_run:
         inv, native, rt = client.plan(spec, runtime)
         click.echo(f"# runtime: {rt.name} {rt.version or ''}  image: {native.location}"

@@ -59,8 +59,13 @@ class Podman(Runtime):
                        host_env: Mapping[str, str]) -> Invocation:
         binds, workdir = effective_binds(spec)
         require_paths(binds, self.name, ":")
-        argv: List[str] = [self.path, "run", "--rm", "--pull=never",
+        # -i: podman passes stdin only when asked (without it `echo x | ... cat` prints
+        # nothing); -t only under a terminal; --init: the command is not PID 1, which ignores
+        # SIGTERM/SIGINT without a handler (Ctrl-C and scancel would not stop it)
+        argv: List[str] = [self.path, "run", "--rm", "--pull=never", "-i", "--init",
                            "--network=" + ("host" if spec.network else "none")]
+        if spec.tty:
+            argv.append("-t")
         if not self.ctx.is_root and not spec.fakeroot:
             # run as the caller, with files in binds owned by the caller (HPC expectation)
             argv.append("--userns=keep-id")

@@ -96,7 +96,7 @@ def test_sigkill_during_conversion_never_leaves_a_used_entry(runtime: str, tmp_p
     for trial in range(trials):
         entry = client.cache.lookup(runtime, digest, touch=False)
         if entry is not None:
-            client.cache.remove(entry, client._store_cleanup)
+            client.remove(entry)
         proc = subprocess.Popen([sys.executable, "-m", "nsdf_hpc", "pull", "--runtime", runtime, BUSYBOX],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)

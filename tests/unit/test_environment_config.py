@@ -127,7 +127,7 @@ def test_pull_on_compute_from_env(tmp_path):
     ('runtme = "podman"\n', "unknown setting(s) runtme"),
     ('runtime = \n', "not valid TOML"),
     ('[env]\nallow = ["A"]\nextra = 1\n', "[env] takes 'allow' and 'deny'"),
-    ('probe_timeout = "soon"\n', "invalid settings"),
+    ('probe_timeout = "soon"\n', "invalid setting probe_timeout"),
 ])
 def test_bad_config_files(tmp_path, text, message):
     (tmp_path / "site.toml").write_text(text)

@@ -1,0 +1,515 @@
+"""Issue 14: the run path must behave the same on every real runtime (regression tests).
+
+Each test names the item of issue 14 it covers; tests/integration/RUN_DEFECTS.md records which
+fail today, on which runtime, and why. None is marked xfail: they fail until the fix lands.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+from .helpers import BUSYBOX, RUNTIME_PARAMS, nsdf_user, root_env, user_cache
+
+pytestmark = [pytest.mark.integration, pytest.mark.registry]
+
+REG = "127.0.0.1:5443"
+NSDF = [sys.executable, "-m", "nsdf_hpc"]
+
+
+@pytest.fixture(scope="module")
+def cache() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="nsdf-runfix-cache-", dir="/var/tmp"))
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def vtmp() -> Path:
+    """A directory under /var/tmp (not /tmp: apptainer binds /tmp by itself)."""
+    d = Path(tempfile.mkdtemp(prefix="nsdf-runfix-", dir="/var/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def nsdf(args: List[str], cache: Path, cwd: str = "/", input: Optional[bytes] = None,
+         timeout: float = 300, **extra: str) -> "subprocess.CompletedProcess[bytes]":
+    return subprocess.run([*NSDF, *args], env=root_env(cache, **extra), cwd=cwd, input=input,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+
+
+def out(r: "subprocess.CompletedProcess[bytes]") -> str:
+    return r.stdout.decode(errors="replace")
+
+
+def err(r: "subprocess.CompletedProcess[bytes]") -> str:
+    return r.stderr.decode(errors="replace")
+
+
+def warm(runtime: str, cache: Path, image: str = BUSYBOX) -> None:
+    r = nsdf(["pull", "-r", runtime, image], cache)
+    assert r.returncode == 0, err(r)
+
+
+# ------------------------------------------------------------------ item 1: consistency probe
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_stdin_reaches_the_command(runtime: str, cache: Path) -> None:
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "cat"], cache, input=b"hello\n")
+    assert (r.returncode, r.stdout) == (0, b"hello\n"), err(r)
+    big = os.urandom(5 << 20)
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "cat"], cache, input=big)
+    assert r.returncode == 0, err(r)
+    assert (len(r.stdout), hashlib.sha256(r.stdout).hexdigest()) == (len(big), hashlib.sha256(big).hexdigest())
+
+
+def _run_in_pty(argv: List[str], env: Dict[str, str], timeout: float = 120) -> Tuple[int, str]:
+    master, slave = os.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd="/",
+                            start_new_session=True)
+    os.close(slave)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+        elif proc.poll() is not None:
+            break
+    rc = proc.wait(timeout=10)
+    os.close(master)
+    return rc, buf.decode(errors="replace")
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_terminal_is_a_terminal_only_under_a_tty(runtime: str, cache: Path) -> None:
+    warm(runtime, cache)
+    cmd = ["run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "sh", "-c",
+           "test -t 0 && test -t 1 && echo is-tty || echo no-tty"]
+    rc, text = _run_in_pty([*NSDF, *cmd], root_env(cache, TERM="xterm"))
+    assert rc == 0 and "is-tty" in text, text
+    r = nsdf(cmd, cache, input=b"")
+    assert (r.returncode, out(r)) == (0, "no-tty\n"), err(r)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_command_killed_by_a_signal_exits_128_plus_n(runtime: str, sig: int, cache: Path) -> None:
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "sh", "-c",
+              f"kill -{signal.Signals(sig).name[3:]} $$"], cache)
+    assert r.returncode == 128 + sig, err(r)
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_not_found_127_and_not_executable_126(runtime: str, cache: Path, vtmp: Path) -> None:
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "nsdf-no-such-cmd"], cache)
+    assert r.returncode == 127, err(r)
+    assert "nsdf-no-such-cmd" in err(r)
+    (vtmp / "data.txt").write_text("not a program\n")
+    os.chmod(vtmp / "data.txt", 0o644)
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", "-B", f"{vtmp}:/mnt/x", BUSYBOX, "--",
+              "/mnt/x/data.txt"], cache)
+    assert r.returncode == 126, err(r)
+    assert "data.txt" in err(r)
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_explicit_home_and_user_win_as_root(runtime: str, cache: Path) -> None:
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", "--env", "HOME=/tmp/h", "--env", "USER=bob",
+              BUSYBOX, "--", "sh", "-c", 'echo "$HOME $USER"'], cache)
+    assert (r.returncode, out(r)) == (0, "/tmp/h bob\n"), err(r)
+
+
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_explicit_home_and_user_win_as_unprivileged_user(runtime: str, as_user) -> None:
+    r = nsdf_user(as_user, ["run", "-r", runtime, "--no-bind-cwd", "--env", "HOME=/tmp/h", "--env",
+                            "USER=bob", BUSYBOX, "--", "sh", "-c", 'echo "$HOME $USER"'],
+                  user_cache(as_user), cwd="/")
+    assert (r.returncode, r.stdout) == (0, "/tmp/h bob\n"), r.stderr
+
+
+@pytest.mark.parametrize("where", ["var-tmp", "srv"])
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_no_bind_cwd_means_the_image_workdir_everywhere(runtime: str, where: str, cache: Path) -> None:
+    d = Path(tempfile.mkdtemp(prefix="nsdf-nbc-", dir="/var/tmp" if where == "var-tmp" else "/srv"))
+    try:
+        os.chmod(d, 0o755)
+        (d / "marker").write_text("host\n")
+        r = nsdf(["run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "sh", "-c",
+                  f"pwd; test -e {d}/marker && echo visible || echo hidden"], cache, cwd=str(d))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert (r.returncode, out(r).splitlines()) == (0, ["/", "hidden"]), err(r)
+
+
+# ------------------------------------------------------------------ item 5: signals to nsdf-run
+def _procs_with(arg: str) -> List[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if arg in line and "ps -eo" not in line]
+
+
+def _podman_leftovers(arg: str) -> List[str]:
+    r = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}} {{.Command}}"],
+                       capture_output=True, text=True)
+    return [line for line in r.stdout.splitlines() if arg in line]
+
+
+def _cleanup(arg: str) -> None:
+    for line in _procs_with(arg):
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    for line in _podman_leftovers(arg):
+        subprocess.run(["podman", "rm", "-f", line.split()[0]], capture_output=True)
+
+
+MOMENTS = ["early-0.05s", "early-0.4s", "started", "started+0.5s", "started+1.5s"]
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_signal_to_nsdf_run_ends_the_container(runtime: str, sig: int, moment: str, cache: Path) -> None:
+    warm(runtime, cache)
+    arg = str(3000 + uuid.uuid4().int % 6000)    # a unique `sleep N` to find the container by
+    # output to a file, not a pipe: a container left behind would hold a pipe open
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([*NSDF, "run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "sleep", arg],
+                            env=root_env(cache), cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        if moment.startswith("early"):
+            time.sleep(float(moment.split("-")[1].rstrip("s")))
+        else:
+            deadline = time.monotonic() + 60
+            while not _procs_with(f"sleep {arg}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _procs_with(f"sleep {arg}"), "the container never started"
+            if "+" in moment:
+                time.sleep(float(moment.split("+")[1].rstrip("s")))
+        proc.send_signal(sig)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"nsdf-run did not exit within 30 s of {signal.Signals(sig).name}")
+        log.seek(0)
+        stderr = log.read()
+        # a runtime orphaned while starting may start the command after nsdf-run is gone
+        time.sleep(2)
+        alive = _procs_with(f"sleep {arg}")
+        left = _podman_leftovers(f"sleep {arg}") if runtime == "podman" else []
+        assert rc in (128 + sig, -sig), f"exit {rc}: {stderr.decode(errors='replace')}"
+        assert not alive, f"container processes outlive nsdf-run: {alive}"
+        assert not left, f"podman containers left behind: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _cleanup(arg)
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_sigterm_to_nsdf_run_reaches_a_trapping_command(runtime: str, cache: Path) -> None:
+    warm(runtime, cache)
+    arg = str(3000 + uuid.uuid4().int % 6000)
+    proc = subprocess.Popen([*NSDF, "run", "-r", runtime, "--no-bind-cwd", BUSYBOX, "--", "sh", "-c",
+                             f'trap "exit 7" TERM; sleep {arg} & wait'],
+                            env=root_env(cache), cwd="/", stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _procs_with(f"sleep {arg}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("nsdf-run did not exit within 30 s of SIGTERM")
+        alive = _procs_with(f"sleep {arg}")
+        assert proc.returncode == 7, f"exit {proc.returncode}: the trap did not run; still running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _cleanup(arg)
+
+
+# ------------------------------------------------------------------ item 3: charliecloud cache
+def _tree(root: Path) -> Dict[str, Tuple]:
+    snap: Dict[str, Tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                snap[rel] = ("l", os.readlink(p))
+            elif p.is_dir():
+                snap[rel] = ("d", st.st_mode)
+            else:
+                h = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+                snap[rel] = ("f", st.st_mode, st.st_size, h)
+    return snap
+
+
+def _ch_entry(cache: Path) -> Path:
+    r = nsdf(["pull", "--json", "-r", "charliecloud", BUSYBOX], cache)
+    assert r.returncode == 0, err(r)
+    return Path(json.loads(r.stdout)["location"])
+
+
+@pytest.mark.charliecloud
+def test_charliecloud_runs_never_write_into_the_cached_image(cache: Path, vtmp: Path) -> None:
+    rootfs = _ch_entry(cache)
+    before = _tree(rootfs)
+    (vtmp / "file.txt").write_text("x\n")
+    src = vtmp / "src"
+    src.mkdir()
+    runs = [
+        ["--no-bind-cwd", "-B", f"{src}:/newdir/deep", BUSYBOX, "--", "true"],
+        ["--no-bind-cwd", "-B", f"{src}:/mnt/com,ma", BUSYBOX, "--", "true"],
+        ["--no-bind-cwd", "-B", f"{vtmp}/file.txt:/etc/file.txt", BUSYBOX, "--", "true"],
+        [BUSYBOX, "--", "true"],   # the default bind of a cwd missing from the image
+    ]
+    results = [nsdf(["run", "-r", "charliecloud", *a], cache, cwd=str(src)) for a in runs]
+    after = _tree(rootfs)
+    added = sorted(set(after) - set(before))
+    changed = sorted(k for k in before if k in after and before[k] != after[k])
+    assert not added and not changed, (f"runs modified the cached image: added {added}, changed {changed}; "
+                                       f"exits {[r.returncode for r in results]}")
+
+
+@pytest.mark.charliecloud
+def test_images_verify_flags_a_hand_modified_charliecloud_entry(tmp_path: Path) -> None:
+    c = Path(tempfile.mkdtemp(prefix="nsdf-runfix-verify-", dir="/var/tmp"))
+    try:
+        rootfs = _ch_entry(c)
+        (rootfs / "etc" / "injected-by-hand").write_text("tampered\n")
+        r = nsdf(["images", "--verify", "--json"], c)
+        assert r.returncode == 0, err(r)
+        rows = [row for row in json.loads(r.stdout) if row["runtime"] == "charliecloud"]
+        assert rows and not rows[0]["ok"], f"a modified rootfs is reported as ok: {rows}"
+    finally:
+        shutil.rmtree(c, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ item 2: podman prune
+@pytest.mark.podman
+def test_podman_prune_in_one_cache_does_not_break_another() -> None:
+    # an image of its own, whose only name in the podman store is the one nsdf-run pulls:
+    # busybox has other names there (other tests), and `podman rmi NAME` then only untags
+    u = uuid.uuid4().hex[:10]
+    ref = f"{REG}/test/prune:{u}"
+    local = f"localhost/nsdf-runfix-prune:{u}"
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        (Path(d) / "Containerfile").write_text(f"FROM {BUSYBOX}\nRUN echo {u} > /etc/id\n")
+        r0 = subprocess.run(["podman", "build", "-q", "--tls-verify=false", "-t", local, d],
+                            capture_output=True, text=True)
+        assert r0.returncode == 0, r0.stderr
+    _push(local, ref)
+    subprocess.run(["podman", "rmi", local], capture_output=True)
+    a = Path(tempfile.mkdtemp(prefix="nsdf-runfix-A-", dir="/var/tmp"))
+    b = Path(tempfile.mkdtemp(prefix="nsdf-runfix-B-", dir="/var/tmp"))
+    try:
+        warm("podman", a, ref)
+        warm("podman", b, ref)
+        r = nsdf(["prune", "--max-size", "0"], b)
+        assert r.returncode == 0 and "removed 1 entry" in out(r), out(r) + err(r)
+        r = nsdf(["run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"], a)
+        if r.returncode != 0:
+            v = nsdf(["images", "--verify", "--json"], a)
+            rows = json.loads(v.stdout or b"[]")
+            assert rows and not rows[0]["ok"], (
+                f"run in cache A fails after prune in B (exit {r.returncode}: {err(r).strip()}) "
+                f"and `images --verify` in A does not flag it: {rows}")
+            p = nsdf(["pull", "-r", "podman", ref], a)
+            assert p.returncode == 0, err(p)
+            r = nsdf(["run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"], a)
+        assert (r.returncode, out(r)) == (0, f"{u}\n"), err(r)
+    finally:
+        shutil.rmtree(a, ignore_errors=True)
+        shutil.rmtree(b, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ item 7: a moved tag
+@pytest.fixture(scope="module")
+def moving_images() -> Dict[str, str]:
+    """Two tiny images (busybox + /etc/hello.txt = v1 / v2) pushed to the TLS registry."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman builds the two images")
+    tags = {}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        for v in ("v1", "v2"):
+            (Path(d) / "Containerfile").write_text(f"FROM {BUSYBOX}\nRUN echo {v} > /etc/hello.txt\n")
+            local = f"localhost/nsdf-runfix-moving:{v}"
+            r = subprocess.run(["podman", "build", "-q", "--tls-verify=false", "-t", local, d],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            tags[v] = local
+    yield tags
+    for local in tags.values():
+        subprocess.run(["podman", "rmi", local], capture_output=True)
+
+
+def _push(local: str, dest: str) -> None:
+    r = subprocess.run(["podman", "push", "-q", "--tls-verify=false", local, f"docker://{dest}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.podman
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_a_moved_tag_runs_the_new_image_after_pull(runtime: str, moving_images: Dict[str, str],
+                                                   cache: Path) -> None:
+    ref = f"{REG}/test/moving:{runtime}-{uuid.uuid4().hex[:8]}"
+    cmd = ["run", "-r", runtime, "--no-bind-cwd", ref, "--", "cat", "/etc/hello.txt"]
+    _push(moving_images["v1"], ref)
+    r = nsdf(cmd, cache)
+    assert (r.returncode, out(r)) == (0, "v1\n"), err(r)
+    r = nsdf(cmd, cache)   # the second identical run writes/uses the launch record
+    assert (r.returncode, out(r)) == (0, "v1\n"), err(r)
+    _push(moving_images["v2"], ref)
+    p = nsdf(["pull", "-r", runtime, ref], cache)
+    assert p.returncode == 0, err(p)
+    r = nsdf(cmd, cache)
+    assert (r.returncode, out(r)) == (0, "v2\n"), f"ran the old image after `pull` of the moved tag: {err(r)}"
+
+
+# ------------------------------------------------------------------ items 8, 12, 13: nothing ran -> 125
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd(runtime: str, cache: Path) -> None:
+    d = Path(tempfile.mkdtemp(prefix="nsdf-co:lon-", dir="/var/tmp"))
+    try:
+        os.chmod(d, 0o755)
+        r = nsdf(["run", "-r", runtime, BUSYBOX, "--", "pwd"], cache, cwd=str(d))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    ok = r.returncode == 0 and out(r) == f"{d}\n"
+    refused = r.returncode == 125 and "--no-bind-cwd" in err(r)
+    assert ok or refused, f"exit {r.returncode}, stdout {out(r)!r}, stderr {err(r)!r}"
+
+
+@pytest.mark.charliecloud
+def test_charliecloud_native_sqfs_from_a_cwd_missing_in_the_image(cache: Path, vtmp: Path) -> None:
+    rootfs = _ch_entry(cache)
+    sqfs = rootfs.parent / "image.sqfs"
+    assert sqfs.is_file(), list(rootfs.parent.iterdir())
+    r = nsdf(["run", "-r", "charliecloud", str(sqfs), "--", "pwd"], cache, cwd=str(vtmp))
+    assert (r.returncode, out(r)) == (0, f"{vtmp}\n"), err(r)
+
+
+# ------------------------------------------------------------------ item 11: udocker OCI archives
+def _udocker_repos(cache: Path) -> List[str]:
+    env = root_env(cache, UDOCKER_DIR=str(cache / "udocker"))
+    r = subprocess.run(["udocker", "--allow-root", "-q", "images"], env=env, capture_output=True, text=True)
+    return [line.split()[0] for line in r.stdout.splitlines() if line.strip() and not line.startswith("REPOSITORY")]
+
+
+@pytest.mark.udocker
+@pytest.mark.parametrize("tag", ["untagged", "v1"])
+def test_udocker_runs_oci_archives_untagged_or_tagged(tag: str, vtmp: Path) -> None:
+    c = Path(tempfile.mkdtemp(prefix="nsdf-runfix-ud-", dir="/var/tmp"))
+    try:
+        archive = vtmp / f"busybox-{tag}.oci.tar"
+        dest = f"oci-archive:{archive}" + (f":{tag}" if tag != "untagged" else "")
+        r = subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{BUSYBOX}", dest],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        run = nsdf(["run", "-r", "udocker", "--no-bind-cwd", f"oci-archive:{archive}", "--", "echo", "ok"], c)
+        repos = _udocker_repos(c)
+        entries = json.loads(nsdf(["images", "--json"], c).stdout or b"[]")
+        assert (run.returncode, out(run)) == (0, "ok\n"), f"{err(run)}; udocker repos now: {repos}"
+        assert len(repos) <= len(entries), f"orphan udocker repositories: {repos} for entries {entries}"
+    finally:
+        shutil.rmtree(c, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ item 15: messages
+def test_a_bare_image_id_is_a_bad_reference(cache: Path) -> None:
+    r = nsdf(["run", "-r", "udocker", "a" * 64, "--", "true"], cache)
+    assert r.returncode == 2, err(r)
+
+
+def test_invalid_tag_ttl_is_one_line_without_a_pydantic_url(cache: Path, vtmp: Path) -> None:
+    conf = vtmp / "config.toml"
+    conf.write_text('tag_ttl = "x"\n')
+    r = nsdf(["images"], cache, NSDF_HPC_CONFIG=str(conf))
+    text = err(r).strip()
+    assert r.returncode == 2, text
+    assert "tag_ttl" in text and "pydantic.dev" not in text and len(text.splitlines()) == 1, text
+
+
+def test_cache_that_is_a_file_gives_one_clear_error(vtmp: Path) -> None:
+    f = vtmp / "not-a-dir"
+    f.write_text("x")
+    r = nsdf(["run", "-r", "charliecloud", BUSYBOX, "--", "true"], f)
+    text = err(r).strip()
+    assert r.returncode == 125, text
+    assert "unreadable cache entry" not in text and "rebuilding" not in text, text
+    assert str(f) in text and len(text.splitlines()) == 1, text
+
+
+@pytest.mark.podman
+def test_podman_entries_show_their_size(cache: Path) -> None:
+    warm("podman", cache)
+    r = nsdf(["images", "--json"], cache)
+    rows = [row for row in json.loads(r.stdout) if row["runtime"] == "podman"]
+    assert rows and all(row["size"] > 0 for row in rows), rows
+    r = nsdf(["images"], cache)
+    assert not [ln for ln in out(r).splitlines() if ln.startswith("podman") and " 0 B " in ln], out(r)
+
+
+# ------------------------------------------------------------------ item 17: paths
+@pytest.mark.charliecloud
+def test_launch_records_live_under_nsdf_hpc_cache(cache: Path, vtmp: Path) -> None:
+    home = vtmp / "home"
+    home.mkdir()
+    for _ in range(2):
+        r = nsdf(["run", "-r", "charliecloud", "--no-bind-cwd", BUSYBOX, "--", "true"], cache,
+                 HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+        assert r.returncode == 0, err(r)
+    assert not (home / ".cache" / "nsdf-hpc" / "launch").exists(), \
+        "launch records were written under $XDG_CACHE_HOME although NSDF_HPC_CACHE is set"
+
+
+@pytest.mark.charliecloud
+def test_a_relative_directory_is_a_native_image(cache: Path, vtmp: Path) -> None:
+    rootfs = _ch_entry(cache)
+    (vtmp / "arch").mkdir()
+    subprocess.run(["cp", "-a", str(rootfs), str(vtmp / "arch" / "rootdir")], check=True)
+    r = nsdf(["run", "-r", "charliecloud", "--no-bind-cwd", "arch/rootdir", "--", "echo", "ok"], cache,
+             cwd=str(vtmp))
+    assert (r.returncode, out(r)) == (0, "ok\n"), err(r)
+
+
+# ------------------------------------------------------------------ item 6: [env] allow adds
+@pytest.mark.charliecloud
+def test_config_env_allow_adds_to_the_builtin_allowlist(cache: Path, vtmp: Path) -> None:
+    conf = vtmp / "config.toml"
+    conf.write_text('[env]\nallow = ["MY_SITE_*"]\n')
+    r = nsdf(["run", "-r", "charliecloud", "--no-bind-cwd", BUSYBOX, "--", "sh", "-c",
+              'echo "$MY_SITE_X|$SLURM_NSDF_T|$OMP_NUM_THREADS|$TERM|$HOME"'], cache,
+             NSDF_HPC_CONFIG=str(conf), MY_SITE_X="site", SLURM_NSDF_T="slurm", OMP_NUM_THREADS="3",
+             TERM="xterm", HOME="/root")
+    assert (r.returncode, out(r)) == (0, "site|slurm|3|xterm|/root\n"), err(r)
