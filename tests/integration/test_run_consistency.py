@@ -29,6 +29,85 @@ REG = "127.0.0.1:5443"
 NSDF = [sys.executable, "-m", "nsdf_hpc"]
 
 
+#: issue 14 defects not fixed yet: these run for real and are expected to fail until their fix
+#: lands (non-strict: a timing-dependent case may pass). The rest of this file must pass.
+KNOWN_DEFECTS = {
+    'test_command_killed_by_a_signal_exits_128_plus_n[udocker-TERM]':
+        'item 8: udocker (proot) reports a command killed by a signal as 255',
+    'test_command_killed_by_a_signal_exits_128_plus_n[udocker-KILL]':
+        'item 8: udocker (proot) reports a command killed by a signal as 255',
+    'test_not_found_127_and_not_executable_126[apptainer]':
+        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
+    'test_not_found_127_and_not_executable_126[charliecloud]':
+        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
+    'test_not_found_127_and_not_executable_126[podman]':
+        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
+    'test_not_found_127_and_not_executable_126[udocker]':
+        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
+    'test_explicit_home_and_user_win_as_root[apptainer]':
+        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
+    'test_explicit_home_and_user_win_as_root[udocker]':
+        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
+    'test_explicit_home_and_user_win_as_unprivileged_user[apptainer]':
+        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
+    'test_explicit_home_and_user_win_as_unprivileged_user[udocker]':
+        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
+    'test_no_bind_cwd_means_the_image_workdir_everywhere[apptainer-var-tmp]':
+        'item 10: Apptainer starts in $HOME and mounts /var/tmp by default',
+    'test_no_bind_cwd_means_the_image_workdir_everywhere[apptainer-srv]':
+        'item 10: Apptainer starts in $HOME and mounts /var/tmp by default',
+    'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.05s]':
+        'item 5: a SIGINT before podman has started the container can leave it running',
+    'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.4s]':
+        'item 5: a SIGINT before podman has started the container can leave it running',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started+0.5s]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started+1.5s]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-early-0.05s]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-early-0.4s]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started+0.5s]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started+1.5s]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_sigterm_to_nsdf_run_reaches_a_trapping_command[udocker]':
+        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
+    'test_charliecloud_runs_never_write_into_the_cached_image':
+        'item 3: ch-run 0.31 mount points are created inside the cached rootfs',
+    'test_images_verify_flags_a_hand_modified_charliecloud_entry':
+        'item 3: verify checks only that rootfs is a directory',
+    'test_podman_prune_in_one_cache_does_not_break_another':
+        'item 2: the podman store is shared between caches',
+    'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[charliecloud]':
+        "item 12: the automatic cwd bind is split at ':'",
+    'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[podman]':
+        "item 12: the automatic cwd bind is split at ':'",
+    'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[udocker]':
+        "item 12: the automatic cwd bind is split at ':'",
+    'test_charliecloud_native_sqfs_from_a_cwd_missing_in_the_image':
+        'item 13: ch-run 0.31 cannot create a mount point in a SquashFS image',
+    'test_udocker_runs_oci_archives_untagged_or_tagged[untagged]':
+        "item 11: the repack keeps the archive's own tag",
+    'test_udocker_runs_oci_archives_untagged_or_tagged[v1]':
+        "item 11: the repack keeps the archive's own tag",
+    'test_podman_entries_show_their_size':
+        'item 15: the podman store size is not measured',
+}
+
+
+@pytest.fixture(autouse=True)
+def _known_defect(request: pytest.FixtureRequest) -> None:
+    why = KNOWN_DEFECTS.get(request.node.name)
+    if why:
+        request.applymarker(pytest.mark.xfail(reason=f"issue 14 {why}", strict=False))
+
+
 @pytest.fixture(scope="module")
 def cache() -> Path:
     d = Path(tempfile.mkdtemp(prefix="nsdf-runfix-cache-", dir="/var/tmp"))
