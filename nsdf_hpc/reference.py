@@ -82,6 +82,11 @@ class ImageRef(_Frozen):
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+#: source kind -> the transport prefix the runtimes (and containers-image) use for it
+TRANSPORTS = {"docker-archive": "docker-archive", "oci-archive": "oci-archive", "oci-dir": "oci",
+              "registry": "docker", "native": ""}
+
+
 class ImageSource(_Frozen):
     """Where an image comes from: a registry reference, an offline file or a native artifact."""
 
@@ -91,11 +96,15 @@ class ImageSource(_Frozen):
     layout_ref: Optional[str] = None  # oci-dir: the ref inside the layout
     text: str                         # what the user wrote
 
+    @property
+    def transport(self) -> str:
+        """The containers-image transport name of an offline source (``oci`` for a layout)."""
+        return TRANSPORTS[self.kind]
+
     def __str__(self) -> str:
         if self.kind == "registry":
             return str(self.ref)
-        prefix = {"docker-archive": "docker-archive:", "oci-archive": "oci-archive:",
-                  "oci-dir": "oci:", "native": ""}[self.kind]
+        prefix = f"{self.transport}:" if self.kind != "native" else ""
         return f"{prefix}{self.path}" + (f":{self.layout_ref}" if self.layout_ref else "")
 
 

@@ -6,6 +6,12 @@ Exit codes: a command run in a container passes its own status through; 125 mean
 ran because nsdf-run or the runtime failed first (podman/docker convention); 2 is bad input
 (malformed --bind/--env/image reference, unknown runtime, bad option values); 1 is any other
 error; 130 is Ctrl-C.
+
+The library (pydantic, the client) and rich are imported inside the functions that need them,
+on purpose: `nsdf-run --help`, `--version` and usage errors answer without those imports
+(start-up on login nodes and in job scripts). These are the package's only function-level
+imports besides the launch fast path (``_entry.py``, ``_launch.py``) and optional or
+version-dependent modules (pyslurm, tomli, ssl, pwd).
 """
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ class Apptainer(Runtime):
             return ImagePlan((Step(tuple(argv), f"pull {ref} to SIF", tmp_env),), artifact=out)
         if source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
-        prefix = {"docker-archive": "docker-archive", "oci-archive": "oci-archive", "oci-dir": "oci"}[source.kind]
+        prefix = source.transport
         # Apptainer 1.4 takes an OCI layout *path* only: "oci:DIR:tag" fails with "stat DIR:tag"
         build = (self.path, "-s", "build", out, f"{prefix}:{source.path}")
         return ImagePlan((Step(build, f"build SIF from {source.text}", tmp_env),), artifact=out)

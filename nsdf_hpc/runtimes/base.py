@@ -1,4 +1,5 @@
-"""The Runtime contract: pure argv builders and parsers; effects live in the Client.
+"""The Runtime contract: pure argv builders and parsers, and every way in which one runtime
+differs from the others; effects live in the image service and the executor.
 
 A runtime class knows its tool's vocabulary and nothing else:
 

@@ -49,7 +49,7 @@ class Podman(Runtime):
             return ImagePlan((Step(tuple(argv), f"pull {ref}"),), location=loc)
         if source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
-        transport = {"docker-archive": "docker-archive", "oci-archive": "oci-archive", "oci-dir": "oci"}[source.kind]
+        transport = source.transport
         src = f"{transport}:{source.path}" + (f":{source.layout_ref}" if source.layout_ref else "")
         # `podman pull -q` prints the image id, which becomes the location ("@stdout")
         return ImagePlan((Step((self.path, "pull", "-q", src), f"import {source.text}"),),
