@@ -215,15 +215,19 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
             'printf "[%s][%s][%s][%s]" "$H" "$SLURM_PROCID" "${PYTHONPATH-unset}" "$(pwd)"; exit 5']
     outs = []
     stamps = []
+    # NSDF_HPC_CACHE is set: the records live in the cache, beside other tests' records
+    launch = shared_cache / "launch"
+    before = set(launch.glob("*.json"))
     for procid, fast in (("0", "1"), ("0", ""), ("1", ""), ("2", "")):
         extra = {"XDG_CACHE_HOME": str(xdg), "SLURM_PROCID": procid, "PYTHONPATH": "/leak"}
         if fast:
             extra["NSDF_HPC_NO_FAST_PATH"] = "1"
         r = nsdf_root(args, shared_cache, cwd=str(tmp_path), **extra)
         outs.append((r.returncode, r.stdout))
-        stamps.append([p.stat().st_mtime_ns for p in (xdg / "nsdf-hpc" / "launch").glob("*.json")])
-    records = list((xdg / "nsdf-hpc" / "launch").glob("*.json"))
+        stamps.append([p.stat().st_mtime_ns for p in set(launch.glob("*.json")) - before])
+    records = set(launch.glob("*.json")) - before
     assert len(records) == 1, "the planned run without NSDF_HPC_NO_FAST_PATH wrote one record"
+    assert not (xdg / "nsdf-hpc" / "launch").exists(), "records follow NSDF_HPC_CACHE (issue 14.17)"
     assert stamps[0] == [] and stamps[1] == stamps[2] == stamps[3], "later runs used the record as is"
     want = [(5, f"[{HOSTILE[4]}{HOSTILE[9]}][{p}][unset][{tmp_path}]") for p in ("0", "0", "1", "2")]
     assert outs == want
