@@ -40,7 +40,7 @@ SourceKind = Literal["registry", "docker-archive", "oci-archive", "oci-dir", "na
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class ImageRef(_Frozen):
