@@ -15,7 +15,8 @@ from .environment import container_env
 from .errors import ImageError, NsdfError, SpecError
 from .host import HostFacts, probe_host
 from .images import ImageService
-from .models import Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo, parse_env
+from .models import (Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo, first_error,
+                     parse_env)
 from .paths import user_state_dir
 from .reference import ImageSource
 from .runtimes import choose, detect_all, runtime_class
@@ -302,15 +303,3 @@ class Client:
         """An array job: one command per task, or ``template`` with ``{index}``."""
         return slurm_submit.submit_array(self, image, commands, **options)
 
-
-def first_error(err: Exception) -> str:
-    """The first message of a pydantic ValidationError, in one line."""
-    errors = getattr(err, "errors", None)
-    if callable(errors):
-        try:
-            e = errors()[0]
-            loc = ".".join(str(x) for x in e.get("loc", ()))
-            return f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
-        except (IndexError, TypeError, KeyError):
-            pass
-    return str(err)

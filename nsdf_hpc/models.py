@@ -186,3 +186,16 @@ class RunResult(Model):
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+
+def first_error(err: Exception) -> str:
+    """The first message of a pydantic ValidationError, in one line."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        try:
+            e = errors()[0]
+            loc = ".".join(str(x) for x in e.get("loc", ()))
+            return f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+        except (IndexError, TypeError, KeyError):
+            pass
+    return str(err)

@@ -22,7 +22,7 @@ from .._version import __version__
 from ..config import SlurmSettings, load_slurm_settings
 from ..environment import matches
 from ..errors import ConfigError, SchedulerError, SpecError
-from ..models import Bind, RunSpec
+from ..models import Bind, RunSpec, first_error
 from .job import Job
 from .script import (CMD_SENTINEL, JOB_TIME_PATTERNS, ArrayChunk,
                      ScriptInputs, default_output, forwarding_templates, render_script, split_array)
@@ -36,19 +36,6 @@ __all__ = ["Prepared", "job_spec", "scheduler", "submit", "submit_array", "prepa
            "submit_prepared", "new_job_dir", "check_work_dir"]
 
 logger = logging.getLogger(__name__)
-
-
-def _first_error(err: Exception) -> str:
-    """The first pydantic error as ``field: message`` (one line, not the dump)."""
-    errors = getattr(err, "errors", None)
-    if callable(errors):
-        try:
-            e = errors()[0]
-            loc = ".".join(str(x) for x in e.get("loc", ()))
-            return f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
-        except (IndexError, TypeError, KeyError):
-            pass
-    return str(err)
 
 
 def job_spec(client: "Client", image: str, command: Optional[Sequence[str]] = None, *,
@@ -84,7 +71,7 @@ def job_spec(client: "Client", image: str, command: Optional[Sequence[str]] = No
                        commands=tuple(tuple(c) for c in commands) if commands is not None else None,
                        dependencies=parse_dependencies(dependencies))
     except ValueError as err:
-        raise SpecError(f"invalid job: {_first_error(err)}") from None
+        raise SpecError(f"invalid job: {first_error(err)}") from None
 
 
 def scheduler(client: "Client", **overrides: Any) -> Slurm:
