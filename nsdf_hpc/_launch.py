@@ -82,7 +82,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "format": FORMAT, "encoding": inv.encoding.as_dict(), "head": list(inv.head),
         "tail": list(inv.tail) + list(inv.command), "static_env": dict(inv.static_env),
         "explicit": dict(inv.explicit_env), "allow": list(allow), "deny": list(deny),
-        "mkdirs": list(inv.mkdirs), "expires": expires,
+        "mkdirs": list(inv.mkdirs), "mkfiles": list(inv.mkfiles), "expires": expires,
         "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
     }
     d = record_dir(env)
@@ -93,8 +93,10 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         pass
 
 
-def load(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Tuple[List[str], Dict[str, str], List[str]]]:
-    """The argv, environment and mount points to exec, or None when the record is not valid."""
+def load(args: Sequence[str], env: Mapping[str, str], cwd: str
+         ) -> Optional[Tuple[List[str], Dict[str, str], List[Tuple[str, bool]]]]:
+    """The argv, environment and mount points (path, is a file) to exec, or None when the
+    record is not valid."""
     path = os.path.join(record_dir(env), launch_key(args, env, cwd) + ".json")
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as fh:
@@ -111,7 +113,8 @@ def load(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Tupl
     encoding = EnvEncoding(**rec["encoding"])
     argv = [*rec["head"], *encoding.argv_words(cenv), *rec["tail"]]
     penv = encoding.process_env(rec["static_env"], cenv)
-    return argv, penv, list(rec.get("mkdirs", []))
+    points = [(d, False) for d in rec.get("mkdirs", [])] + [(f, True) for f in rec.get("mkfiles", [])]
+    return argv, penv, points
 
 
 def try_fast_run(args: Sequence[str]) -> None:
@@ -126,8 +129,10 @@ def try_fast_run(args: Sequence[str]) -> None:
         if found is None:
             return
         argv, penv, mkdirs = found
-        for d in mkdirs:
-            os.makedirs(d, exist_ok=True)
+        for d, is_file in mkdirs:
+            os.makedirs(os.path.dirname(d) if is_file else d, exist_ok=True)
+            if is_file:   # the mount point of a file bind
+                open(d, "a").close()
         if not os.path.isabs(argv[0]):
             return
     except Exception:   # any doubt: the planned path decides

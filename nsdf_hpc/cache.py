@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -72,6 +73,26 @@ def _file_records(root: str, main: Optional[str]) -> Dict[str, Dict[str, Any]]:
         st = os.stat(p)
         out[main] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _hash_file(p)}
     return out
+
+
+def tree_digest(root: str) -> str:
+    """One digest over a directory image's metadata: every path with its type, mode, size,
+    mtime and link target (a file added, removed, resized or rewritten changes it)."""
+    h = hashlib.sha256()
+    for top, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            p = os.path.join(top, name)
+            try:
+                st = os.lstat(p)
+                link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else ""
+            except OSError:
+                continue
+            size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+            rel = os.path.relpath(p, root)
+            h.update(f"{rel}\0{st.st_mode:o}\0{size}\0{st.st_mtime_ns}\0{link}\n".encode(
+                "utf-8", "surrogateescape"))
+    return "sha256:" + h.hexdigest()
 
 
 @dataclass
@@ -186,9 +207,13 @@ class ImageCache:
         return True
 
     def verify_full(self, entry: Entry) -> bool:
-        """Re-hash every recorded artifact (``nsdf-run images --verify``)."""
+        """Re-hash every recorded artifact, and compare every directory image with what was
+        converted (``nsdf-run images --verify``)."""
         for rel, rec in (entry.data.get("files") or {}).items():
             if rec.get("sha256") and _hash_file(os.path.join(entry.path, rel)) != rec["sha256"]:
+                return False
+        for rel, digest in (entry.data.get("trees") or {}).items():
+            if tree_digest(os.path.join(entry.path, rel)) != digest:
                 return False
         return self.check(entry)
 
@@ -349,7 +374,7 @@ class ImageCache:
         size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(workdir) for f in fs
                    if not os.path.islink(os.path.join(r, f))) + extra_size
         data = {**data, "format": FORMAT, "runtime": runtime, "digest": digest, "files": files,
-                "dirs": list(dirs), "size": size, "created": time.time(),
+                "dirs": list(dirs), "trees": {d: tree_digest(os.path.join(workdir, d)) for d in dirs}, "size": size, "created": time.time(),
                 "builder": f"{_hostname()}:{os.getpid()}"}
         atomic_write_json(os.path.join(workdir, ENTRY_FILE), data, fsync=True, indent=1,
                           make_dirs=False)

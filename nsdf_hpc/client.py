@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 from . import _launch
 from ._exec import CommandRunner, SubprocessRunner
-from .cache import Entry, ImageCache
+from .cache import Entry, ImageCache, rmtree
 from .config import Settings, cache_dir, load_settings
 from .environment import container_env
-from .errors import ImageError, NsdfError, SpecError
+from .errors import NsdfError, RunError, SpecError
 from .host import HostFacts, probe_host
 from .images import ImageService
 from .models import (Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo, first_error,
@@ -20,7 +20,7 @@ from .models import (Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, Runti
 from .paths import user_state_dir
 from .reference import ImageSource
 from .runtimes import choose, detect_all, runtime_class
-from .runtimes.base import Invocation, Runtime, RuntimeContext
+from .runtimes.base import Invocation, Runtime, RuntimeContext, process_env
 from .schedulers import submit as slurm_submit
 
 if TYPE_CHECKING:
@@ -193,6 +193,7 @@ class Client:
         for b in spec.binds:
             if not os.path.exists(b.source):
                 raise SpecError(f"bind source {b.source} does not exist")
+        rt.check_binds(spec)
         host = self.env if env is None else env
         cenv = container_env(host, spec.env, self.settings.env_allow, self.settings.env_deny)
         host_env = dict(host)
@@ -230,14 +231,36 @@ class Client:
     def execute(self, inv: Invocation, native: NativeImage, rt: Runtime, *, capture: bool = True) -> RunResult:
         """Run a planned invocation (mount points first); the exit code is data (a command
         killed by signal N gives 128+N)."""
-        for d in inv.mkdirs:
-            try:
-                os.makedirs(d, exist_ok=True)
-            except OSError as err:
-                raise ImageError(f"{rt.name}: cannot create mount point {d}: {err.strerror}") from None
+        self.prepare(inv, rt)
         res = self.runner.run(inv.argv, check=False, env=inv.env, capture=capture)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
                          argv=inv.argv, runtime=rt.name, image=native)
+
+    def prepare(self, inv: Invocation, rt: Runtime) -> None:
+        """Make what the invocation needs on the host first: the private copy of a directory
+        image (``inv.tree``) and the mount points; raises RunError (nothing ran)."""
+        if inv.tree and not os.path.isdir(inv.tree[1]):
+            image, copy = inv.tree
+            tmp = f"{copy}.tmp-{os.getpid()}"
+            try:
+                self.runner.run(["cp", "-a", "-l", image, tmp], check=True, env=process_env(self.env))
+                os.rename(tmp, copy)
+            except (NsdfError, OSError) as err:
+                rmtree(tmp)
+                if not os.path.isdir(copy):   # else a concurrent run made it first
+                    why = getattr(err, "strerror", None) or str(err).splitlines()[-1]
+                    raise RunError(f"{rt.name}: the image has no mount point for a bind, and its "
+                                   f"private copy {copy} cannot be made: {why}; bind onto a "
+                                   "directory that exists in the image, or use --no-bind-cwd") from None
+        for path, is_dir in [*((d, True) for d in inv.mkdirs), *((f, False) for f in inv.mkfiles)]:
+            try:
+                os.makedirs(path if is_dir else os.path.dirname(path), exist_ok=True)
+                if not is_dir and not os.path.exists(path):
+                    with open(path, "a"):
+                        pass
+            except OSError as err:
+                raise RunError(f"{rt.name}: cannot create the mount point {path}: {err.strerror}; "
+                               "bind onto a path that exists in the image") from None
 
     def save_launch(self, args: Sequence[str], spec: RunSpec, inv: Invocation, native: NativeImage,
                     rt: Runtime) -> None:
@@ -268,6 +291,8 @@ class Client:
                     checks.append(os.path.join(d, "entry.json"))
                     break
         store = rt.store_path(native.location, rt.runtime_env(self.env, self.cache.root))
+        if inv.tree:
+            exists.append(inv.tree[1])
         if os.path.isfile(native.location):
             checks.append(native.location)
         elif os.path.isabs(native.location):

@@ -16,6 +16,7 @@ message and an exit code (``exit_code``). A container's own non-zero exit status
     ├── ImageError                pull/convert/cache failed (wraps the CommandError)
     │   ├── RegistryError         registry unreachable, image missing, auth refused
     │   └── PreflightError        not enough space, noexec temp dir, ... (names the variable)
+    ├── RunError                  the run cannot be set up here (a mount point, the cwd bind)
     ├── SchedulerError            sbatch/sacct/scancel failed or the job cannot be tracked
     │   └── SubmitError           .transient is True when a retry may succeed
     └── UnexpectedOutputError     a parser could not read a tool's output (.tool .output)
@@ -28,7 +29,7 @@ from typing import Optional, Sequence
 __all__ = [
     "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError",
     "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError",
-    "SchedulerError", "SubmitError", "UnexpectedOutputError",
+    "RunError", "SchedulerError", "SubmitError", "UnexpectedOutputError",
 ]
 
 
@@ -104,6 +105,11 @@ class RegistryError(ImageError):
 
 class PreflightError(ImageError):
     """A check before a pull failed (free space, noexec temp dir); names what to set."""
+
+
+class RunError(NsdfError):
+    """A run cannot be set up on this runtime (a bind it cannot express, a mount point it
+    cannot create); nothing ran, so the CLI exits 125."""
 
 
 class SchedulerError(NsdfError):

@@ -155,10 +155,20 @@ class Apptainer(Runtime):
                 argv += ["--mount", ",".join(fields)]
             else:
                 argv += ["--bind", f"{b.source}:{b.target}" + (":ro" if b.read_only else "")]
-        if not spec.bind_cwd and self._has_no_mount(self.flavour, self.version or ""):
-            argv += ["--no-mount", "cwd"]   # Apptainer binds $PWD by itself otherwise
+        if not spec.bind_cwd:
+            # the same meaning as on the other runtimes: no host directory but the binds
+            # (Apptainer otherwise mounts $PWD, $HOME, /tmp and /var/tmp by itself, and starts
+            # in $HOME), a private writable /tmp, and the image's root as the start directory
+            argv.append("--contain")
+            if self._has_no_mount(self.flavour, self.version or ""):
+                argv += ["--no-mount", "cwd"]
+            workdir = workdir or "/"
         if workdir:
             argv += ["--pwd", workdir]
+        if "HOME" in spec.env:
+            # Apptainer ignores APPTAINERENV_HOME and sets HOME to the home it mounts: an
+            # explicit HOME is set with --home, without mounting a host directory there
+            argv += ["--no-home", "--home", spec.env["HOME"]]
         if spec.gpu:
             argv.append("--nv")
         if not spec.network:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import shutil
 from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import SpecError, UnexpectedOutputError
+from ..errors import RunError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import Bind, NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
@@ -72,7 +72,11 @@ class Invocation:
     #: the part of ``container_env`` that does not come from the host (``--env`` values and
     #: what the runtime adds itself); the rest is rebuilt from each task's own environment
     explicit_env: Dict[str, str] = field(default_factory=dict)
-    mkdirs: Tuple[str, ...] = ()      # directories to create first
+    mkdirs: Tuple[str, ...] = ()      # directories to create first (mount points)
+    mkfiles: Tuple[str, ...] = ()     # empty files to create first (mount points of file binds)
+    #: ``(image, copy)``: run from ``copy``, a private hard-link copy of the directory image
+    #: made on first use, so that mount points never change the cached image itself
+    tree: Optional[Tuple[str, str]] = None
 
     @property
     def argv(self) -> Tuple[str, ...]:
@@ -131,6 +135,8 @@ class Runtime(abc.ABC):
     native_kinds: ClassVar[Tuple[str, ...]] = ()
     #: False when the version probe's exit status says nothing (udocker exits 1 after printing)
     probe_status_matters: ClassVar[bool] = True
+    #: characters this runtime's bind syntax cannot carry in a path (``SRC:DST`` splits at ':')
+    bind_unsafe: ClassVar[str] = ""
 
     def __init__(self, path: Optional[str] = None, flavour: Optional[str] = None,
                  version: Optional[str] = None, ctx: Optional[RuntimeContext] = None) -> None:
@@ -192,6 +198,17 @@ class Runtime(abc.ABC):
         return None
 
     # ---------------------------------------------------------------- run
+    def check_binds(self, spec: RunSpec) -> None:
+        """Refuse binds this runtime cannot express: one the user gave is bad input
+        (SpecError); the automatic bind of the current directory means nothing can run here
+        as asked (RunError, exit 125), with the way out named."""
+        unsafe = [c for c in self.bind_unsafe if c in (spec.cwd or "")]
+        if spec.bind_cwd and unsafe and not any(b.target == spec.cwd for b in spec.binds):
+            raise RunError(f"{self.name} cannot bind the current directory {spec.cwd!r} "
+                           f"({unsafe[0]!r} in the path); use --no-bind-cwd, or run from another "
+                           "directory")
+        require_paths(spec.binds, self.name, self.bind_unsafe)
+
     @abc.abstractmethod
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:

@@ -8,13 +8,14 @@ from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..environment import EnvEncoding
 from ..errors import ImageError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
-from ..models import NativeImage, RunSpec
+from ..models import Bind, NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
 from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, parse_first_version
 
 STORAGE = "storage"
 ROOTFS = "rootfs"
 SQUASH = "image.sqfs"
+RUN_TREE = "run"     # per-uid private copies of the rootfs, beside it in the entry
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -25,6 +26,7 @@ class Charliecloud(Runtime):
     executables: ClassVar[Tuple[str, ...]] = ("ch-run",)
     priority: ClassVar[int] = 30
     native_kinds: ClassVar[Tuple[str, ...]] = (".sqfs", ".squashfs", ".squash", "dir")
+    bind_unsafe: ClassVar[str] = ":"   # binds are SRC:DST[:opts]
 
     def probe_env(self, env: Mapping[str, str]) -> Dict[str, str]:
         # ch-run refuses to start without $USER ("error: $USER not set"), even for --version
@@ -119,14 +121,24 @@ class Charliecloud(Runtime):
         for k, v in spec.env.items():
             if not (len(v) >= 2 and v[0] == v[-1] == "'"):
                 argv.append(f"--set-env={k}={v}")
+        location = native.location
+        tree: Optional[Tuple[str, str]] = None
         mkdirs: List[str] = []
-        is_dir = os.path.isdir(native.location)
+        mkfiles: List[str] = []
+        missing = [b for b in binds if not _has_mount_point(native.location, b)] \
+            if os.path.isdir(native.location) else []
+        if missing and native.digest:
+            # ch-run 0.31 can only bind onto a path that exists in the image and has no
+            # --write-fake: run from a private hard-link copy of the cached directory, where
+            # the mount points are made, so the cached image stays exactly as converted
+            location = os.path.join(os.path.dirname(native.location), f"{RUN_TREE}-{self.ctx.uid}")
+            tree = (native.location, location)
+        for b in missing:
+            # a directory image the user gave: its own directory receives the mount points
+            p = os.path.join(location, b.target.lstrip("/"))
+            (mkfiles if os.path.isfile(b.source) else mkdirs).append(p)
         for b in binds:
             argv.append(f"--bind={b.source}:{b.target}")
-            if is_dir:
-                # ch-run 0.31 cannot bind onto a path missing from the image and has no
-                # --write-fake: create the mount point in our (private) unpacked image
-                mkdirs.append(os.path.join(native.location, b.target.lstrip("/")))
         # read-only binds: ch-run 0.31 binds are read-write (see the support table)
         if workdir:
             argv.append(f"--cd={workdir}")
@@ -139,5 +151,12 @@ class Charliecloud(Runtime):
         # serves images that set no PATH (the image's ENV, --set-env, replaces it). Container
         # values win over both (the process encoding lays them over the static part).
         static = {"USER": host_env.get("USER") or self.ctx.user, "PATH": DEFAULT_PATH}
-        return Invocation(tuple(argv), (native.location, "--"), tuple(spec.command), static,
-                          EnvEncoding("process"), dict(container_env), dict(spec.env), tuple(mkdirs))
+        return Invocation(tuple(argv), (location, "--"), tuple(spec.command), static,
+                          EnvEncoding("process"), dict(container_env), dict(spec.env), tuple(mkdirs),
+                          tuple(mkfiles), tree)
+
+
+def _has_mount_point(rootfs: str, bind: Bind) -> bool:
+    """Whether the image has what ch-run binds onto: a directory, or a file for a file."""
+    target = os.path.join(rootfs, bind.target.lstrip("/"))
+    return os.path.isfile(target) if os.path.isfile(bind.source) else os.path.isdir(target)

@@ -20,6 +20,7 @@ class Podman(Runtime):
     executables: ClassVar[Tuple[str, ...]] = ("podman",)
     priority: ClassVar[int] = 50
     storage: ClassVar[str] = "store"
+    bind_unsafe: ClassVar[str] = ":"   # binds are SRC:DST[:opts]
 
     def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
         return "podman", parse_first_version(stdout or stderr, "podman --version", "podman version")

@@ -44,6 +44,7 @@ class Shifter(Runtime):
     name: ClassVar[str] = "shifter"
     executables: ClassVar[Tuple[str, ...]] = ("shifter",)
     priority: ClassVar[int] = 40
+    bind_unsafe: ClassVar[str] = ":;"   # binds are SRC:DST[:opts]
     storage: ClassVar[str] = "store"
 
     def version_argv(self, path: str) -> List[str]:

@@ -26,6 +26,7 @@ class UDocker(Runtime):
     executables: ClassVar[Tuple[str, ...]] = ("udocker",)
     priority: ClassVar[int] = 90
     storage: ClassVar[str] = "store"
+    bind_unsafe: ClassVar[str] = ":"   # binds are SRC:DST[:opts]
     # `udocker --version` exits non-zero on some versions although it printed the version
     probe_status_matters: ClassVar[bool] = False
 

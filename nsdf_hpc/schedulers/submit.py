@@ -157,8 +157,7 @@ def prepare(client: "Client", spec: JobSpec, slurm: Slurm, runtime: Any = None,
     fwd_env, fwd_args, fwd_index = forwarding_templates(
         inv.encoding, len(inv.head) + len(inv.encoding.argv_words(inv.container_env)))
     if not dry_run:
-        for d in inv.mkdirs:
-            os.makedirs(d, exist_ok=True)
+        client.prepare(inv, rt)
     job_dir = new_job_dir(slurm.settings.work_dir, spec.job_name)
     script_path = os.path.join(job_dir, "job.sh")
     out = spec.output or default_output(spec, job_dir, "out")

@@ -44,18 +44,10 @@ KNOWN_DEFECTS = {
         "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
     'test_not_found_127_and_not_executable_126[udocker]':
         "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
-    'test_explicit_home_and_user_win_as_root[apptainer]':
-        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
     'test_explicit_home_and_user_win_as_root[udocker]':
-        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
-    'test_explicit_home_and_user_win_as_unprivileged_user[apptainer]':
         'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
     'test_explicit_home_and_user_win_as_unprivileged_user[udocker]':
         'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
-    'test_no_bind_cwd_means_the_image_workdir_everywhere[apptainer-var-tmp]':
-        'item 10: Apptainer starts in $HOME and mounts /var/tmp by default',
-    'test_no_bind_cwd_means_the_image_workdir_everywhere[apptainer-srv]':
-        'item 10: Apptainer starts in $HOME and mounts /var/tmp by default',
     'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.05s]':
         'item 5: a SIGINT before podman has started the container can leave it running',
     'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.4s]':
@@ -78,18 +70,8 @@ KNOWN_DEFECTS = {
         'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
     'test_sigterm_to_nsdf_run_reaches_a_trapping_command[udocker]':
         'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_charliecloud_runs_never_write_into_the_cached_image':
-        'item 3: ch-run 0.31 mount points are created inside the cached rootfs',
-    'test_images_verify_flags_a_hand_modified_charliecloud_entry':
-        'item 3: verify checks only that rootfs is a directory',
     'test_podman_prune_in_one_cache_does_not_break_another':
         'item 2: the podman store is shared between caches',
-    'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[charliecloud]':
-        "item 12: the automatic cwd bind is split at ':'",
-    'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[podman]':
-        "item 12: the automatic cwd bind is split at ':'",
-    'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[udocker]':
-        "item 12: the automatic cwd bind is split at ':'",
     'test_charliecloud_native_sqfs_from_a_cwd_missing_in_the_image':
         'item 13: ch-run 0.31 cannot create a mount point in a SquashFS image',
     'test_udocker_runs_oci_archives_untagged_or_tagged[untagged]':
