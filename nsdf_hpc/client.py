@@ -194,6 +194,8 @@ class Client:
             if not os.path.exists(b.source):
                 raise SpecError(f"bind source {b.source} does not exist")
         rt.check_binds(spec)
+        if native.shell and spec.command:
+            spec = spec.model_copy(update={"command": rt.wrap_command(spec.command, spec.env)})
         host = self.env if env is None else env
         cenv = container_env(host, spec.env, self.settings.env_allow, self.settings.env_deny)
         host_env = dict(host)

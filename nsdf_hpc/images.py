@@ -16,10 +16,10 @@ from ._exec import CommandRunner
 from ._launch import record_dir
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings
-from .errors import (CommandError, ImageError, PreflightError, RegistryError, SpecError,
+from .errors import (CommandError, ImageError, NsdfError, PreflightError, RegistryError, SpecError,
                      ToolNotFoundError, UnexpectedOutputError)
 from .host import HostFacts, free_bytes, mount_options
-from .models import NativeImage
+from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, parse_source
 from .registry import RegistryClient
 from .runtimes.base import WORKDIR, ImagePlan, Runtime, process_env
@@ -184,8 +184,10 @@ class ImageService:
         return lambda e: os.path.isdir(rt.store_path(e.location, rt_env) or "")
 
     def _native_from_entry(self, entry: Entry, source: ImageSource) -> NativeImage:
+        shell = entry.data.get("shell")
         return NativeImage(runtime=entry.runtime, source=source.text, digest=entry.digest,
-                           location=entry.location, size=entry.size(), cached=True)
+                           location=entry.location, size=entry.size(), cached=True,
+                           shell=shell if isinstance(shell, bool) else None)
 
     def _step_env(self, rt: Runtime) -> Dict[str, str]:
         env = process_env(self.env)
@@ -223,12 +225,30 @@ class ImageService:
             main_file = guard if guard and os.path.isfile(os.path.join(work, guard)) else None
             dirs = [plan.artifact] if plan.artifact and os.path.isdir(os.path.join(work, plan.artifact)) else []
             data = {"source": source.text, "location": location, "relative": bool(plan.artifact),
-                    "runtime_version": rt.version, "runtime_flavour": rt.flavour}
+                    "runtime_version": rt.version, "runtime_flavour": rt.flavour,
+                    "shell": self._has_shell(rt, os.path.join(work, location) if plan.artifact else location)}
             return self.cache.publish(work, rt.name, digest, data, main_file=main_file, dirs=dirs,
                                       extra_size=self._store_size(rt, location))
         except BaseException:
             rmtree(work)
             raise
+
+    def _has_shell(self, rt: Runtime, location: str) -> Optional[bool]:
+        """Whether the converted image runs ``/bin/sh`` (one container start per conversion);
+        None when the probe itself could not tell."""
+        spec = RunSpec(image=location, command=("/bin/sh", "-c", "exit 0"), bind_cwd=False)
+        native = NativeImage(runtime=rt.name, source=location, location=location)
+        try:
+            env = self._step_env(rt)
+            inv = rt.run_invocation(spec, native, {}, env)
+            if inv.tree or inv.mkdirs or inv.mkfiles:
+                return None
+            res = self.runner.run(inv.argv, check=False, env=inv.env, timeout=120)
+        except (NsdfError, OSError) as err:
+            logger.debug("shell probe of %s failed: %s", location, err)
+            return None
+        logger.debug("shell probe of %s: exit %s", location, res.returncode)
+        return res.returncode == 0
 
     def _store_size(self, rt: Runtime, location: str) -> int:
         """Bytes a store runtime keeps for this entry outside the cache entry."""

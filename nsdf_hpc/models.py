@@ -171,6 +171,9 @@ class NativeImage(Model):
     location: str                        # absolute path, or a name in the runtime's store
     size: Optional[int] = None
     cached: bool = False                 # True when no conversion ran
+    #: whether the image has /bin/sh (probed once when converted; None: not known), which
+    #: lets every runtime report a missing or non-executable command as 127 / 126
+    shell: Optional[bool] = None
 
 
 class RunResult(Model):

@@ -209,6 +209,22 @@ class Runtime(abc.ABC):
                            "directory")
         require_paths(spec.binds, self.name, self.bind_unsafe)
 
+    #: the in-container start of every command when the image has /bin/sh: the shell's own
+    #: exec reports a missing command as 127 and a non-executable one as 126 with its name, as
+    #: POSIX says, where each runtime has its own code (apptainer 255, ch-run 1, udocker 2,
+    #: podman under --init 1); exec keeps signals and the exit status the command's. SHLVL and
+    #: PWD, which the shell would add, are removed again.
+    exec_script: ClassVar[str] = 'unset SHLVL PWD; exec "$@"'
+
+    def wrap_command(self, command: Sequence[str], explicit_env: Mapping[str, str]) -> Tuple[str, ...]:
+        """``command`` started through the image's /bin/sh (see :attr:`exec_script`)."""
+        script = self.exec_script
+        keep = [v for v in ("SHLVL", "PWD") if v in explicit_env]
+        if keep:   # a value the user set explicitly stays
+            names = [v for v in ("SHLVL", "PWD") if v not in keep]
+            script = script.replace("unset SHLVL PWD", f"unset {' '.join(names)}" if names else ":")
+        return ("/bin/sh", "-c", script, "sh", *command)
+
     @abc.abstractmethod
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:

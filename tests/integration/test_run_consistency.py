@@ -32,18 +32,12 @@ NSDF = [sys.executable, "-m", "nsdf_hpc"]
 #: issue 14 defects not fixed yet: these run for real and are expected to fail until their fix
 #: lands (non-strict: a timing-dependent case may pass). The rest of this file must pass.
 KNOWN_DEFECTS = {
+    'test_an_image_without_a_shell_runs_its_command_as_given[udocker]':
+        'item 10: udocker starts in $HOME without -w ("invalid working directory: /root")',
     'test_command_killed_by_a_signal_exits_128_plus_n[udocker-TERM]':
         'item 8: udocker (proot) reports a command killed by a signal as 255',
     'test_command_killed_by_a_signal_exits_128_plus_n[udocker-KILL]':
         'item 8: udocker (proot) reports a command killed by a signal as 255',
-    'test_not_found_127_and_not_executable_126[apptainer]':
-        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
-    'test_not_found_127_and_not_executable_126[charliecloud]':
-        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
-    'test_not_found_127_and_not_executable_126[podman]':
-        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
-    'test_not_found_127_and_not_executable_126[udocker]':
-        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
     'test_explicit_home_and_user_win_as_root[udocker]':
         'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
     'test_explicit_home_and_user_win_as_unprivileged_user[udocker]':
@@ -200,6 +194,39 @@ def test_not_found_127_and_not_executable_126(runtime: str, cache: Path, vtmp: P
               "/mnt/x/data.txt"], cache)
     assert r.returncode == 126, err(r)
     assert "data.txt" in err(r)
+
+
+@pytest.fixture(scope="module")
+def shell_less_image() -> str:
+    """An image without /bin/sh: one static busybox at /busybox (FROM scratch), and the
+    /etc/passwd and /etc/group that ch-run and udocker need to find in an image."""
+    u = uuid.uuid4().hex[:10]
+    ref, local = f"{REG}/test/noshell:{u}", f"localhost/nsdf-runfix-noshell:{u}"
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        (Path(d) / "Containerfile").write_text(f"FROM {BUSYBOX} AS bb\nFROM scratch\n"
+                                               "COPY --from=bb /bin/busybox /busybox\n"
+                                               # ch-run and udocker bind these onto the image's
+                                               "COPY --from=bb /etc/passwd /etc/group /etc/\n")
+        r = subprocess.run(["podman", "build", "-q", "--tls-verify=false", "-t", local, d],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    _push(local, ref)
+    subprocess.run(["podman", "rmi", local], capture_output=True)
+    return ref
+
+
+@pytest.mark.podman
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_an_image_without_a_shell_runs_its_command_as_given(runtime: str, shell_less_image: str,
+                                                            cache: Path) -> None:
+    """The 127/126 start needs /bin/sh in the image: without one, the command runs directly."""
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", shell_less_image, "--", "/busybox", "echo", "ok"], cache)
+    assert (r.returncode, out(r)) == (0, "ok\n"), err(r)
+    entries = json.loads(nsdf(["images", "--json"], cache).stdout)
+    mine = [e for e in entries if e["runtime"] == runtime and "noshell" in e["source"]]
+    assert mine, entries
+    r = nsdf(["run", "-r", runtime, "--no-bind-cwd", shell_less_image, "--", "nsdf-no-such-cmd"], cache)
+    assert r.returncode not in (0, 125), err(r)   # the runtime's own code: nothing to start sh with
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
