@@ -111,6 +111,8 @@ class ScriptInputs:
     header: Tuple[str, ...] = ()
     output: str = ""
     error: str = ""
+    requires: Tuple[str, ...] = ()          # paths the runtime reads (the cached image)
+    image: str = ""                         # what the user asked for, for the message
 
 
 def default_output(spec: JobSpec, job_dir: str, stream: str) -> str:
@@ -197,6 +199,11 @@ def render_script(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = No
             L.append(f"    fwd_arg+=({_dq_template(t)})")
         L.append("  done")
     L.append("  nsdf_task || exit $?")
+    for p in inputs.requires:
+        # an image pruned while the job was queued: nothing runs, exit 125 as nsdf-run does
+        msg = (f"nsdf-hpc: the image {inputs.image} is no longer in the cache ({p} is gone; "
+               "pruned since submission?): pull it again and resubmit")
+        L.append(f"  [ -e {shlex.quote(p)} ] || {{ echo {shlex.quote(msg)} >&2; exit 125; }}")
     env_words = " ".join(shlex.quote(f"{k}={v}") for k, v in inputs.fixed_env.items())
     head = " ".join(shlex.quote(a) for a in inputs.prefix[:inputs.fwd_index])
     tail = " ".join(shlex.quote(a) for a in inputs.prefix[inputs.fwd_index:])

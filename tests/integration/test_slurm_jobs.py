@@ -190,6 +190,24 @@ def test_dependency_chain(client: Client, slurm: Slurm, work_dir: Path) -> None:
     assert d.logs() == "always\n"
 
 
+# podman is not here: its store is shared between caches, so a prune in one cache leaves the
+# image (pinned by digest) in the store, and the job rightly runs it
+@pytest.mark.parametrize("runtime", ["apptainer", "charliecloud", "udocker"])
+def test_an_image_pruned_while_the_job_is_queued_exits_125_with_a_message(
+        client: Client, slurm: Slurm, runtime: str, tmp_path: Path) -> None:
+    """Issue 14 item 8: nothing ran, so 125 and a message, not the runtime's raw error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env["NSDF_HPC_CACHE"] = str(tmp_path / "cache")
+    private = Client(env=env)
+    first = client.submit(IMAGE, ["sleep", "4"], runtime=FAST, scheduler=slurm, job_name="pruned-a")
+    job = private.submit(IMAGE, ["echo", "must not run"], runtime=runtime, scheduler=slurm,
+                         job_name="pruned-b", dependencies={"afterany": [first]})
+    assert private.prune(max_size=0), "the private cache had nothing to prune"
+    st = job.wait(timeout=120)
+    assert (st.state, st.exit_code) == (JobState.FAILED, 125), (st, job.logs("stderr"))
+    assert "no longer in the cache" in job.logs("stderr") and job.logs() == ""
+
+
 def test_cancel(client: Client, slurm: Slurm) -> None:
     job = client.submit(IMAGE, ["sleep", "120"], runtime=FAST, scheduler=slurm, job_name="cancel-me")
     deadline = time.time() + 30
