@@ -33,7 +33,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 from ._fsutil import atomic_write_json
 from .errors import ImageError
@@ -137,6 +137,7 @@ class ImageCache:
         self.site_tiers = [os.path.abspath(t) for t in site_tiers]
         self.stale_after = stale_after
         self.heartbeat = heartbeat
+        self._warned: Set[str] = set()
 
     # ---------------------------------------------------------------- paths
     def entry_dir(self, runtime: str, digest: str, root: Optional[str] = None) -> str:
@@ -165,8 +166,10 @@ class ImageCache:
             if not self.check(entry) or (verify is not None and not verify(entry)):
                 if tier == "user":
                     self.discard(entry, "failed its integrity check")
-                else:
-                    logger.warning("site cache entry %s failed its integrity check; ignoring it", d)
+                elif d not in self._warned:   # once per process, however often it is looked up
+                    self._warned.add(d)
+                    logger.warning("site cache entry %s failed its integrity check (or its runtime "
+                                   "store is not readable by this user); ignoring it", d)
                 continue
             if touch and tier == "user":
                 self._touch(entry)

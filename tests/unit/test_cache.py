@@ -199,3 +199,30 @@ def test_unwritable_cache_names_the_variable(tmp_path):
     (ro / "file").write_text("")
     with pytest.raises(ImageError, match="NSDF_HPC_CACHE"):
         ImageCache(str(ro / "file" / "cache")).ensure_dirs()
+
+
+def test_a_bad_site_entry_is_reported_once_per_process(tmp_path, caplog):
+    site = ImageCache(str(tmp_path / "site"))
+    site.ensure_dirs()
+    _publish_one(site)
+    cache = ImageCache(str(tmp_path / "c"), site_tiers=[site.root])
+    with caplog.at_level("WARNING", logger="nsdf_hpc.cache"):
+        for _ in range(3):   # a run looks up more than once (pull, then plan)
+            assert cache.lookup("apptainer", D, verify=lambda e: False) is None
+    assert len([r for r in caplog.records if "site cache entry" in r.getMessage()]) == 1
+
+
+def test_verify_full_notices_a_changed_directory_image(tmp_path):
+    cache = ImageCache(str(tmp_path / "c"))
+    cache.ensure_dirs()
+    work = cache.workdir("charliecloud", D)
+    os.makedirs(os.path.join(work, "rootfs", "etc"))
+    with open(os.path.join(work, "rootfs", "etc", "hostname"), "w") as fh:
+        fh.write("x\n")
+    entry = cache.publish(work, "charliecloud", D, {"source": "s", "location": "rootfs", "relative": True},
+                          dirs=["rootfs"])
+    assert cache.verify_full(entry)
+    os.makedirs(os.path.join(entry.path, "run-1000", "newdir"))   # a private run copy is not the image
+    assert cache.verify_full(entry)
+    os.makedirs(os.path.join(entry.path, "rootfs", "newdir"))
+    assert not cache.verify_full(entry)
