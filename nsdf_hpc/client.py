@@ -20,7 +20,7 @@ from .models import (Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, Runti
 from .paths import user_state_dir
 from .reference import ImageSource
 from .runtimes import choose, detect_all, runtime_class
-from .runtimes.base import Invocation, Runtime, RuntimeContext, process_env
+from .runtimes.base import Invocation, Runtime, RuntimeContext, effective_binds, process_env
 from .schedulers import submit as slurm_submit
 
 if TYPE_CHECKING:
@@ -194,6 +194,11 @@ class Client:
             if not os.path.exists(b.source):
                 raise SpecError(f"bind source {b.source} does not exist")
         rt.check_binds(spec)
+        listing = rt.listing_argv(native, [b.target for b in effective_binds(spec)[0]])
+        if listing:
+            res = self.runner.run(listing, check=False, env=process_env(self.env))
+            if res.returncode == 0:
+                native = native.model_copy(update={"present": rt.parse_listing(res.stdout)})
         if native.shell and spec.command:
             spec = spec.model_copy(update={"command": rt.wrap_command(spec.command, spec.env)})
         host = self.env if env is None else env

@@ -174,6 +174,9 @@ class NativeImage(Model):
     #: whether the image has /bin/sh (probed once when converted; None: not known), which
     #: lets every runtime report a missing or non-executable command as 127 / 126
     shell: Optional[bool] = None
+    #: for a read-only image file: which of the run's mount points it has (path -> "d" for a
+    #: directory, "f" for anything else), as listed at planning time; None when not listed
+    present: Optional[Dict[str, str]] = Field(default=None, exclude=True)
 
 
 class RunResult(Model):

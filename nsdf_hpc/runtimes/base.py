@@ -198,6 +198,15 @@ class Runtime(abc.ABC):
         return None
 
     # ---------------------------------------------------------------- run
+    def listing_argv(self, native: NativeImage, paths: Sequence[str]) -> Optional[List[str]]:
+        """How to list which of ``paths`` a read-only image file has, when the runtime can
+        bind only onto existing paths (None: nothing to list)."""
+        return None
+
+    def parse_listing(self, stdout: str) -> Dict[str, str]:
+        """``{path: "d" | "f"}`` from the output of :meth:`listing_argv`."""
+        return {}
+
     def check_binds(self, spec: RunSpec) -> None:
         """Refuse binds this runtime cannot express: one the user gave is bad input
         (SpecError); the automatic bind of the current directory means nothing can run here

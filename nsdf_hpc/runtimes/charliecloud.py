@@ -6,7 +6,7 @@ import os
 from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..environment import EnvEncoding
-from ..errors import ImageError, SpecError, UnexpectedOutputError
+from ..errors import ImageError, RunError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import Bind, NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
@@ -108,6 +108,26 @@ class Charliecloud(Runtime):
         return ImagePlan(tuple(steps), artifact=ROOTFS, pre_extract=pre, checksum=SQUASH,
                          location=rootfs_src if rootfs_src != ROOTFS else None)
 
+    def listing_argv(self, native: NativeImage, paths: Sequence[str]) -> Optional[List[str]]:
+        # ch-run 0.31 cannot make a mount point in a SquashFS file (read-only, no
+        # --write-fake): list the bind targets (and their parents) to plan around it
+        if not paths or not os.path.isfile(native.location):
+            return None
+        depth = max(len([p for p in t.split("/") if p]) for t in paths)
+        return [self.ctx.which("unsquashfs") or "unsquashfs", "-ll", "-max-depth", str(depth),
+                native.location, *paths]
+
+    def parse_listing(self, stdout: str) -> Dict[str, str]:
+        # "drwxr-xr-x root/root  26 2026-12-01 00:18 squashfs-root/var/tmp[ -> target]"
+        out: Dict[str, str] = {}
+        for line in stdout.splitlines():
+            parts = line.split(None, 5)
+            if len(parts) < 6 or not parts[5].startswith("squashfs-root"):
+                continue
+            path = parts[5][len("squashfs-root"):].split(" -> ", 1)[0] or "/"
+            out[path] = "d" if parts[0].startswith("d") else "f"
+        return out
+
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
         binds, workdir = effective_binds(spec)
@@ -121,6 +141,8 @@ class Charliecloud(Runtime):
         for k, v in spec.env.items():
             if not (len(v) >= 2 and v[0] == v[-1] == "'"):
                 argv.append(f"--set-env={k}={v}")
+        if native.present is not None and os.path.isfile(native.location):
+            binds = _squash_binds(spec, native, binds)
         location = native.location
         tree: Optional[Tuple[str, str]] = None
         mkdirs: List[str] = []
@@ -154,6 +176,32 @@ class Charliecloud(Runtime):
         return Invocation(tuple(argv), (location, "--"), tuple(spec.command), static,
                           EnvEncoding("process"), dict(container_env), dict(spec.env), tuple(mkdirs),
                           tuple(mkfiles), tree)
+
+
+def _squash_binds(spec: RunSpec, native: NativeImage, binds: List[Bind]) -> List[Bind]:
+    """The binds for a SquashFS image file, where no mount point can be made: the automatic
+    current-directory bind moves up to the deepest parent the image has (so the directory
+    is still seen at its own path); any other bind onto a missing path cannot run here."""
+    present = native.present or {}
+    out: List[Bind] = []
+    for b in binds:
+        want = "f" if os.path.isfile(b.source) else "d"
+        if present.get(b.target) == want:
+            out.append(b)
+            continue
+        automatic = spec.bind_cwd and b.source == b.target == spec.cwd and b not in spec.binds
+        parent = os.path.dirname(b.target.rstrip("/"))
+        while automatic and parent not in ("/", "") and present.get(parent) != "d":
+            parent = os.path.dirname(parent)
+        if automatic and parent not in ("/", ""):
+            if not any(x.target == parent for x in out):
+                out.append(Bind(source=parent, target=parent))
+            continue
+        raise RunError(f"charliecloud: the SquashFS image {native.location} has no {b.target} to "
+                       f"bind {b.source} onto, and ch-run 0.31 cannot create one in a read-only "
+                       "image; bind onto a directory the image has, use --no-bind-cwd, or run "
+                       "the image by reference (cached as a directory)")
+    return out
 
 
 def _has_mount_point(rootfs: str, bind: Bind) -> bool:

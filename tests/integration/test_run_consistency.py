@@ -66,8 +66,6 @@ KNOWN_DEFECTS = {
         'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
     'test_podman_prune_in_one_cache_does_not_break_another':
         'item 2: the podman store is shared between caches',
-    'test_charliecloud_native_sqfs_from_a_cwd_missing_in_the_image':
-        'item 13: ch-run 0.31 cannot create a mount point in a SquashFS image',
     'test_udocker_runs_oci_archives_untagged_or_tagged[untagged]':
         "item 11: the repack keeps the archive's own tag",
     'test_udocker_runs_oci_archives_untagged_or_tagged[v1]':
