@@ -10,7 +10,8 @@ message and an exit code (``exit_code``). A container's own non-zero exit status
     ├── ConfigError               bad config file, env value, unknown runtime name (2)
     ├── SpecError                 invalid image reference, bind, env, job spec (2)
     ├── ToolNotFoundError         an executable is missing (runtime binary, sbatch, ...)
-    │   └── RuntimeNotFoundError  no usable runtime, or the requested one is unusable
+    │   ├── RuntimeNotFoundError  no usable runtime, or the requested one is unusable
+    │   └── BuilderNotFoundError  no usable image builder, or the requested one is unusable
     ├── CommandError              an external tool exited non-zero (.argv .returncode .stderr)
     │   └── CommandTimeoutError   ... or ran past its timeout
     ├── ImageError                pull/convert/cache failed (wraps the CommandError)
@@ -27,7 +28,7 @@ import shlex
 from typing import Optional, Sequence
 
 __all__ = [
-    "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError",
+    "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError", "BuilderNotFoundError",
     "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError",
     "RunError", "SchedulerError", "SubmitError", "UnexpectedOutputError",
 ]
@@ -65,6 +66,10 @@ class RuntimeNotFoundError(ToolNotFoundError):
     def __init__(self, message: str) -> None:  # noqa: D107 - message is built by the caller
         self.tool = ""
         NsdfError.__init__(self, message)
+
+
+class BuilderNotFoundError(RuntimeNotFoundError):
+    """No usable image builder, or the one asked for (``--builder``) cannot be used here."""
 
 
 def _tail(text: str, lines: int = 20) -> str:

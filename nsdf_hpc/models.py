@@ -205,3 +205,46 @@ def first_error(err: Exception) -> str:
         except (IndexError, TypeError, KeyError):
             pass
     return str(err)
+
+
+class BuilderInfo(Model):
+    """What a probe found out about one image builder on this host, for this user."""
+
+    name: str
+    runtime: str                          # the runtime whose cache receives its images
+    reads: Tuple[str, ...] = ("dockerfile",)
+    found: bool = False
+    usable: bool = False
+    path: Optional[str] = None
+    version: Optional[str] = None
+    capabilities: Dict[str, bool] = Field(default_factory=dict)
+    notes: Tuple[str, ...] = ()
+    priority: int = 100
+
+
+class BuilderChoice(Model):
+    """The builder that will be used, where that choice came from, and why others were not."""
+
+    name: str
+    source: str                           # argument | auto
+    info: BuilderInfo
+    rejected: Dict[str, str] = Field(default_factory=dict)
+
+    def explain(self) -> str:
+        how = "asked for with --builder" if self.source == "argument" else \
+            f"first usable builder for the {self.info.runtime} runtime"
+        return f"{self.name} ({how})"
+
+
+class BuildResult(Model):
+    """The outcome of ``build``: the tag, the digest, and the image in the runtime's cache."""
+
+    tag: str                              # nsdf/NAME:vX.Y.Z
+    builder: str
+    runtime: str
+    digest: Optional[str] = None          # sha256 of the SIF/SquashFS, or podman's image id
+    image: Optional[NativeImage] = None
+    recipe: str                           # the recipe file that was built (after conversion)
+    definition: Optional[str] = None      # the Apptainer definition made from a Dockerfile
+    argv: Tuple[Tuple[str, ...], ...] = ()
+    dry_run: bool = False
