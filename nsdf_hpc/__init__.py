@@ -15,20 +15,22 @@ if TYPE_CHECKING:
     # below), so `nsdf-run --version` and the launch fast path import none of them.
     from typing import Any
 
-    from .api import attach, detect, pull, run, submit, submit_array, wait_all
+    from .api import attach, build, detect, pull, run, submit, submit_array, wait_all
     from .client import Client
     from .config import Settings, load_settings
     from .errors import (CommandError, CommandTimeoutError, ConfigError, ImageError, NsdfError,
                          PreflightError, RegistryError, RuntimeNotFoundError, SchedulerError,
                          SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError)
-    from .models import Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo
+    from .models import (Bind, BuildResult, NativeImage, RunResult, RunSpec, RuntimeChoice,
+                         RuntimeInfo)
     from .reference import ImageRef, parse_reference
     from .schedulers import Job, JobSpec, JobState, JobStatus
 
 from ._version import __version__
 
 _EXPORTS = {
-    "Client": "client", "detect": "api", "pull": "api", "run": "api",
+    "Client": "client", "detect": "api", "pull": "api", "run": "api", "build": "api",
+    "BuildResult": "models",
     "Bind": "models", "RunSpec": "models", "RunResult": "models", "RuntimeInfo": "models",
     "RuntimeChoice": "models", "NativeImage": "models", "ImageRef": "reference",
     "parse_reference": "reference", "Settings": "config", "load_settings": "config",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Union
 
 from .client import Client
-from .models import NativeImage, RunResult, RuntimeInfo
+from .models import BuildResult, NativeImage, RunResult, RuntimeInfo
 from .schedulers import Job, JobStatus
 from .schedulers.submit import Prepared
 
@@ -17,6 +17,13 @@ def detect(refresh: bool = False) -> List[RuntimeInfo]:
 def pull(image: str, runtime: Optional[str] = None) -> NativeImage:
     """Prepare ``image`` for ``runtime`` (default: the chosen one); cached by digest."""
     return Client().pull(image, runtime)
+
+
+def build(path: str, *, builder: Optional[str] = None, runtime: Optional[str] = None,
+          tag: Optional[str] = None, dry_run: bool = False) -> BuildResult:
+    """Build the recipe at ``path`` into ``nsdf/NAME:vX.Y.Z`` in the runtime's cache; see
+    :meth:`Client.build`."""
+    return Client().build(path, builder=builder, runtime=runtime, tag=tag, dry_run=dry_run)[0]
 
 
 def run(image: str, command: Sequence[str], runtime: Optional[str] = None, **options: Any) -> RunResult:

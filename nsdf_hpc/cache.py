@@ -393,10 +393,11 @@ class ImageCache:
     def ref_path(self, slug: str) -> str:
         return os.path.join(self.root, "refs", slug + ".json")
 
-    def remember_ref(self, slug: str, digest: str, size: Optional[int]) -> None:
+    def remember_ref(self, slug: str, digest: str, size: Optional[int], **extra: Any) -> None:
+        """Record what a tag stands for; ``extra`` (``built=...``) is stored beside it."""
         p = self.ref_path(slug)
         try:
-            atomic_write_json(p, {"digest": digest, "size": size, "resolved": time.time()})
+            atomic_write_json(p, {"digest": digest, "size": size, "resolved": time.time(), **extra})
         except OSError as err:
             logger.debug("cannot record %s: %s", p, err)
 

@@ -24,6 +24,8 @@ from .runtimes.base import Invocation, Runtime, RuntimeContext, effective_binds,
 from .schedulers import submit as slurm_submit
 
 if TYPE_CHECKING:
+    from .build import BuildService
+    from .models import BuilderChoice, BuilderInfo, BuildResult
     from .schedulers.job import Job
     from .schedulers.slurm import Slurm
     from .schedulers.submit import Prepared
@@ -152,6 +154,39 @@ class Client:
         if info is None or not info.found:
             return None
         return cls(info.path, info.flavour, info.version)
+
+    # ---------------------------------------------------------------- builds
+    def _builds(self) -> "BuildService":
+        from .build import BuildService   # noqa: PLC0415 (a run never needs the builders)
+        return BuildService(self.settings, self.env, self.runner, self.images, lambda: self.host,
+                            self.progress)
+
+    def detect_builders(self) -> List["BuilderInfo"]:
+        """Every known image builder, found or not, with version and notes."""
+        return self._builds().detect()
+
+    def build(self, path: str, *, builder: Optional[str] = None, runtime: Optional[str] = None,
+              tag: Optional[str] = None, dry_run: bool = False
+              ) -> Tuple["BuildResult", "BuilderChoice"]:
+        """Build the recipe at ``path`` (a directory or a Dockerfile/definition) without a
+        daemon, tag it ``nsdf/NAME:vX.Y.Z`` and put it into the cache of the runtime that runs
+        it, so that ``run`` finds it with no registry.
+
+        ``builder`` forces one (an unusable one is an error listing what was found); otherwise
+        the builder follows the runtime choice (``runtime``, config, or automatic).
+        """
+        from .build import read_recipe   # noqa: PLC0415
+        builds = self._builds()
+        recipe = read_recipe(path, tag)
+        asked = runtime or self.settings.runtime
+        wanted = self.choose(runtime) if asked else None
+        if builder:
+            choice = builds.choose(recipe, builder=builder, runtime=wanted)
+        else:
+            usable = [i.name for i in sorted(self.detect(), key=lambda i: i.priority) if i.usable]
+            choice = builds.choose(recipe, builder=None, runtime=wanted, runtime_order=usable)
+        rchoice = wanted or self.choose(choice.info.runtime)
+        return builds.build(path, self.runtime(rchoice), choice, recipe, dry_run=dry_run), choice
 
     # ---------------------------------------------------------------- the run pipeline
     def spec(self, image: str, command: Sequence[str], *, binds: Sequence[Union[str, Bind]] = (),

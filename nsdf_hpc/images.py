@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._exec import CommandRunner
 from ._launch import record_dir
@@ -107,7 +107,7 @@ class ImageService:
         source = image if isinstance(image, ImageSource) else self.parse_image(image)
         if source.kind == "native":
             return self.native(source, rt)
-        digest, size = self.resolve(source, max_age)
+        digest, size = self.resolve_for(source, rt, max_age)
         verify = self.verifier(rt)
         entry = self.cache.lookup(rt.name, digest, verify=verify)
         if entry is not None:
@@ -136,7 +136,7 @@ class ImageService:
         gives the location the entry *will* have; for ``--dry-run``)."""
         if source.kind == "native":
             return self.native(source, rt)
-        digest, _ = self.resolve(source, self.settings.tag_ttl)
+        digest, _ = self.resolve_for(source, rt, self.settings.tag_ttl)
         entry = self.cache.lookup(rt.name, digest, verify=self.verifier(rt), touch=False)
         if entry is not None:
             return self._native_from_entry(entry, source)
@@ -306,6 +306,57 @@ class ImageService:
             if os.path.lexists(p):
                 os.unlink(p)
         return str(plan.location)
+
+    # ---------------------------------------------------------------- images built here
+    def resolve_for(self, source: ImageSource, rt: Runtime, max_age: float = 0.0
+                    ) -> Tuple[str, Optional[int]]:
+        """:meth:`resolve`, except that a tag ``nsdf-run build`` made here stands for the image
+        built for ``rt``, whatever a registry holds under that name and however long ago it was
+        built, so that it runs at once and without a registry."""
+        if source.kind == "registry" and source.ref is not None and not source.ref.digest:
+            built = self.built_digests(source.ref)
+            if rt.name in built:
+                return built[rt.name], None
+            if built:
+                raise ImageError(
+                    f"{source.text} was built here for {', '.join(sorted(built))}, not for "
+                    f"{rt.name}: run it with --runtime {sorted(built)[0]}, or build it for "
+                    f"{rt.name} too (nsdf-run build --runtime {rt.name} RECIPE)")
+        return self.resolve(source, max_age)
+
+    def built_digests(self, ref: ImageRef) -> Dict[str, str]:
+        """``{runtime: digest}`` of the images ``nsdf-run build`` made here under ``ref``'s tag."""
+        known = self.cache.known_ref(ref.slug())
+        built = known.get("built") if known else None
+        return {str(k): str(v) for k, v in built.items()} if isinstance(built, dict) else {}
+
+    def adopt_built(self, rt: Runtime, work: str, digest: str, tag: str, *, location: str,
+                    relative: bool, main_file: Optional[str] = None,
+                    dirs: Sequence[str] = (), builder: str = "") -> NativeImage:
+        """Publish an image that a builder made in ``work`` (a cache work directory) as the
+        cache entry of ``rt`` for ``digest``, with no conversion, and record ``tag`` -> digest
+        as built here for ``rt`` (:meth:`resolve_for`). ``location`` is the artifact relative to ``work``
+        (``relative``) or a name in the runtime's store."""
+        source = self.parse_image(tag)
+        assert source.ref is not None
+        try:
+            with self.cache.locked(rt.name, digest):
+                entry = self.cache.lookup(rt.name, digest, verify=self.verifier(rt))
+                if entry is not None:   # the same bytes were built before: keep that entry
+                    rmtree(work)
+                else:
+                    probe = os.path.join(work, location) if relative else location
+                    data = {"source": tag, "location": location, "relative": relative,
+                            "runtime_version": rt.version, "runtime_flavour": rt.flavour,
+                            "built_by": builder, "shell": self._has_shell(rt, probe)}
+                    entry = self.cache.publish(work, rt.name, digest, data, main_file=main_file,
+                                               dirs=list(dirs), extra_size=self._store_size(rt, location))
+        except BaseException:
+            rmtree(work)
+            raise
+        built = {**self.built_digests(source.ref), rt.name: digest}
+        self.cache.remember_ref(source.ref.slug(), digest, entry.size(), built=built, builder=builder)
+        return self._native_from_entry(entry, source).model_copy(update={"cached": False})
 
     # ---------------------------------------------------------------- listing and pruning
     def entries(self) -> List[Entry]:

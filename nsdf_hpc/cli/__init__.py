@@ -1,7 +1,7 @@
 """``nsdf-run``, the command line: the click group, its global options, and :func:`main`.
 
 The only part of nsdf_hpc that prints or exits. Each group of commands lives in its own module
-(``run``, ``images``, ``runtimes``, ``slurm``), which imports only :mod:`._common` (errors ->
+(``run``, ``images``, ``runtimes``, ``slurm``, ``build``), which imports only :mod:`._common` (errors ->
 exit codes, shared options, the client) and never another command module; this module adds
 their commands to the group. ``nsdf_hpc._entry`` answers ``--version`` and replays recorded
 launches before importing this package.
@@ -14,7 +14,7 @@ from typing import List, Optional
 import click
 
 from .._version import __version__
-from . import images, runtimes, slurm
+from . import build, images, runtimes, slurm
 from . import run as _run
 
 
@@ -34,7 +34,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 for _command in (_run.run, images.pull, runtimes.runtimes, runtimes.doctor, images.images,
-                 images.prune, slurm.submit, slurm.status, slurm.cancel, slurm.logs):
+                 images.prune, slurm.submit, slurm.status, slurm.cancel, slurm.logs,
+                 build.build, build.recipe):
     cli.add_command(_command)
 
 

@@ -1,0 +1,66 @@
+"""``nsdf-run build | recipe convert``: recipes to images without a Docker daemon."""
+from __future__ import annotations
+
+import shlex
+from typing import Optional
+
+import click
+
+from ._common import cli_errors, make_client
+
+
+@click.command()
+@click.option("--builder", "-b", metavar="NAME",
+              help="Build with this builder (podman, buildah, ch-image, apptainer).")
+@click.option("--runtime", "-r", metavar="NAME", help="Build for this runtime's cache.")
+@click.option("--tag", "-t", metavar="nsdf/NAME:vX.Y.Z", help="Override the recipe's title/version labels.")
+@click.option("--dry-run", is_flag=True, help="Show the builder's commands (and a converted "
+              "definition) without building.")
+@click.option("--json", "as_json", is_flag=True, help="JSON events on stderr, the result on stdout.")
+@click.argument("recipe", type=click.Path(exists=True))
+@click.pass_context
+@cli_errors()
+def build(ctx: click.Context, recipe: str, builder: Optional[str], runtime: Optional[str],
+          tag: Optional[str], dry_run: bool, as_json: bool) -> None:
+    """Build RECIPE (a directory, a Dockerfile or an Apptainer definition) into
+    nsdf/NAME:vX.Y.Z, ready to run with `nsdf-run run` on the runtime that goes with the
+    builder. The builder is chosen like the runtime, and the choice is explained."""
+    client = make_client(ctx, json_events=as_json)
+    result, choice = client.build(recipe, builder=builder, runtime=runtime, tag=tag, dry_run=dry_run)
+    if as_json:
+        click.echo(result.model_dump_json())
+        return
+    quiet = ctx.obj.get("quiet") if ctx.obj else False
+    if not quiet or dry_run:
+        click.echo(f"builder: {choice.explain()}", err=not dry_run)
+        for name, why in choice.rejected.items():
+            click.echo(f"  not {name}: {why}", err=not dry_run)
+    if dry_run:
+        if result.definition:
+            click.echo(f"# Apptainer definition converted from the Dockerfile (spython):\n{result.definition}")
+        for argv in result.argv:
+            click.echo(shlex.join(argv))
+        return
+    assert result.image is not None
+    click.echo(f"built: {result.tag} -> {result.runtime}: {result.image.location} ({result.digest})")
+
+
+@click.group()
+def recipe() -> None:
+    """Work with build recipes."""
+
+
+@recipe.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write it here instead of stdout.")
+@cli_errors()
+def convert(path: str, output: Optional[str]) -> None:
+    """Convert the Dockerfile at PATH to an Apptainer definition (spython), or refuse naming
+    the line that cannot be converted faithfully."""
+    from ..build import convert as to_def
+    text = to_def(path)
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        click.echo(text, nl=False)
