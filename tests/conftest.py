@@ -2,7 +2,7 @@
 
 * Unit and contract tests need nothing and always run.
 * Tests marked ``integration`` (and per tool: ``apptainer``, ``charliecloud``, ``podman``,
-  ``udocker``, ``registry``, ``slurm``) need the testbed (`tests/testbed/testbed.sh up`).
+  ``udocker``, ``buildah``, ``registry``, ``slurm``) need the testbed (`tests/testbed/testbed.sh up`).
   When it is missing they are skipped with the reason on a developer's machine, and they
   FAIL when ``CI=true``: a CI run that silently skipped the real runtimes proves nothing.
 """
@@ -27,6 +27,7 @@ TOOLS = {
     "apptainer": ["apptainer"],
     "charliecloud": ["ch-run", "ch-image", "ch-convert"],
     "podman": ["podman"],
+    "buildah": ["buildah"],
     "udocker": ["udocker"],
     "slurm": ["sbatch", "squeue", "sacct", "scontrol", "scancel"],
 }

@@ -100,7 +100,7 @@ step_packages() {
   local pkgs=(
     ca-certificates curl openssl git python3 python3-venv libcap2-bin
     docker-registry skopeo umoci
-    podman runc crun conmon fuse-overlayfs uidmap slirp4netns
+    podman buildah runc crun conmon fuse-overlayfs uidmap slirp4netns
     golang-github-containers-common containernetworking-plugins catatonit
     charliecloud-runtime charliecloud-builders
     proot patchelf
