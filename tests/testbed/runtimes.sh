@@ -25,7 +25,7 @@
 #   * an unprivileged test user (default hpcuser) with subuid/subgid ranges
 #
 # Usage: provision-runtimes.sh [STEP ...]
-#   STEPS: all (default) | packages | host | user | registry | images | podman |
+#   STEPS: all (default) | packages | host | user | registry | registry-auth | images | podman |
 #          charliecloud | udocker | apptainer | verify | registry-stop | status
 #   "all" = packages host user registry images podman charliecloud udocker apptainer verify
 #
@@ -34,6 +34,9 @@
 #   HPCRT_USER [hpcuser]                    unprivileged test user
 #   HPCRT_REG_HTTP [127.0.0.1:5000]         plain-HTTP registry address
 #   HPCRT_REG_HTTPS [127.0.0.1:5443]        TLS registry address
+#   HPCRT_REG_AUTH [127.0.0.1:5444]         TLS registry that requires a login (htpasswd; its
+#                                           own storage; user nsdf-ci, password in
+#                                           $HPCRT_ROOT/registry/auth.password, root only)
 #   HPCRT_TRUST_REGISTRY_CA [1]             add the registry cert to the system CA store
 #   HPCRT_PYTHON_IMAGE [1]                  also build hpc/pydeb (debootstrap, ~30 s)
 #   HPCRT_FORCE_IMAGES [0]                  rebuild the test images
@@ -49,6 +52,7 @@ HPCRT_ROOT=${HPCRT_ROOT:-/var/lib/hpc-runtimes}
 HPCRT_USER=${HPCRT_USER:-hpcuser}
 HPCRT_REG_HTTP=${HPCRT_REG_HTTP:-127.0.0.1:5000}
 HPCRT_REG_HTTPS=${HPCRT_REG_HTTPS:-127.0.0.1:5443}
+HPCRT_REG_AUTH=${HPCRT_REG_AUTH:-127.0.0.1:5444}
 HPCRT_TRUST_REGISTRY_CA=${HPCRT_TRUST_REGISTRY_CA:-1}
 HPCRT_PYTHON_IMAGE=${HPCRT_PYTHON_IMAGE:-1}
 HPCRT_FORCE_IMAGES=${HPCRT_FORCE_IMAGES:-0}
@@ -100,7 +104,7 @@ step_packages() {
   local pkgs=(
     ca-certificates curl openssl git python3 python3-venv libcap2-bin
     docker-registry skopeo umoci
-    podman buildah runc crun conmon fuse-overlayfs uidmap slirp4netns
+    podman buildah runc crun conmon fuse-overlayfs uidmap slirp4netns apache2-utils
     golang-github-containers-common containernetworking-plugins catatonit
     charliecloud-runtime charliecloud-builders
     proot patchelf
@@ -218,9 +222,36 @@ step_registry() {
   start_registry http "http://$HPCRT_REG_HTTP"
   start_registry https "https://$HPCRT_REG_HTTPS"
 }
+# a registry that requires a login (issue 10 item 5): the same software with htpasswd, on its
+# own TLS port and storage, so push and pull with credentials are tested for real
+auth_up() { [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 3 "https://$HPCRT_REG_AUTH/v2/")" = 401 ]; }
+step_registry_auth() {
+  log "registry that requires a login"
+  local cfg="$REG/auth.yml" pidf="$HPCRT_ROOT/run/registry-auth.pid"
+  mkdir -p "$REG/data-auth" "$HPCRT_ROOT/run" "$HPCRT_ROOT/logs"
+  [ -s "$REG/tls.crt" ] || die "run the registry step first (it makes the TLS certificate)"
+  if [ ! -s "$REG/auth.password" ]; then
+    (umask 077; openssl rand -hex 16 > "$REG/auth.password")
+  fi
+  htpasswd -Bbc "$REG/htpasswd.tmp" nsdf-ci "$(cat "$REG/auth.password")" 2>/dev/null
+  mv "$REG/htpasswd.tmp" "$REG/htpasswd"
+  printf '%s\n' "version: 0.1" "log:" "  level: warn" "  accesslog:" "    disabled: true" \
+    "storage:" "  filesystem:" "    rootdirectory: $REG/data-auth" "  delete:" "    enabled: true" \
+    "auth:" "  htpasswd:" "    realm: nsdf-hpc-testbed" "    path: $REG/htpasswd" \
+    "http:" "  addr: $HPCRT_REG_AUTH" "  secret: hpc-ci-not-a-secret" "  tls:" \
+    "    certificate: $REG/tls.crt" "    key: $REG/tls.key" > "$cfg"
+  if [ "$HPCRT_TRUST_REGISTRY_CA" = 1 ]; then
+    install -D -m 0644 "$REG/tls.crt" "/etc/containers/certs.d/$HPCRT_REG_AUTH/ca.crt"
+  fi
+  if auth_up; then log "registry auth already answers at https://$HPCRT_REG_AUTH"; return; fi
+  setsid nohup docker-registry serve "$cfg" >>"$HPCRT_ROOT/logs/registry-auth.log" 2>&1 </dev/null &
+  echo $! > "$pidf"
+  for _ in $(seq 50); do auth_up && return; sleep 0.2; done
+  die "registry auth did not come up (see $HPCRT_ROOT/logs/registry-auth.log)"
+}
 step_registry_stop() {
   local n pidf
-  for n in http https; do
+  for n in http https auth; do
     pidf="$HPCRT_ROOT/run/registry-$n.pid"
     [ -s "$pidf" ] || continue
     if kill -0 "$(cat "$pidf")" 2>/dev/null; then
@@ -594,6 +625,7 @@ step_status() {
   printf '%-14s %s\n' udocker "$("$HPCRT_UDOCKER_HOME/venv/bin/python" -c 'import udocker; print(udocker.__version__)' 2>/dev/null || echo missing)"
   printf '%-14s %s\n' apptainer "$(apptainer --version 2>/dev/null || echo missing)"
   printf '%-14s %s\n' registry "$(port_up "http://$HPCRT_REG_HTTP" && echo "up http://$HPCRT_REG_HTTP" || echo down) / $(port_up "https://$HPCRT_REG_HTTPS" && echo "up https://$HPCRT_REG_HTTPS" || echo down)"
+  printf '%-14s %s\n' registry-auth "$(auth_up && echo "up https://$HPCRT_REG_AUTH (login required)" || echo down)"
   printf '%-14s %s\n' images "$(ls -d "$IMG"/*/oci 2>/dev/null | tr '\n' ' ')"
 }
 
@@ -601,7 +633,7 @@ step_status() {
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(all)
 if [ "${steps[0]}" = all ]; then
-  steps=(packages host user registry images podman charliecloud udocker apptainer verify)
+  steps=(packages host user registry registry-auth images podman charliecloud udocker apptainer verify)
 fi
 for s in "${steps[@]}"; do
   if skip "$s"; then log "skipping $s"; continue; fi
@@ -610,6 +642,7 @@ for s in "${steps[@]}"; do
     host) step_host ;;
     user) step_user ;;
     registry) step_registry ;;
+    registry-auth) step_registry_auth ;;
     registry-stop) step_registry_stop ;;
     images) step_images ;;
     podman) step_podman ;;

@@ -12,7 +12,8 @@
 #   * an OCI registry: HTTP 127.0.0.1:5000 and TLS 127.0.0.1:5443 (CA trusted system-wide),
 #     images hpc/{busybox,pydeb}:{latest,oci}, nsdf/{busybox,pydeb}:v1.0.0 and
 #     library/{busybox,pydeb}:latest (so the registry serves as a docker.io site mirror);
-#     the same images as docker-archive, oci-archive and OCI layout files
+#     the same images as docker-archive, oci-archive and OCI layout files; and a TLS registry
+#     that requires a login, 127.0.0.1:5444 (user nsdf-ci, password file root-only)
 #   * Apptainer, Charliecloud, Podman and UDocker, working as root and as user hpcuser
 #   * a Slurm cluster: munge, slurmctld, slurmdbd + a private MariaDB (sacct works), two
 #     slurmd nodes (c1, c2) on loopback sharing this machine's filesystem
@@ -62,6 +63,9 @@ write_env_file() {
 # written by tests/testbed/testbed.sh up; read by tests/conftest.py
 NSDF_TESTBED_REGISTRY_HTTP=127.0.0.1:5000
 NSDF_TESTBED_REGISTRY_TLS=127.0.0.1:5443
+NSDF_TESTBED_REGISTRY_AUTH=${HPCRT_REG_AUTH:-127.0.0.1:5444}
+NSDF_TESTBED_REGISTRY_AUTH_USER=nsdf-ci
+NSDF_TESTBED_REGISTRY_AUTH_PASSWORD_FILE=$HPCRT_ROOT/registry/auth.password
 NSDF_TESTBED_USER=$HPCRT_USER
 NSDF_TESTBED_IMAGES=$img
 NSDF_TESTBED_SLURM_NODES=$SLURM_CI_NODES
@@ -73,7 +77,7 @@ EOF
 }
 
 up() {
-  local t0=$SECONDS steps=(packages host user registry images podman charliecloud udocker apptainer)
+  local t0=$SECONDS steps=(packages host user registry registry-auth images podman charliecloud udocker apptainer)
   if [ "${NSDF_TESTBED_VERIFY:-0}" = 1 ] || [ ! -e "$HPCRT_ROOT/.verified" ]; then steps+=(verify); fi
   log "runtimes + registry + images: ${steps[*]}"
   bash "$HERE/runtimes.sh" "${steps[@]}"
