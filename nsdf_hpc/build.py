@@ -7,26 +7,31 @@ files written to the private work directory and the builder's commands (through 
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._exec import CommandRunner
-from .builders import BuildJob, BuildPlan, Builder, choose_builder, detect_builders, make_builder
+from .builders import (BuildJob, BuildPlan, Builder, builder_class, choose_builder, detect_builders,
+                       make_builder)
 from .builders.base import DEFINITION, DOCKERFILE
 from .cache import rmtree
 from .config import Settings
-from .errors import CommandError, ImageError, SpecError, ToolNotFoundError
+from ._fsutil import atomic_write_json
+from .errors import CommandError, ImageError, RegistryError, SpecError, ToolNotFoundError
 from .images import ImageService
-from .models import BuilderChoice, BuilderInfo, BuildResult, RuntimeChoice
+from .models import BuilderChoice, BuilderInfo, BuildResult, PushResult, RuntimeChoice
 from .recipe import (check_version, def_labels, find_recipe, image_name, labels, parse_dockerfile,
                      rewrite_def_from, rewrite_from, tag_from_labels, to_apptainer_def)
 from .reference import parse_reference
-from .runtimes.base import WORKDIR, Runtime, process_env
+from .registry import _credentials
+from .runtimes.base import WORKDIR, Runtime, RuntimeContext, process_env
 
 logger = logging.getLogger(__name__)
 
@@ -230,3 +235,71 @@ class BuildService:
                 h.update(block)
         dirs = [plan.artifact] if os.path.isdir(os.path.join(work, plan.artifact)) else []
         return f"sha256:{h.hexdigest()}", plan.artifact, True, guard, dirs
+
+    # ---------------------------------------------------------------- push
+    def push(self, tag: str, *, to: Optional[str] = None) -> PushResult:
+        """Push the image built here as ``tag`` to its registry (``nsdf_registry`` for
+        ``nsdf/...``) or to the registry ``to``. Credentials come from
+        ``NSDF_HPC_REGISTRY_USER``/``_PASSWORD`` or ``~/.docker/config.json`` (handed to the
+        pushing tool in a private temporary auth file), else from the tool's own auth files;
+        they never appear in an argv, a log line or an error message."""
+        source = self.images.parse_image(tag)
+        if source.kind != "registry" or source.ref is None or source.ref.digest:
+            raise SpecError(f"push takes a tag built here (nsdf/NAME:vX.Y.Z), not {tag!r}")
+        ref = source.ref
+        built = self.images.built_digests(ref)
+        if not built:
+            raise ImageError(f"{tag} was not built here: `nsdf-run build RECIPE` first")
+        infos = [i for i in self.detect() if i.usable and i.runtime in built and builder_class(i.name).pushes]
+        if not infos:
+            can = [n for n in sorted({i.name for i in self.detect()}) if builder_class(n).pushes]
+            raise ImageError(f"{tag} was built here for {', '.join(sorted(built))}; nsdf-run can push "
+                             f"only images built with {', '.join(can) or 'nothing usable here'} for now")
+        info = infos[0]
+        b = builder_class(info.name)(info.path, info.version, RuntimeContext.current(self.env))
+        entry = self.images.cache.lookup(info.runtime, built[info.runtime])
+        if entry is None:
+            raise ImageError(f"{tag}: the {info.runtime} cache entry {built[info.runtime]} is gone; "
+                             "build it again")
+        dest = ref.on(to) if to else ref
+        destination = f"{dest.name}:{dest.tag}"
+        insecure = dest.registry in self.settings.insecure_registries
+        creds = _credentials(dest.registry, self.env)
+        origin = ("NSDF_HPC_REGISTRY_USER/NSDF_HPC_REGISTRY_PASSWORD" if creds and
+                  self.env.get("NSDF_HPC_REGISTRY_USER") else
+                  "~/.docker/config.json" if creds else f"{b.name}'s own auth files")
+        self.images.cache.ensure_dirs()
+        tmp = tempfile.mkdtemp(prefix="push-", dir=os.path.join(self.images.cache.root, "tmp"))
+        try:
+            authfile = None
+            if creds:
+                authfile = os.path.join(tmp, "auth.json")
+                token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+                atomic_write_json(authfile, {"auths": {dest.registry: {"auth": token}}})
+                os.chmod(authfile, 0o600)
+            digestfile = os.path.join(tmp, "digest")
+            argv = b.push_argv(entry.location, destination, authfile=authfile, insecure=insecure,
+                               digestfile=digestfile)
+            self.progress({"event": "step", "step": f"push to {destination}", "image": tag})
+            try:
+                self.runner.run(argv, check=True, env=process_env(self.env))
+            except CommandError as err:
+                text = (err.stderr or err.stdout).lower()
+                if any(w in text for w in ("unauthorized", "authentication required", "denied")):
+                    if not creds:
+                        raise RegistryError(
+                            f"registry {dest.registry} requires a login to push {destination}: set "
+                            "NSDF_HPC_REGISTRY_USER/NSDF_HPC_REGISTRY_PASSWORD, or log in with "
+                            f"`{b.name} login {dest.registry}`") from None
+                    raise RegistryError(f"registry {dest.registry} refused the credentials from "
+                                        f"{origin} for {destination}") from None
+                raise RegistryError(f"push of {tag} to {destination} failed:\n{err}") from None
+            try:
+                with open(digestfile, encoding="utf-8") as fh:
+                    digest: Optional[str] = fh.read().strip() or None
+            except OSError:
+                digest = None
+        finally:
+            rmtree(tmp)
+        return PushResult(tag=tag, destination=destination, digest=digest, runtime=info.runtime,
+                          credentials=origin)

@@ -25,7 +25,7 @@ from .schedulers import submit as slurm_submit
 
 if TYPE_CHECKING:
     from .build import BuildService
-    from .models import BuilderChoice, BuilderInfo, BuildResult
+    from .models import BuilderChoice, BuilderInfo, BuildResult, PushResult
     from .schedulers.job import Job
     from .schedulers.slurm import Slurm
     from .schedulers.submit import Prepared
@@ -187,6 +187,11 @@ class Client:
             choice = builds.choose(recipe, builder=None, runtime=wanted, runtime_order=usable)
         rchoice = wanted or self.choose(choice.info.runtime)
         return builds.build(path, self.runtime(rchoice), choice, recipe, dry_run=dry_run), choice
+
+    def push(self, tag: str, *, to: Optional[str] = None) -> "PushResult":
+        """Push the image built here as ``tag`` to its registry or to ``to`` (credentials from
+        NSDF_HPC_REGISTRY_USER/_PASSWORD or the Docker/Podman auth files, never in argv)."""
+        return self._builds().push(tag, to=to)
 
     # ---------------------------------------------------------------- the run pipeline
     def spec(self, image: str, command: Sequence[str], *, binds: Sequence[Union[str, Bind]] = (),

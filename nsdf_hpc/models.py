@@ -248,3 +248,13 @@ class BuildResult(Model):
     definition: Optional[str] = None      # the Apptainer definition made from a Dockerfile
     argv: Tuple[Tuple[str, ...], ...] = ()
     dry_run: bool = False
+
+
+class PushResult(Model):
+    """The outcome of ``push``: where the image went and the digest the registry gave it."""
+
+    tag: str                              # nsdf/NAME:vX.Y.Z as built here
+    destination: str                      # registry/repository:tag
+    digest: Optional[str] = None          # the manifest digest in the registry
+    runtime: str                          # the runtime whose built image was pushed
+    credentials: str                      # where they came from (never their value)

@@ -90,3 +90,13 @@ class Builder(abc.ABC):
     @abc.abstractmethod
     def build_plan(self, job: BuildJob) -> BuildPlan:
         """The steps that build ``job`` into the runtime's native image (pure)."""
+
+    #: whether :meth:`push_argv` can push what this builder built (from the runtime's store)
+    pushes: ClassVar[bool] = False
+
+    def push_argv(self, image: str, destination: str, *, authfile: Optional[str], insecure: bool,
+                  digestfile: str) -> List[str]:
+        """How to push ``image`` (its location in the runtime's cache) to ``destination``
+        (``registry/repository:tag``). Credentials travel only in ``authfile`` (a path, never
+        a secret on the command line)."""
+        raise NotImplementedError(f"{self.name} cannot push")

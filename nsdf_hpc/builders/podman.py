@@ -47,6 +47,21 @@ class PodmanBuilder(Builder):
         return BuildPlan((Step(tuple(self.build_argv(job)), f"{self.name} build {job.tag}"),),
                          iidfile=IIDFILE)
 
+    pushes: ClassVar[bool] = True
+
+    def push_argv(self, image: str, destination: str, *, authfile: Optional[str], insecure: bool,
+                  digestfile: str) -> List[str]:
+        # --authfile: a temporary file nsdf-hpc wrote (never --creds, which puts the password
+        # into argv, readable by every user in /proc/PID/cmdline); without it, podman reads
+        # its own auth files (REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, then
+        # ~/.docker/config.json)
+        argv = [self.path, "push", "--digestfile", digestfile]
+        if authfile:
+            argv += ["--authfile", authfile]
+        if insecure:
+            argv.append("--tls-verify=false")
+        return [*argv, image, f"docker://{destination}"]
+
 
 class BuildahBuilder(PodmanBuilder):
     """``buildah build`` (same containers-storage as podman, so podman runs the result)."""

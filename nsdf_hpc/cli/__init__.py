@@ -35,7 +35,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 for _command in (_run.run, images.pull, runtimes.runtimes, runtimes.doctor, images.images,
                  images.prune, slurm.submit, slurm.status, slurm.cancel, slurm.logs,
-                 build.build, build.recipe):
+                 build.build, build.push, build.recipe):
     cli.add_command(_command)
 
 

@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -22,6 +24,7 @@ from .helpers import nsdf_root, nsdf_user, user_cache
 pytestmark = [pytest.mark.integration, pytest.mark.registry]
 
 GREETING = "hello from an nsdf recipe"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")   # as tests/conftest.py
 NAME = f"nsdf/wt-build-test-{uuid.uuid4().hex[:8]}"
 TAG = f"{NAME}:v0.1.0"
 DOCKERFILE = f"""\
@@ -200,3 +203,82 @@ def test_apptainer_is_the_automatic_choice_and_the_tag_runs_with_the_default_run
         assert f"{TAG} was built here for apptainer, not for charliecloud" in other.stderr
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- push with a login
+def _auth_registry(testbed: Dict[str, str]) -> Tuple[str, str, str]:
+    """(address, user, password) of the testbed's registry that requires a login."""
+    addr = testbed.get("NSDF_TESTBED_REGISTRY_AUTH")
+    pwfile = testbed.get("NSDF_TESTBED_REGISTRY_AUTH_PASSWORD_FILE", "")
+    if not addr or not os.path.isfile(pwfile):
+        why = "the testbed has no registry that requires a login (runtimes.sh registry-auth)"
+        if IN_CI:
+            pytest.fail(f"CI=true and the testbed is required: {why}", pytrace=False)
+        pytest.skip(why)
+    return addr, testbed.get("NSDF_TESTBED_REGISTRY_AUTH_USER", "nsdf-ci"), Path(pwfile).read_text().strip()
+
+
+def _cmdlines_with(secret: bytes, stop: threading.Event, found: List[str], seen: List[int]) -> None:
+    """Scan every process's argv until ``stop``; record any that holds ``secret``."""
+    while not stop.is_set():
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            seen[0] += 1
+            if secret in cmd:
+                found.append(cmd.replace(b"\0", b" ").decode(errors="replace"))
+        time.sleep(0.005)
+
+
+@pytest.mark.podman
+def test_push_with_a_login_keeps_the_password_out_of_every_argv(recipe: Path, tmp_path: Path,
+                                                                 testbed: Dict[str, str]) -> None:
+    addr, user, password = _auth_registry(testbed)
+    cache = tmp_path / "cache"
+    built = nsdf_root(["build", "--json", "--builder", "podman", str(recipe)], cache)
+    assert built.returncode == 0, built.stderr[-2000:]
+    # no credentials: a clear error naming the ways to log in
+    res = nsdf_root(["push", TAG, "--to", addr], cache)
+    assert res.returncode == 1
+    assert f"registry {addr} requires a login to push" in res.stderr and "NSDF_HPC_REGISTRY_USER" in res.stderr
+    # a wrong password: refused, and the (wrong) password is nowhere in the output
+    res = nsdf_root(["push", TAG, "--to", addr], cache, NSDF_HPC_REGISTRY_USER=user,
+                    NSDF_HPC_REGISTRY_PASSWORD="not-the-password")
+    assert res.returncode == 1
+    assert f"registry {addr} refused the credentials from NSDF_HPC_REGISTRY_USER" in res.stderr
+    assert "not-the-password" not in res.stderr + res.stdout
+    # the watcher itself sees a secret in a short-lived process's argv
+    stop, found, seen = threading.Event(), [], [0]
+    watcher = threading.Thread(target=_cmdlines_with, args=(b"decoy-" + password.encode()[:4], stop, found, seen))
+    watcher.start()
+    subprocess.run(["sh", "-c", "sleep 0.2", "decoy-" + password[:4]], check=True)
+    stop.set()
+    watcher.join()
+    assert found, "the /proc/*/cmdline watcher missed a process"
+    # the right one, with debug logging, while every process's argv is watched
+    stop, found, seen = threading.Event(), [], [0]
+    watcher = threading.Thread(target=_cmdlines_with, args=(password.encode(), stop, found, seen))
+    watcher.start()
+    try:
+        res = nsdf_root(["-vv", "push", "--json", TAG, "--to", addr], cache,
+                        NSDF_HPC_REGISTRY_USER=user, NSDF_HPC_REGISTRY_PASSWORD=password)
+    finally:
+        stop.set()
+        watcher.join()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert seen[0] > 0 and found == [], found
+    assert password not in res.stderr + res.stdout                       # not in the debug log
+    assert "podman push --digestfile" in res.stderr                      # the log did show argv
+    pushed = json.loads(res.stdout)
+    assert pushed["destination"] == f"{addr}/{NAME}:v0.1.0" and pushed["digest"].startswith("sha256:")
+    assert not list((cache / "tmp").glob("push-*"))                      # the auth file is gone
+    # the registry has it under that digest, read with the same credentials (nsdf-hpc's client)
+    from nsdf_hpc.reference import parse_reference
+    from nsdf_hpc.registry import RegistryClient
+    creds = {"NSDF_HPC_REGISTRY_USER": user, "NSDF_HPC_REGISTRY_PASSWORD": password, "HOME": str(tmp_path)}
+    info = RegistryClient(addr, env=creds).manifest(parse_reference(pushed["destination"]))
+    assert info.digest == pushed["digest"]

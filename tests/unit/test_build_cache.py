@@ -34,3 +34,57 @@ def test_a_built_image_is_adopted_by_digest_and_runs_without_a_registry(tmp_path
     assert again.cached and again.location == "a" * 64 and runner.calls == []
     with pytest.raises(ImageError, match="built here for podman, not for apptainer"):
         client.images.pull(source, Apptainer("/usr/bin/apptainer", "apptainer", "1.4.5", USER))
+
+
+def test_push_hands_credentials_over_in_a_file_and_maps_a_refusal(tmp_path, fakebin) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from _fakes import make_host
+    from nsdf_hpc._exec import CompletedCommand
+    from nsdf_hpc.client import Client
+    from nsdf_hpc.config import load_settings
+    from nsdf_hpc.errors import CommandError, ImageError, RegistryError
+    from nsdf_hpc.runtimes.podman import Podman
+
+    bindir = fakebin("podman")
+    env = {"PATH": str(bindir), "HOME": str(tmp_path), "NSDF_HPC_CACHE": str(tmp_path / "cache"),
+           "NSDF_HPC_REGISTRY_USER": "me", "NSDF_HPC_REGISTRY_PASSWORD": "s3cret-pw"}
+    seen = {}
+
+    class Runner(FakeRunner):
+        def run(self, argv, **kwargs):  # type: ignore[no-untyped-def,override]
+            if "push" in argv:
+                auth = argv[argv.index("--authfile") + 1]
+                with open(auth) as fh:
+                    seen["auth"] = json.load(fh)
+                seen["mode"] = oct(__import__("os").stat(auth).st_mode & 0o777)
+            res = super().run(argv, **kwargs)
+            if kwargs.get("check", True) and res.returncode:   # as SubprocessRunner does
+                raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
+            return res
+
+        def _answer(self, argv, timeout):  # type: ignore[no-untyped-def,override]
+            if "--version" in argv:
+                return CompletedCommand(tuple(argv), 0, "podman version 4.3.1\n", "")
+            return super()._answer(argv, timeout)
+
+    runner = Runner({"podman": (0, "", "")})
+    client = Client(settings=load_settings(env=env, files=[]), runner=runner, env=env)
+    client._host = make_host(uid=0, user="root")
+    with pytest.raises(ImageError, match="was not built here"):
+        client.push("nsdf/hello:v0.1.0")
+    rt = Podman(str(bindir / "podman"), "podman", "4.3.1", USER)
+    client.cache.ensure_dirs()
+    work = client.cache.workdir("podman", "sha256:" + "0" * 64)
+    client.images.adopt_built(rt, work, "sha256:" + "b" * 64, "nsdf/hello:v0.1.0", location="b" * 64,
+                              relative=False, builder="podman")
+    runner.answers["podman"] = (125, "", "Error: writing blob: unauthorized: authentication required\n")
+    with pytest.raises(RegistryError) as err:
+        client.push("nsdf/hello:v0.1.0", to="127.0.0.1:5444")
+    assert "refused the credentials from NSDF_HPC_REGISTRY_USER" in str(err.value)
+    assert "s3cret-pw" not in str(err.value)
+    push = [c for c in runner.calls if "push" in c][0]
+    assert not any("s3cret" in a for a in push) and push[-1] == "docker://127.0.0.1:5444/nsdf/hello:v0.1.0"
+    assert seen["mode"] == "0o600"
+    assert seen["auth"] == {"auths": {"127.0.0.1:5444": {"auth": "bWU6czNjcmV0LXB3"}}}   # me:s3cret-pw
+    assert not list((tmp_path / "cache" / "tmp").glob("push-*"))

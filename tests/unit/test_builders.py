@@ -157,3 +157,14 @@ def test_nothing_usable_lists_what_was_found() -> None:
     with pytest.raises(BuilderNotFoundError, match="no usable image builder for the udocker runtime"):
         choose_builder(INFOS, runtime="udocker", runtime_source="argument")
 
+
+
+def test_podman_push_argv_carries_no_secret() -> None:
+    b = builder_class("podman")("/usr/bin/podman", "4.3.1", USER)
+    assert b.pushes and not builder_class("ch-image").pushes and not builder_class("apptainer").pushes
+    assert b.push_argv("abc123", "ghcr.io/nsdf/hello:v0.1.0", authfile="/c/tmp/push-x/auth.json",
+                       insecure=False, digestfile="/c/tmp/push-x/digest") == [
+        "/usr/bin/podman", "push", "--digestfile", "/c/tmp/push-x/digest", "--authfile",
+        "/c/tmp/push-x/auth.json", "abc123", "docker://ghcr.io/nsdf/hello:v0.1.0"]
+    assert b.push_argv("abc123", "r:5000/a:v1.0.0", authfile=None, insecure=True, digestfile="/d")[-3:] == [
+        "--tls-verify=false", "abc123", "docker://r:5000/a:v1.0.0"]
