@@ -282,3 +282,20 @@ def test_push_with_a_login_keeps_the_password_out_of_every_argv(recipe: Path, tm
     creds = {"NSDF_HPC_REGISTRY_USER": user, "NSDF_HPC_REGISTRY_PASSWORD": password, "HOME": str(tmp_path)}
     info = RegistryClient(addr, env=creds).manifest(parse_reference(pushed["destination"]))
     assert info.digest == pushed["digest"]
+
+
+@pytest.mark.charliecloud
+def test_a_rebuild_is_what_the_next_run_runs(recipe: Path, tmp_path: Path) -> None:
+    """The second identical `run` replays a launch record; a rebuild of the tag must not let it
+    run the old image (the tag's ref file is rewritten, which the record checks)."""
+    cache = tmp_path / "cache"
+    run = ["run", "--runtime", "charliecloud", TAG, "--", "/opt/hello.sh"]
+    assert nsdf_root(["-q", "build", "--builder", "ch-image", str(recipe)], cache).returncode == 0
+    for _ in range(2):
+        ran = nsdf_root(run, cache, cwd=str(tmp_path))
+        assert ran.stdout.strip() == GREETING, ran.stderr
+    (recipe / "Dockerfile").write_text(DOCKERFILE.replace(GREETING, "rebuilt"))
+    res = nsdf_root(["build", "--builder", "ch-image", str(recipe)], cache)
+    assert res.returncode == 0, res.stderr
+    ran = nsdf_root(run, cache, cwd=str(tmp_path))
+    assert ran.stdout.strip() == "rebuilt", ran.stderr
