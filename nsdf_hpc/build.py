@@ -132,19 +132,20 @@ class BuildService:
 
     def _write_recipe(self, recipe: Recipe, b: Builder, work: str, mirrors: Mirrors
                       ) -> Tuple[str, Optional[str]]:
-        """The recipe file the builder reads, written into ``work`` with FROM mirrored;
-        and the definition converted from the Dockerfile, if one was."""
+        """The recipe file the builder reads, written into ``work`` with FROM mirrored; and,
+        when it was converted from the Dockerfile, that definition's text."""
         wants_def = b.reads[0] == DEFINITION or DOCKERFILE not in b.reads
         converted = None
         if wants_def:
             if recipe.dockerfile:
-                converted = convert(recipe.dockerfile)
-                text = converted
+                text = convert(recipe.dockerfile)
             else:
                 assert recipe.definition is not None
                 with open(recipe.definition, encoding="utf-8") as fh:
                     text = fh.read()
             text, name = rewrite_def_from(text, mirrors), "recipe.def"
+            # the definition apptainer reads: converted from the Dockerfile, FROM mirrored
+            converted = text if recipe.dockerfile else None
         else:
             assert recipe.dockerfile is not None
             with open(recipe.dockerfile, encoding="utf-8") as fh:

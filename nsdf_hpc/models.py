@@ -245,7 +245,7 @@ class BuildResult(Model):
     digest: Optional[str] = None          # sha256 of the SIF/SquashFS, or podman's image id
     image: Optional[NativeImage] = None
     recipe: str                           # the recipe file that was built (after conversion)
-    definition: Optional[str] = None      # the Apptainer definition made from a Dockerfile
+    definition: Optional[str] = None      # the Apptainer definition made from a Dockerfile (as built: FROM mirrored)
     argv: Tuple[Tuple[str, ...], ...] = ()
     dry_run: bool = False
 

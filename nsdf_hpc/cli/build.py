@@ -42,7 +42,8 @@ def build(ctx: click.Context, recipe: str, builder: Optional[str], runtime: Opti
             click.echo(f"  not {name}: {why}", err=not dry_run)
     if dry_run:
         if result.definition:
-            click.echo(f"# Apptainer definition converted from the Dockerfile (spython):\n{result.definition}")
+            click.echo("# the Apptainer definition converted from the Dockerfile (spython), FROM "
+                       f"through the site's mirrors:\n{result.definition}")
         for argv in result.argv:
             click.echo(shlex.join(argv))
         return
