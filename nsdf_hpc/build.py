@@ -26,6 +26,7 @@ from .config import Settings
 from ._fsutil import atomic_write_json
 from .errors import CommandError, ImageError, RegistryError, SpecError, ToolNotFoundError
 from .images import ImageService
+from .paths import user_state_dir
 from .models import BuilderChoice, BuilderInfo, BuildResult, PushResult, RuntimeChoice
 from .recipe import (check_version, def_labels, find_recipe, image_name, labels, parse_dockerfile,
                      rewrite_def_from, rewrite_from, tag_from_labels, to_apptainer_def)
@@ -115,15 +116,27 @@ class BuildService:
         self._host = host
         self.progress = progress
 
-    def detect(self) -> List[BuilderInfo]:
-        return detect_builders(self.runner, self._host(), env=self.env,
-                               timeout=self.settings.probe_timeout)
+    def detect(self, only: Optional[Sequence[str]] = None, refresh: bool = False) -> List[BuilderInfo]:
+        cache_file = None
+        if self.settings.detect_cache:   # per user and host, like the runtimes' detection cache
+            cache_file = os.path.join(user_state_dir(self.env),
+                                      f"builders-{os.uname().nodename}-{os.getuid()}.json")
+        return detect_builders(self.runner, self._host(), env=self.env, only=only,
+                               timeout=self.settings.probe_timeout, cache_file=cache_file,
+                               refresh=refresh)
 
     def choose(self, recipe: Recipe, *, builder: Optional[str], runtime: Optional[RuntimeChoice],
                runtime_order: Sequence[str] = ()) -> BuilderChoice:
         """``runtime``: asked for or configured (the builder must build for it); otherwise the
-        first usable runtime of ``runtime_order`` with a usable builder is built for."""
-        return choose_builder(self.detect(), explicit=builder,
+        first usable runtime of ``runtime_order`` with a usable builder is built for. A forced
+        builder is probed alone, unless it is unusable (the error lists every builder)."""
+        infos = None
+        if builder:
+            builder_class(builder)   # unknown name: ConfigError before any probe
+            infos = self.detect(only=[builder])
+            if not any(i.usable for i in infos):
+                infos = None
+        return choose_builder(infos or self.detect(), explicit=builder,
                               runtime=runtime.name if runtime else None,
                               runtime_source=runtime.source if runtime else "auto",
                               has_dockerfile=recipe.dockerfile is not None,

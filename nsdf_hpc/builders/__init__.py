@@ -15,6 +15,7 @@ from .._exec import CommandRunner, CompletedCommand
 from ..errors import BuilderNotFoundError, ConfigError, NsdfError
 from ..host import HostFacts
 from ..models import BuilderChoice, BuilderInfo
+from ..runtimes import _fingerprint, _load_cache, _save_cache
 from ..runtimes.base import RuntimeContext, process_env
 from .apptainer import ApptainerBuilder
 from .base import DEFINITION, DOCKERFILE, Builder, BuildJob, BuildPlan
@@ -69,18 +70,33 @@ def _read(path: str) -> str:
 
 
 def detect_builders(runner: CommandRunner, host: HostFacts, *, env: Optional[Mapping[str, str]] = None,
-                    timeout: float = 10.0) -> List[BuilderInfo]:
-    """Probe every registered builder at once; one BuilderInfo each, in preference order.
-    Never raises: a broken install is a note."""
+                    timeout: float = 10.0, only: Optional[Sequence[str]] = None,
+                    cache_file: Optional[str] = None, refresh: bool = False) -> List[BuilderInfo]:
+    """Probe every registered builder (or those in ``only``) at once; one BuilderInfo each, in
+    preference order. Never raises: a broken install is a note. The probes' output is cached
+    in ``cache_file`` keyed by PATH and each binary's identity, as runtime detection is, so a
+    warm detection starts no process (ch-image's probe alone is a Python start-up)."""
     env = os.environ if env is None else env
     path_env = env.get("PATH", os.defpath)
-    classes = sorted(_REGISTRY.values(), key=lambda c: c.priority)
+    classes = sorted((c for c in _REGISTRY.values() if not only or c.name in only), key=lambda c: c.priority)
     paths = {c.name: shutil.which(c.executables[0], path=path_env) for c in classes}
     todo = [c for c in classes if paths[c.name]]
-    probe_env = process_env(env, {"USER": env.get("USER") or host.user})
-    argvs = [c(paths[c.name]).version_argv(str(paths[c.name])) for c in todo]
-    results = runner.run_many(argvs, timeout=timeout, envs=[probe_env] * len(argvs)) if argvs else []
-    probed = dict(zip((c.name for c in todo), results))
+    if only and cache_file:
+        cache_file = f"{cache_file[:-5]}-{'-'.join(sorted(only))}.json"
+    key = _fingerprint([str(paths[c.name]) for c in todo], path_env, host.uid)
+    probes = None if refresh else _load_cache(cache_file, key)
+    if probes is None:
+        probe_env = process_env(env, {"USER": env.get("USER") or host.user})
+        argvs = [c(paths[c.name]).version_argv(str(paths[c.name])) for c in todo]
+        results = runner.run_many(argvs, timeout=timeout, envs=[probe_env] * len(argvs)) if argvs else []
+        probes = {}
+        for c, res in zip(todo, results):
+            if isinstance(res, CompletedCommand):
+                probes[c.name] = {"rc": str(res.returncode), "stdout": res.stdout[-4000:],
+                                  "stderr": res.stderr[-4000:]}
+            else:
+                probes[c.name] = {"error": str(res)}
+        _save_cache(cache_file, key, probes)
     full_caps = full_capabilities(_read("/proc/self/status"), _read("/proc/sys/kernel/cap_last_cap"))
     infos: List[BuilderInfo] = []
     for c in classes:
@@ -89,13 +105,13 @@ def detect_builders(runner: CommandRunner, host: HostFacts, *, env: Optional[Map
         if not path:
             infos.append(BuilderInfo(**base, notes=(f"not found on PATH (looked for {c.executables[0]})",)))
             continue
-        res = probed[c.name]
-        if not isinstance(res, CompletedCommand):
-            infos.append(BuilderInfo(**base, path=path, notes=(f"{path}: {res}",)))
+        probe = probes.get(c.name, {"error": "not probed"})
+        if "error" in probe:
+            infos.append(BuilderInfo(**base, path=path, notes=(f"{path}: {probe['error']}",)))
             continue
         inst = c(path)
         try:
-            version = inst.parse_version(res.stdout, res.stderr)
+            version = inst.parse_version(probe.get("stdout", ""), probe.get("stderr", ""))
         except NsdfError as err:
             infos.append(BuilderInfo(**base, path=path, notes=(f"{path}: {str(err).splitlines()[0]}",)))
             continue
