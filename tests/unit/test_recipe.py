@@ -160,3 +160,19 @@ def test_committed_definition_is_generated_from_the_dockerfile(recipe: Path) -> 
     regenerate it with `nsdf-run recipe convert recipes/NAME -o recipes/NAME/apptainer.def`."""
     assert (recipe / "apptainer.def").read_text() == convert(str(recipe)), \
         f"{recipe.name}/apptainer.def drifted from its Dockerfile"
+
+
+def test_cli_recipe_convert(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nsdf_hpc.cli import cli
+    (tmp_path / "Dockerfile").write_text(HELLO)
+    res = CliRunner().invoke(cli, ["recipe", "convert", str(tmp_path)])
+    assert res.exit_code == 0 and res.output == convert(str(tmp_path))
+    out = tmp_path / "x.def"
+    assert CliRunner().invoke(cli, ["recipe", "convert", str(tmp_path), "-o", str(out)]).exit_code == 0
+    assert out.read_text() == res.output
+    (tmp_path / "Dockerfile").write_text("FROM a:1\nRUN true\nUSER nobody\n")
+    res = CliRunner().invoke(cli, ["recipe", "convert", str(tmp_path / "Dockerfile")])
+    assert res.exit_code == 2
+    assert "line 3: `USER nobody` cannot be converted to an Apptainer definition" in res.output
