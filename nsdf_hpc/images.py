@@ -6,6 +6,8 @@ reference is parsed once (:meth:`ImageService.parse_image`) and the parsed sourc
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import shutil
@@ -21,13 +23,15 @@ from .errors import (CommandError, ImageError, NsdfError, PreflightError, Regist
 from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, parse_source
-from .registry import RegistryClient
+from .registry import RegistryClient, _credentials
 from .runtimes.base import WORKDIR, ImagePlan, Runtime, process_env
 from .unpack import flatten, repack_for_udocker, source_digest, write_charliecloud_metadata
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[Dict[str, Any]], None]
+#: the containers-auth.json a pull that logs in reads (in the private work directory)
+LOGIN_FILE = ".nsdf-login.json"
 
 
 class ImageService:
@@ -265,7 +269,7 @@ class ImageService:
         return total
 
     def _execute_plan(self, rt: Runtime, plan: ImagePlan, source: ImageSource, work: str) -> str:
-        env = self._step_env(rt)
+        env = {**self._step_env(rt), **self.login_env(rt, source, work)}
         if plan.pre_extract == "rootfs":
             self.progress({"event": "step", "step": "unpack layers", "image": source.text})
             config = flatten(source, os.path.join(work, "rootfs"))
@@ -285,6 +289,7 @@ class ImageService:
                 raise ImageError(f"{rt.name}: {step.description} failed for {source.text}:\n{err}") from err
             except ToolNotFoundError as err:
                 raise ImageError(f"{rt.name}: {step.description}: {err}") from err
+        self._forget_login(work)
         if plan.location == "@stdout":
             try:
                 return rt.parse_import_output(last.stdout if last else "")
@@ -306,6 +311,34 @@ class ImageService:
             if os.path.lexists(p):
                 os.unlink(p)
         return str(plan.location)
+
+    # ---------------------------------------------------------------- registry logins
+    def login_env(self, rt: Runtime, source: ImageSource, work: str) -> Dict[str, str]:
+        """What ``rt``'s pull of ``source`` needs to log in to its (mirrored) registry, when
+        credentials are configured (NSDF_HPC_REGISTRY_USER/_PASSWORD or ~/.docker/config.json):
+        variables of the tool's process, never argv; an auth file, where the tool wants one,
+        is written 0600 into the private work directory and removed before publishing."""
+        if source.kind != "registry" or source.ref is None:
+            return {}
+        registry = self.pull_ref(source.ref)[0].registry
+        creds = _credentials(registry, self.env)
+        if not creds:
+            return {}
+        authfile = os.path.join(work, LOGIN_FILE)
+        env = rt.login_env(creds[0], creds[1], authfile)
+        if authfile in env.values():
+            token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+            fd = os.open(authfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"auths": {registry: {"auth": token}}}, fh)
+        return env
+
+    @staticmethod
+    def _forget_login(work: str) -> None:
+        try:
+            os.unlink(os.path.join(work, LOGIN_FILE))
+        except FileNotFoundError:
+            pass
 
     # ---------------------------------------------------------------- images built here
     def resolve_for(self, source: ImageSource, rt: Runtime, max_age: float = 0.0

@@ -137,6 +137,10 @@ class Apptainer(Runtime):
         build = (self.path, "-s", "build", out, f"{prefix}:{source.path}")
         return ImagePlan((Step(build, f"build SIF from {source.text}", tmp_env),), artifact=out)
 
+    def login_env(self, user: str, password: str, authfile: str) -> Dict[str, str]:
+        # read by `apptainer pull docker://` (and SingularityCE's SINGULARITY_ prefix)
+        return {f"{self.env_prefix}_DOCKER_USERNAME": user, f"{self.env_prefix}_DOCKER_PASSWORD": password}
+
     # ---------------------------------------------------------------- run
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:

@@ -181,6 +181,13 @@ class Runtime(abc.ABC):
                    insecure: bool = False) -> ImagePlan:
         """Steps that make the native image; ``ref`` is the digest-pinned, mirrored reference."""
 
+    def login_env(self, user: str, password: str, authfile: str) -> Dict[str, str]:
+        """Variables that give this runtime's pull the registry credentials (pure): always the
+        process environment, never argv, which every user can read in /proc/PID/cmdline.
+        ``authfile`` is a private containers-auth.json nsdf-hpc has written for the pull's
+        registry. Empty: this runtime's pulls cannot log in through nsdf-hpc."""
+        return {}
+
     def parse_import_output(self, stdout: str) -> str:
         """The store name an import printed (plans whose location is ``"@stdout"``)."""
         lines = [ln.strip() for ln in stdout.strip().splitlines() if ln.strip()]

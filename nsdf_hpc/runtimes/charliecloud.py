@@ -76,6 +76,11 @@ class Charliecloud(Runtime):
         # on the first call (charliecloud 0.31), so it is disabled; ch-image needs $USER.
         return {"CH_IMAGE_CACHE": "disabled", "USER": self.ctx.user}
 
+    def login_env(self, user: str, password: str, authfile: str) -> Dict[str, str]:
+        # ch-image 0.31 pulls anonymously unless CH_IMAGE_AUTH=yes (charliecloud.py), then
+        # reads CH_IMAGE_USERNAME / CH_IMAGE_PASSWORD (registry.py) instead of prompting
+        return {"CH_IMAGE_AUTH": "yes", "CH_IMAGE_USERNAME": user, "CH_IMAGE_PASSWORD": password}
+
     def preflight(self, cache_root: str, mount_options: Sequence[str]) -> Optional[str]:
         if "noexec" in mount_options:
             return (f"the cache {cache_root} is on a noexec filesystem, where Charliecloud "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar, List, Mapping, Optional, Tuple
+from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
@@ -94,6 +94,10 @@ class Podman(Runtime):
 
     def remove_argv(self, location: str) -> Optional[List[str]]:
         return [self.path, "rmi", "--ignore", location]
+
+    def login_env(self, user: str, password: str, authfile: str) -> Dict[str, str]:
+        # containers-image reads REGISTRY_AUTH_FILE (never --creds, which puts it in argv)
+        return {"REGISTRY_AUTH_FILE": authfile}
 
     def gpu_args(self) -> List[str]:
         return ["--device", "nvidia.com/gpu=all"]

@@ -238,7 +238,9 @@ def _cmdlines_with(secret: bytes, stop: threading.Event, found: List[str], seen:
 
 
 @pytest.mark.podman
-def test_push_with_a_login_keeps_the_password_out_of_every_argv(recipe: Path, tmp_path: Path,
+@pytest.mark.apptainer
+@pytest.mark.charliecloud
+def test_push_and_pull_with_a_login_keep_the_password_out_of_every_argv(recipe: Path, tmp_path: Path,
                                                                  testbed: Dict[str, str]) -> None:
     addr, user, password = _auth_registry(testbed)
     cache = tmp_path / "cache"
@@ -285,6 +287,35 @@ def test_push_with_a_login_keeps_the_password_out_of_every_argv(recipe: Path, tm
     creds = {"NSDF_HPC_REGISTRY_USER": user, "NSDF_HPC_REGISTRY_PASSWORD": password, "HOME": str(tmp_path)}
     info = RegistryClient(addr, env=creds).manifest(parse_reference(pushed["destination"]))
     assert info.digest == pushed["digest"]
+
+    # pull it back with the login through every runtime that can, argv watched again
+    dest = pushed["destination"]
+    bad = nsdf_root(["pull", "--runtime", "podman", dest], tmp_path / "pull-bad",
+                    NSDF_HPC_REGISTRY_USER=user, NSDF_HPC_REGISTRY_PASSWORD="not-the-password")
+    assert bad.returncode == 1 and f"registry {addr} denied access" in bad.stderr, bad.stderr
+    assert "HTTP 401" in bad.stderr and "not-the-password" not in bad.stderr
+    for runtime in ("podman", "apptainer", "charliecloud"):
+        pulled_cache = tmp_path / f"pull-{runtime}"
+        stop, found, seen = threading.Event(), [], [0]
+        watcher = threading.Thread(target=_cmdlines_with, args=(password.encode(), stop, found, seen))
+        watcher.start()
+        try:
+            res = nsdf_root(["-vv", "pull", "--json", "--runtime", runtime, dest], pulled_cache,
+                            NSDF_HPC_REGISTRY_USER=user, NSDF_HPC_REGISTRY_PASSWORD=password)
+        finally:
+            stop.set()
+            watcher.join()
+        assert res.returncode == 0, f"{runtime}: {res.stderr[-2000:]}"
+        assert found == [], found
+        assert password not in res.stderr + res.stdout
+        native = json.loads(res.stdout)
+        assert native["digest"] == pushed["digest"]
+        assert not list(pulled_cache.rglob(".nsdf-login.json"))          # the auth file is gone
+        ran = nsdf_root(["run", "--runtime", runtime, f"{addr}/{NAME}@{pushed['digest']}", "--",
+                         "/opt/hello.sh"], pulled_cache)
+        assert (ran.returncode, ran.stdout.strip()) == (0, GREETING), f"{runtime}: {ran.stderr[-2000:]}"
+        if runtime == "podman":
+            subprocess.run(["podman", "rmi", "--ignore", "--force", native["location"]], capture_output=True)
 
 
 @pytest.mark.charliecloud

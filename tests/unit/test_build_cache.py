@@ -88,3 +88,37 @@ def test_push_hands_credentials_over_in_a_file_and_maps_a_refusal(tmp_path, fake
     assert seen["mode"] == "0o600"
     assert seen["auth"] == {"auths": {"127.0.0.1:5444": {"auth": "bWU6czNjcmV0LXB3"}}}   # me:s3cret-pw
     assert not list((tmp_path / "cache" / "tmp").glob("push-*"))
+
+
+def test_pulls_log_in_through_the_environment_never_argv(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+
+    from nsdf_hpc.client import Client
+    from nsdf_hpc.config import load_settings
+    from nsdf_hpc.runtimes.apptainer import Apptainer
+    from nsdf_hpc.runtimes.charliecloud import Charliecloud
+    from nsdf_hpc.runtimes.podman import Podman
+    from nsdf_hpc.runtimes.udocker import UDocker
+
+    assert Apptainer().login_env("u", "p", "/a") == {"APPTAINER_DOCKER_USERNAME": "u",
+                                                     "APPTAINER_DOCKER_PASSWORD": "p"}
+    assert Charliecloud().login_env("u", "p", "/a") == {"CH_IMAGE_AUTH": "yes", "CH_IMAGE_USERNAME": "u",
+                                                        "CH_IMAGE_PASSWORD": "p"}
+    assert Podman().login_env("u", "p", "/a") == {"REGISTRY_AUTH_FILE": "/a"}
+    assert UDocker().login_env("u", "p", "/a") == {}
+    env = {"PATH": "/usr/bin", "HOME": str(tmp_path), "NSDF_HPC_CACHE": str(tmp_path / "cache"),
+           "NSDF_HPC_REGISTRY_USER": "me", "NSDF_HPC_REGISTRY_PASSWORD": "pw"}
+    client = Client(settings=load_settings(env=env, files=[]), runner=FakeRunner(), env=env)
+    work = tmp_path / "work"
+    work.mkdir()
+    src = client.parse_image("127.0.0.1:5444/nsdf/x:v1.0.0")
+    got = client.images.login_env(Podman("/usr/bin/podman", ctx=USER), src, str(work))
+    auth = work / ".nsdf-login.json"
+    assert got == {"REGISTRY_AUTH_FILE": str(auth)} and oct(os.stat(auth).st_mode & 0o777) == "0o600"
+    assert json.loads(auth.read_text()) == {"auths": {"127.0.0.1:5444": {"auth": "bWU6cHc="}}}
+    assert client.images.login_env(Podman("/usr/bin/podman", ctx=USER),
+                                   client.parse_image(f"oci-archive:{tmp_path}/x.tar"), str(work)) == {}
+    no_creds = Client(settings=load_settings(env={**env, "NSDF_HPC_REGISTRY_USER": ""}, files=[]),
+                      runner=FakeRunner(), env={k: v for k, v in env.items() if "REGISTRY" not in k})
+    assert no_creds.images.login_env(Apptainer(ctx=USER), src, str(work)) == {}
