@@ -23,7 +23,7 @@ def build(path: str, *, builder: Optional[str] = None, runtime: Optional[str] = 
           tag: Optional[str] = None, dry_run: bool = False) -> BuildResult:
     """Build the recipe at ``path`` into ``nsdf/NAME:vX.Y.Z`` in the runtime's cache; see
     :meth:`Client.build`."""
-    return Client().build(path, builder=builder, runtime=runtime, tag=tag, dry_run=dry_run)[0]
+    return Client().build(path, builder=builder, runtime=runtime, tag=tag, dry_run=dry_run)
 
 
 def run(image: str, command: Sequence[str], runtime: Optional[str] = None, **options: Any) -> RunResult:

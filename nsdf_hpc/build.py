@@ -168,7 +168,7 @@ class BuildService:
             fh.write(text)
         return out, converted
 
-    def build(self, path: str, rt: Runtime, choice: BuilderChoice, recipe: Recipe, *,
+    def build(self, rt: Runtime, choice: BuilderChoice, recipe: Recipe, *,
               dry_run: bool = False) -> BuildResult:
         """Build ``recipe`` with the chosen builder into ``rt``'s cache."""
         b = make_builder(choice, self.env)
@@ -186,7 +186,7 @@ class BuildService:
             plan = b.build_plan(job)
             argv = tuple(s.argv for s in plan.steps)
             base = dict(tag=recipe.tag, builder=b.name, runtime=rt.name, recipe=file,
-                        definition=converted, argv=argv)
+                        definition=converted, argv=argv, choice=choice)
             if dry_run:
                 rmtree(work)
                 return BuildResult(**base, dry_run=True)

@@ -25,7 +25,7 @@ from .schedulers import submit as slurm_submit
 
 if TYPE_CHECKING:
     from .build import BuildService
-    from .models import BuilderChoice, BuilderInfo, BuildResult, PushResult
+    from .models import BuilderInfo, BuildResult, PushResult
     from .schedulers.job import Job
     from .schedulers.slurm import Slurm
     from .schedulers.submit import Prepared
@@ -166,27 +166,28 @@ class Client:
         return self._builds().detect()
 
     def build(self, path: str, *, builder: Optional[str] = None, runtime: Optional[str] = None,
-              tag: Optional[str] = None, dry_run: bool = False
-              ) -> Tuple["BuildResult", "BuilderChoice"]:
+              tag: Optional[str] = None, dry_run: bool = False) -> "BuildResult":
         """Build the recipe at ``path`` (a directory or a Dockerfile/definition) without a
         daemon, tag it ``nsdf/NAME:vX.Y.Z`` and put it into the cache of the runtime that runs
         it, so that ``run`` finds it with no registry.
 
         ``builder`` forces one (an unusable one is an error listing what was found); otherwise
-        the builder follows the runtime choice (``runtime``, config, or automatic).
+        the builder follows the runtime (``runtime``, else the configured one, else the first
+        usable runtime in NSDF's order that has a usable builder). The result carries the
+        builder choice and its reasons (``choice``).
         """
         from .build import read_recipe   # noqa: PLC0415
         builds = self._builds()
         recipe = read_recipe(path, tag)
-        asked = runtime or self.settings.runtime
-        wanted = self.choose(runtime) if asked else None
+        # an explicit --builder outranks a configured runtime, as an explicit --runtime would
+        wanted = self.choose(runtime) if runtime or (self.settings.runtime and not builder) else None
         if builder:
             choice = builds.choose(recipe, builder=builder, runtime=wanted)
         else:
             usable = [i.name for i in sorted(self.detect(), key=lambda i: i.priority) if i.usable]
             choice = builds.choose(recipe, builder=None, runtime=wanted, runtime_order=usable)
         rchoice = wanted or self.choose(choice.info.runtime)
-        return builds.build(path, self.runtime(rchoice), choice, recipe, dry_run=dry_run), choice
+        return builds.build(self.runtime(rchoice), choice, recipe, dry_run=dry_run)
 
     def push(self, tag: str, *, to: Optional[str] = None) -> "PushResult":
         """Push the image built here as ``tag`` to its registry or to ``to`` (credentials from

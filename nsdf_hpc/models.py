@@ -248,6 +248,7 @@ class BuildResult(Model):
     definition: Optional[str] = None      # the Apptainer definition made from a Dockerfile (as built: FROM mirrored)
     argv: Tuple[Tuple[str, ...], ...] = ()
     dry_run: bool = False
+    choice: Optional[BuilderChoice] = None   # the builder choice and why not the others
 
 
 class PushResult(Model):

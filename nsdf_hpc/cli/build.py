@@ -29,7 +29,9 @@ def build(ctx: click.Context, recipe: str, builder: Optional[str], runtime: Opti
     nsdf/NAME:vX.Y.Z, ready to run with `nsdf-run run` on the runtime that goes with the
     builder. The builder is chosen like the runtime, and the choice is explained."""
     client = make_client(ctx, json_events=as_json)
-    result, choice = client.build(recipe, builder=builder, runtime=runtime, tag=tag, dry_run=dry_run)
+    result = client.build(recipe, builder=builder, runtime=runtime, tag=tag, dry_run=dry_run)
+    choice = result.choice
+    assert choice is not None
     pushed = client.push(result.tag, to=to) if do_push and not dry_run else None
     if as_json:
         click.echo(result.model_dump_json() if pushed is None else

@@ -122,3 +122,39 @@ def test_pulls_log_in_through_the_environment_never_argv(tmp_path) -> None:  # t
     no_creds = Client(settings=load_settings(env={**env, "NSDF_HPC_REGISTRY_USER": ""}, files=[]),
                       runner=FakeRunner(), env={k: v for k, v in env.items() if "REGISTRY" not in k})
     assert no_creds.images.login_env(Apptainer(ctx=USER), src, str(work)) == {}
+
+
+def test_client_build_follows_the_runtime_and_an_explicit_builder_outranks_the_config(  # type: ignore[no-untyped-def]
+        tmp_path, fakebin) -> None:
+    from _fakes import make_host
+    from nsdf_hpc.client import Client
+    from nsdf_hpc.config import load_settings
+    from nsdf_hpc.errors import ConfigError
+
+    bindir = fakebin("apptainer", "podman", "buildah", "ch-run", "ch-image", "ch-convert")
+    answers = {"apptainer": (0, "apptainer version 1.4.5\n", ""), "podman": (0, "podman version 4.3.1\n", ""),
+               "buildah": (0, "buildah version 1.28.2 (image-spec 1.1.0)\n", ""), "ch-run": (0, "0.31\n", ""),
+               "ch-image": (0, "0.31\n", "")}
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "Dockerfile").write_text('FROM busybox:1.36\nLABEL org.opencontainers.image.title="nsdf/t" '
+                                       'org.opencontainers.image.version="v1.2.3"\nRUN true\n')
+
+    def client(**extra: str) -> Client:
+        env = {"PATH": str(bindir), "HOME": str(tmp_path), "USER": "alice",
+               "NSDF_HPC_CACHE": str(tmp_path / "cache"), **extra}
+        c = Client(settings=load_settings(env=env, files=[]), runner=FakeRunner(answers), env=env)
+        c._host = make_host()
+        return c
+
+    auto = client().build(str(recipe), dry_run=True)
+    assert (auto.builder, auto.runtime, auto.tag, auto.dry_run) == ("apptainer", "apptainer", "nsdf/t:v1.2.3", True)
+    assert auto.definition and "From: busybox:1.36" in auto.definition and auto.argv[0][-1].endswith("recipe.def")
+    assert auto.choice is not None and auto.choice.source == "auto"
+    configured = client(NSDF_HPC_RUNTIME="charliecloud").build(str(recipe), dry_run=True)
+    assert (configured.builder, configured.runtime) == ("ch-image", "charliecloud")
+    forced = client(NSDF_HPC_RUNTIME="charliecloud").build(str(recipe), builder="buildah", dry_run=True)
+    assert (forced.builder, forced.runtime) == ("buildah", "podman")
+    with pytest.raises(ConfigError, match="builds for the charliecloud runtime, not podman"):
+        client().build(str(recipe), builder="ch-image", runtime="podman", dry_run=True)
+    assert not [p for p in (tmp_path / "cache" / "tmp").iterdir()]     # dry runs leave nothing
