@@ -31,7 +31,7 @@ from .models import BuilderChoice, BuilderInfo, BuildResult, PushResult, Runtime
 from .recipe import (check_version, def_labels, find_recipe, image_name, labels, parse_dockerfile,
                      rewrite_def_from, rewrite_from, tag_from_labels, to_apptainer_def)
 from .reference import parse_reference
-from .registry import _credentials
+from .registry import RegistryClient, _credentials
 from .runtimes.base import WORKDIR, Runtime, RuntimeContext, process_env
 
 logger = logging.getLogger(__name__)
@@ -294,25 +294,33 @@ class BuildService:
             digestfile = os.path.join(tmp, "digest")
             argv = b.push_argv(entry.location, destination, authfile=authfile, insecure=insecure,
                                digestfile=digestfile)
+            push_env = b.push_env(*(creds or (None, None)))
             self.progress({"event": "step", "step": f"push to {destination}", "image": tag})
             try:
-                self.runner.run(argv, check=True, env=process_env(self.env))
+                self.runner.run(argv, check=True, env=process_env(self.env), env_overrides=push_env)
             except CommandError as err:
                 text = (err.stderr or err.stdout).lower()
-                if any(w in text for w in ("unauthorized", "authentication required", "denied")):
+                # podman: "unauthorized: authentication required"; ch-image 0.31: "no further
+                # authentication possible", or its "Username:" prompt hitting EOF on /dev/null
+                if any(w in text for w in ("unauthorized", "authentication required", "denied",
+                                           "no further authentication possible", "username: ")):
                     if not creds:
                         raise RegistryError(
                             f"registry {dest.registry} requires a login to push {destination}: set "
                             "NSDF_HPC_REGISTRY_USER/NSDF_HPC_REGISTRY_PASSWORD, or log in with "
-                            f"`{b.name} login {dest.registry}`") from None
+                            "`podman login` / `docker login`") from None
                     raise RegistryError(f"registry {dest.registry} refused the credentials from "
                                         f"{origin} for {destination}") from None
                 raise RegistryError(f"push of {tag} to {destination} failed:\n{err}") from None
             try:
                 with open(digestfile, encoding="utf-8") as fh:
                     digest: Optional[str] = fh.read().strip() or None
-            except OSError:
-                digest = None
+            except OSError:   # the tool writes none (ch-image): ask the registry
+                try:
+                    digest = RegistryClient(dest.registry, insecure=insecure, env=self.env).manifest(dest).digest
+                except RegistryError as err:
+                    logger.debug("no digest for %s: %s", destination, err)
+                    digest = None
         finally:
             rmtree(tmp)
         return PushResult(tag=tag, destination=destination, digest=digest, runtime=info.runtime,

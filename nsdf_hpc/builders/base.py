@@ -97,6 +97,11 @@ class Builder(abc.ABC):
     def push_argv(self, image: str, destination: str, *, authfile: Optional[str], insecure: bool,
                   digestfile: str) -> List[str]:
         """How to push ``image`` (its location in the runtime's cache) to ``destination``
-        (``registry/repository:tag``). Credentials travel only in ``authfile`` (a path, never
-        a secret on the command line)."""
+        (``registry/repository:tag``). Credentials travel only in ``authfile`` (a path) or in
+        :meth:`push_env`, never on the command line. ``digestfile`` is where the tool writes
+        the pushed manifest's digest, if it can (else the registry is asked)."""
         raise NotImplementedError(f"{self.name} cannot push")
+
+    def push_env(self, user: Optional[str], password: Optional[str]) -> Dict[str, str]:
+        """Variables the push needs in its environment (credentials the tool reads there)."""
+        return {}

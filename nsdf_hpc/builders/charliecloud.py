@@ -3,7 +3,7 @@ cache entry and packed into SquashFS beside it, as a ``pull`` for the charlieclo
 from __future__ import annotations
 
 import os
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 from ..host import HostFacts
 from ..runtimes.base import Assessment, Step, parse_first_version
@@ -55,3 +55,22 @@ class ChImageBuilder(Builder):
                    job.out(SQUASH)),
                   "convert to SquashFS", self.env())),
             artifact=ROOTFS, move=(built, ROOTFS), checksum=SQUASH, cleanup=(STORAGE,))
+
+    pushes: ClassVar[bool] = True
+
+    def push_argv(self, image: str, destination: str, *, authfile: Optional[str], insecure: bool,
+                  digestfile: str) -> List[str]:
+        # pushes the unpacked image of the cache entry (--image DIR); the storage directory is
+        # a private scratch one beside the digest file (ch-image writes its upload files there)
+        argv = [self.path, "-s", os.path.join(os.path.dirname(digestfile), STORAGE), "push"]
+        if insecure:
+            argv.append("--tls-no-verify")
+        return [*argv, "--image", image, destination]
+
+    def push_env(self, user: Optional[str], password: Optional[str]) -> Dict[str, str]:
+        # ch-image 0.31 reads CH_IMAGE_USERNAME/CH_IMAGE_PASSWORD (registry.py); without them
+        # it would prompt, and stdin is /dev/null: it fails instead of hanging
+        env = {"CH_IMAGE_CACHE": "disabled", "USER": self.ctx.user}
+        if user is not None and password is not None:
+            env.update({"CH_IMAGE_USERNAME": user, "CH_IMAGE_PASSWORD": password})
+        return env

@@ -333,3 +333,40 @@ def test_a_rebuild_is_what_the_next_run_runs(recipe: Path, tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr
     ran = nsdf_root(run, cache, cwd=str(tmp_path))
     assert ran.stdout.strip() == "rebuilt", ran.stderr
+
+
+@pytest.mark.charliecloud
+@pytest.mark.podman
+def test_push_a_ch_image_build_with_a_login(recipe: Path, tmp_path: Path, testbed: Dict[str, str]) -> None:
+    """ch-image builds are pushed from the cache entry's unpacked image (`ch-image push
+    --image DIR`), the password in ch-image's environment only; podman then pulls it back."""
+    addr, user, password = _auth_registry(testbed)
+    cache = tmp_path / "cache"
+    assert nsdf_root(["build", "--builder", "ch-image", str(recipe)], cache).returncode == 0
+    res = nsdf_root(["push", TAG, "--to", addr], cache)
+    assert res.returncode == 1 and f"registry {addr} requires a login to push" in res.stderr, res.stderr
+    res = nsdf_root(["push", TAG, "--to", addr], cache, NSDF_HPC_REGISTRY_USER=user,
+                    NSDF_HPC_REGISTRY_PASSWORD="not-the-password")
+    assert res.returncode == 1 and "refused the credentials" in res.stderr, res.stderr
+    stop, found, seen = threading.Event(), [], [0]
+    watcher = threading.Thread(target=_cmdlines_with, args=(password.encode(), stop, found, seen))
+    watcher.start()
+    try:
+        res = nsdf_root(["-vv", "push", "--json", TAG, "--to", addr], cache,
+                        NSDF_HPC_REGISTRY_USER=user, NSDF_HPC_REGISTRY_PASSWORD=password)
+    finally:
+        stop.set()
+        watcher.join()
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert found == [] and password not in res.stderr + res.stdout
+    pushed = json.loads(res.stdout)
+    assert pushed["runtime"] == "charliecloud" and pushed["digest"].startswith("sha256:")
+    pulled = nsdf_root(["pull", "--json", "--runtime", "podman", pushed["destination"]], tmp_path / "pull",
+                       NSDF_HPC_REGISTRY_USER=user, NSDF_HPC_REGISTRY_PASSWORD=password)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    native = json.loads(pulled.stdout)
+    assert native["digest"] == pushed["digest"]
+    ran = nsdf_root(["run", "--runtime", "podman", f"{addr}/{NAME}@{pushed['digest']}", "--",
+                     "/opt/hello.sh"], tmp_path / "pull")
+    subprocess.run(["podman", "rmi", "--ignore", "--force", native["location"]], capture_output=True)
+    assert (ran.returncode, ran.stdout.strip()) == (0, GREETING), ran.stderr[-2000:]

@@ -161,10 +161,22 @@ def test_nothing_usable_lists_what_was_found() -> None:
 
 def test_podman_push_argv_carries_no_secret() -> None:
     b = builder_class("podman")("/usr/bin/podman", "4.3.1", USER)
-    assert b.pushes and not builder_class("ch-image").pushes and not builder_class("apptainer").pushes
+    assert b.pushes and builder_class("ch-image").pushes and not builder_class("apptainer").pushes
+    assert b.push_env("me", "pw") == {}
     assert b.push_argv("abc123", "ghcr.io/nsdf/hello:v0.1.0", authfile="/c/tmp/push-x/auth.json",
                        insecure=False, digestfile="/c/tmp/push-x/digest") == [
         "/usr/bin/podman", "push", "--digestfile", "/c/tmp/push-x/digest", "--authfile",
         "/c/tmp/push-x/auth.json", "abc123", "docker://ghcr.io/nsdf/hello:v0.1.0"]
     assert b.push_argv("abc123", "r:5000/a:v1.0.0", authfile=None, insecure=True, digestfile="/d")[-3:] == [
         "--tls-verify=false", "abc123", "docker://r:5000/a:v1.0.0"]
+
+
+def test_ch_image_push_argv_and_env() -> None:
+    b = builder_class("ch-image")("/usr/local/bin/ch-image", "0.31", USER)
+    assert b.push_argv("/c/entries/charliecloud/sha256-x/rootfs", "r:5444/nsdf/hello:v0.1.0",
+                       authfile=None, insecure=False, digestfile="/c/tmp/push-x/digest") == [
+        "/usr/local/bin/ch-image", "-s", "/c/tmp/push-x/storage", "push", "--image",
+        "/c/entries/charliecloud/sha256-x/rootfs", "r:5444/nsdf/hello:v0.1.0"]
+    assert b.push_env("me", "pw") == {"CH_IMAGE_CACHE": "disabled", "USER": "alice",
+                                      "CH_IMAGE_USERNAME": "me", "CH_IMAGE_PASSWORD": "pw"}
+    assert "CH_IMAGE_PASSWORD" not in b.push_env(None, None)
