@@ -370,3 +370,29 @@ def test_push_a_ch_image_build_with_a_login(recipe: Path, tmp_path: Path, testbe
                      "/opt/hello.sh"], tmp_path / "pull")
     subprocess.run(["podman", "rmi", "--ignore", "--force", native["location"]], capture_output=True)
     assert (ran.returncode, ran.stdout.strip()) == (0, GREETING), ran.stderr[-2000:]
+
+
+@pytest.mark.unprivileged
+@pytest.mark.apptainer
+def test_a_definition_only_recipe_builds_with_apptainer(as_user, user_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A recipe directory with only an Apptainer definition (here the one `recipe convert`
+    makes): only Apptainer reads it, FROM still goes through the mirror."""
+    from nsdf_hpc.recipe import to_apptainer_def
+    recipe = _write_recipe(user_dir / "recipe")
+    (recipe / "apptainer.def").write_text(to_apptainer_def(DOCKERFILE))
+    (recipe / "Dockerfile").unlink()
+    os.chmod(recipe / "apptainer.def", 0o644)
+    no_registry = _user_no_registry(user_dir)
+    cache = user_cache(as_user) / f"build-def-{uuid.uuid4().hex[:6]}"
+    try:
+        res = nsdf_user(as_user, ["build", "--runtime", "podman", str(recipe)], cache, cwd=str(user_dir))
+        assert res.returncode == 1 and "no usable image builder for the podman runtime" in res.stderr
+        res = nsdf_user(as_user, ["build", "--json", str(recipe)], cache, cwd=str(user_dir))
+        assert res.returncode == 0, res.stderr[-2000:]
+        built = _built(res.stdout)
+        assert (built["tag"], built["builder"], built["definition"]) == (TAG, "apptainer", None)
+        ran = nsdf_user(as_user, ["run", TAG, "--", "/opt/hello.sh"], cache, cwd=str(user_dir),
+                        NSDF_HPC_CONFIG=no_registry)
+        assert (ran.returncode, ran.stdout.strip()) == (0, GREETING), ran.stderr[-2000:]
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
