@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from typing import Dict, List
 
@@ -67,4 +68,6 @@ def run() -> List[Result]:
             check=lambda r: r.ratio <= 1.05))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(["podman", "rmi", "--ignore", "--force", "localhost/nsdf/bench-build:v0.1.0"],
+                       capture_output=True)
     return results
