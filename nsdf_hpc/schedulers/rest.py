@@ -259,7 +259,12 @@ class RestSlurm(Slurm):
 
     def sbatch(self, script: str, args: Sequence[str] = (), options: Sequence[str] = ()) -> str:
         """Submit one script file through slurmrestd; transient errors are retried."""
-        req = self.submit_request(script, args, options)
+        try:
+            req = self.submit_request(script, args, options)
+        except SubmitError:
+            raise
+        except SchedulerError as err:          # the version discovery failed: nothing was sent
+            raise SubmitError(f"cannot submit: {err}", transient=getattr(err, "transient", False)) from None
         backoff = Backoff(initial=1.0, factor=2.0, cap=30.0, jitter=0.3, clock=self._clock,
                           sleep=self._sleep, rng=self._rng)
         attempts = max(1, self.settings.submit_retries)
@@ -272,7 +277,12 @@ class RestSlurm(Slurm):
                     raise
                 last = str(err)
             else:
-                if resp.status == 200 and not api.parse_errors(resp.json()):
+                data = resp.json()
+                if resp.status == 200 and isinstance(data, dict) and data.get("job_id"):
+                    # 22.05 lists notes as errors beside the id ("Job is in held state,
+                    # pending scheduler release (2042)" for --hold): the job exists
+                    for note in api.parse_errors(data):
+                        logger.info("slurmrestd, job %s: %s", data.get("job_id"), note)
                     return api.parse_submit(resp)
                 failure = self._failure(resp, "job submission", submit=True)
                 if not getattr(failure, "transient", False):

@@ -25,6 +25,8 @@ What slurmrestd 22.05 (OpenAPI v0.0.38) does, measured on the testbed:
 * ``/slurmdb/v0.0.38`` reports ``exit_code {"status": "SUCCESS", "return_code": 0}`` for a job
   that exited 7 (steps too): its state and signal are used, its exit code is not (see
   :data:`DB_EXIT_CODES_TRUSTED`). It stores ``"`` in job names as a backquote, as sacct does.
+* A held submission (``hold``) is HTTP 200 with a ``job_id`` AND an error "Job is in held
+  state, pending scheduler release" (2042): a job id means the job exists.
 * Cancelling a completed job is HTTP 200 with no error; an unknown id is HTTP 500
   "Invalid job id specified" (2017). A cancelled job's ``exit_code`` is 15 (SIGTERM).
 * ``GET /slurm/v0.0.38/job/1,2`` is HTTP 400 "Unable to parse URL path.".
