@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 
 from nsdf_hpc.client import Client
 from nsdf_hpc.errors import SchedulerError, SubmitError
-from nsdf_hpc.schedulers import JobState, SlurmSettings
+from nsdf_hpc.schedulers import Job, JobState, JobStatus, SlurmSettings
 from nsdf_hpc.schedulers import rest_api as api
 from nsdf_hpc.schedulers.rest import RestSlurm
 
@@ -72,6 +74,17 @@ def rest(work_dir: Path, url: str, token: str) -> RestSlurm:
     settings = SlurmSettings(work_dir=str(work_dir), poll_initial=0.25, poll_cap=2.0, backend="rest",
                              rest_url=url)
     return RestSlurm(settings=settings, env={"SLURM_JWT": token, "USER": "root", "HOME": "/root"})
+
+
+@pytest.fixture(scope="module")
+def timeout_job(client: Client, rest: RestSlurm) -> Job:
+    # slurmctld checks time limits about once a minute: submitted first, checked last
+    return client.submit(IMAGE, ["sleep", "300"], runtime=FAST, scheduler=rest, time="0:03",
+                         job_name="rest-timeout")
+
+
+def test_00_submit_the_time_limit_job_early(timeout_job: Job) -> None:
+    assert timeout_job.job_id.isdigit()
 
 
 def _no_token_in(directory: Path, token: str) -> None:
@@ -244,3 +257,35 @@ def test_as_the_unprivileged_user(as_user, user_dir: Path, url: str) -> None:  #
     assert f"UserId={as_user.user}(" in show
     assert tok not in res.stdout + res.stderr
     _no_token_in(jobs, tok)
+
+
+def test_slurmctld_and_slurmrestd_restarted_while_wait_runs(client: Client, rest: RestSlurm) -> None:
+    """The testbed's Slurm is restarted the way test_slurm_jobs.py does it (slurm-start.sh
+    with testbed.sh's settings): the REST wait rides over the refused connections."""
+    root = Path(__file__).resolve().parents[2]
+    job = client.submit(IMAGE, ["sh", "-c", "sleep 8; exit 5"], runtime=FAST, scheduler=rest,
+                        job_name="rest-restart")
+    deadline = time.time() + 30
+    while job.status().state is not JobState.ACTIVE and time.time() < deadline:
+        time.sleep(0.3)
+    result: Dict[str, JobStatus] = {}
+    waiter = threading.Thread(target=lambda: result.update(st=rest.attach(job.job_id).wait(timeout=150)))
+    waiter.start()
+    os.kill(int(Path("/var/tmp/slurm-ci/run/slurmctld.pid").read_text().strip()), signal.SIGTERM)
+    time.sleep(3)
+    env = {**os.environ, "SLURM_CI_ROOT": "/var/tmp/slurm-ci", "SLURM_CI_NODES": "2",
+           "SLURM_CI_ACCOUNTING": "slurmdbd", "SLURM_CI_CPUS": "16", "SLURM_CI_MIN_JOB_AGE": "600",
+           "SLURM_CI_RESTD": "1"}
+    env.pop("SLURM_JWT", None)
+    r = subprocess.run(["bash", str(root / "tests/testbed/slurm-start.sh")], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    waiter.join(timeout=170)
+    st = result["st"]
+    assert st.state is JobState.FAILED and st.exit_code == 5, st
+
+
+def test_zz_time_limit_is_a_failure_even_with_exit_code_0(timeout_job: Job) -> None:
+    st = timeout_job.wait(timeout=150)
+    assert st.state is JobState.FAILED and st.native_state == "TIMEOUT", st
+    assert st.shell_exit_code() != 0
