@@ -175,6 +175,66 @@ def test_cancel_a_running_job(client: Client, rest: RestSlurm) -> None:
     rest.cancel([job.job_id])            # again, after the end: not an error
 
 
+def test_cancel_one_array_task_and_attach_a_foreign_job(client: Client, rest: RestSlurm,
+                                                       url: str, token: str, work_dir: Path) -> None:
+    sleepy = client.submit_array(IMAGE, template=["sleep", "60"], indices="0-1", runtime=FAST,
+                                 scheduler=rest, job_name="rest-array-cancel-one")
+    deadline = time.time() + 60
+    while sleepy.status().state is not JobState.ACTIVE and time.time() < deadline:
+        time.sleep(0.3)
+    victim = rest.attach(f"{sleepy.job_id}_1")
+    victim.cancel()
+    assert victim.wait(timeout=30).state is JobState.CANCELED
+    assert rest.attach(f"{sleepy.job_id}_0").status().state in (JobState.QUEUED, JobState.ACTIVE)
+    sleepy.cancel()
+    assert sleepy.wait(timeout=30).state is JobState.CANCELED
+    # a job nsdf-hpc did not submit: its log paths come from GET /slurm/vX/job/ID
+    script = work_dir / "foreign.sh"
+    script.write_text(f"#!/bin/bash\n#SBATCH --output={work_dir}/foreign-%j.out\necho foreign\n")
+    jid = rest.sbatch(str(script))
+    fresh = RestSlurm(settings=rest.settings, env={"SLURM_JWT": token})
+    job = fresh.attach(jid)
+    assert job.wait(timeout=60).state is JobState.COMPLETED and job.logs() == "foreign\n"
+
+
+def test_the_token_is_in_no_process_argv_and_no_job_environment(
+        url: str, token: str, work_dir: Path) -> None:
+    """While `nsdf-run submit --wait` runs over REST (token in its environment only), no
+    process on the machine has the token in its argv, and the job's processes do not have
+    it in their environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env.update(NSDF_HPC_SLURM_BACKEND="rest", SLURMRESTD_URL=url, SLURM_JWT=token,
+               NSDF_HPC_SLURM_DIR=str(work_dir),
+               NSDF_HPC_CACHE=str(Path("/var/tmp/nsdf-hpc-test-cache") / str(os.getuid())))
+    cli = subprocess.Popen(["python3", "-m", "nsdf_hpc", "submit", "--wait", "-r", FAST, "-J", "rest-argv",
+                            IMAGE, "--", "sleep", "6"], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[2]))
+    seen_job = False
+    try:
+        deadline = time.time() + 60
+        while cli.poll() is None and time.time() < deadline:
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    argv = (proc / "cmdline").read_bytes()
+                    environ = (proc / "environ").read_bytes()
+                except OSError:
+                    continue
+                assert token.encode() not in argv, argv
+                if b"SLURM_JOB_ID=" in environ:
+                    seen_job = True
+                    assert token.encode() not in environ, argv
+            time.sleep(0.5)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, err
+    assert seen_job, "the job's processes were never seen"
+    assert token not in out + err
+
+
 def test_a_failing_jobs_exit_code_from_slurmctld_and_from_slurmdbd(client: Client, rest: RestSlurm) -> None:
     job = client.submit(IMAGE, ["sh", "-c", "exit 7"], runtime=FAST, scheduler=rest, job_name="rest-exit7")
     st = job.wait(timeout=90)
