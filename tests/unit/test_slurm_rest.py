@@ -327,3 +327,12 @@ def test_the_backend_choice_is_explicit_and_explained(tmp_path: Path) -> None:
     assert auto.backend in ("commands", "pyslurm") and auto.choice_reason.startswith("auto")
     with pytest.raises(ConfigError, match="backend"):
         load_slurm_settings({"HOME": str(tmp_path), "NSDF_HPC_SLURM_BACKEND": "http"}, files=[])
+
+
+def test_a_forced_pyslurm_that_cannot_be_used_is_an_error_not_a_fallback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    monkeypatch.setitem(sys.modules, "pyslurm", None)        # "import pyslurm" fails
+    settings = load_slurm_settings({"HOME": str(tmp_path), "NSDF_HPC_SLURM_BACKEND": "pyslurm"}, files=[])
+    with pytest.raises(ConfigError, match="backend = pyslurm .from NSDF_HPC_SLURM_BACKEND.*cannot be imported"):
+        get_backend(settings=settings, env={})
