@@ -27,6 +27,12 @@ def save(name, req, resp, note=""):
     body = resp.json()
     if body is None:
         body = resp.body.decode("utf-8", "replace")
+    if name.startswith("jobs-") and isinstance(body, dict) and "jobs" in body:
+        keep = {int(v) for v in ids.values()}
+        all_jobs = body["jobs"]
+        body = {**body, "jobs": [j for j in all_jobs
+                                 if j["job_id"] in keep or j["array_job_id"] == int(ids["arr"])]}
+        note += f"; trimmed to the recorded jobs ({len(body['jobs'])} of {len(all_jobs)})"
     if name == "openapi-v3":
         body = {"openapi": body.get("openapi"), "info": body.get("info"), "paths": {p: {} for p in body["paths"]}}
     rec = {"recorded_with": "slurmrestd 22.05.8 (Debian 12 slurmrestd 22.05.8-4+deb12u3), nsdf-hpc testbed",
