@@ -31,7 +31,10 @@ FAST = "udocker"          # starts fastest
 IMAGE = "busybox"         # docker.io/library/busybox, mirrored to the testbed registry
 TESTBED_SLURM_ENV = {"SLURM_CI_ROOT": "/var/tmp/slurm-ci", "SLURM_CI_NODES": "2",
                      "SLURM_CI_ACCOUNTING": "slurmdbd", "SLURM_CI_CPUS": "16",
-                     "SLURM_CI_MIN_JOB_AGE": "600"}
+                     "SLURM_CI_MIN_JOB_AGE": "600",
+                     # testbed.sh runs slurmrestd too: without it the restart below would
+                     # reconfigure the cluster without JWT and leave slurmrestd stopped
+                     "SLURM_CI_RESTD": "1"}
 
 
 @pytest.fixture(scope="module")
