@@ -14,6 +14,7 @@
 #     library/{busybox,pydeb}:latest (so the registry serves as a docker.io site mirror);
 #     the same images as docker-archive, oci-archive and OCI layout files
 #   * Apptainer, Charliecloud, Podman and UDocker, working as root and as user hpcuser
+#   * podman-hpc from PyPI (podman-hpc.sh: a static mksquashfs, /etc/podman_hpc)
 #   * a Slurm cluster: munge, slurmctld, slurmdbd + a private MariaDB (sacct works), two
 #     slurmd nodes (c1, c2) on loopback sharing this machine's filesystem
 #   * slurmrestd with JWT on http://127.0.0.1:6820 (run as user slurmrest; the controller
@@ -87,6 +88,8 @@ up() {
   log "runtimes + registry + images: ${steps[*]}"
   bash "$HERE/runtimes.sh" "${steps[@]}"
   touch "$HPCRT_ROOT/.verified"
+  log "podman-hpc (PyPI) with a static mksquashfs"
+  bash "$HERE/podman-hpc.sh" up
   log "slurm: $SLURM_CI_NODES nodes, accounting=$SLURM_CI_ACCOUNTING, slurmrestd=$SLURM_CI_RESTD"
   bash "$HERE/slurm-start.sh"
   # A shared scratch area that every node and the unprivileged user can write to,
@@ -107,6 +110,7 @@ down() {
 status() {
   local rc=0
   bash "$HERE/runtimes.sh" status || rc=1
+  bash "$HERE/podman-hpc.sh" status || rc=1
   if command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q 'is UP'; then
     printf '%-14s %s\n' slurm "up: $(sinfo -h -N -o '%N=%t' | sort -u | tr '\n' ' ')"
   else
