@@ -16,7 +16,7 @@ from ._exec import CommandRunner
 from ._launch import record_dir
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings
-from .errors import (CommandError, ImageError, PreflightError, RegistryError, SpecError,
+from .errors import (CommandError, ImageError, NsdfError, PreflightError, RegistryError, SpecError,
                      ToolNotFoundError, UnexpectedOutputError)
 from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage
@@ -262,8 +262,10 @@ class ImageService:
                 last = self.runner.run(step.argv, check=step.check, env=env, env_overrides=overrides,
                                        cwd=work, timeout=step.timeout)
             except CommandError as err:
+                self._undo(plan, env, work)
                 raise ImageError(f"{rt.name}: {step.description} failed for {source.text}:\n{err}") from err
             except ToolNotFoundError as err:
+                self._undo(plan, env, work)
                 raise ImageError(f"{rt.name}: {step.description}: {err}") from err
         if plan.location == "@stdout":
             try:
@@ -286,6 +288,15 @@ class ImageService:
             if os.path.lexists(p):
                 os.unlink(p)
         return str(plan.location)
+
+    def _undo(self, plan: ImagePlan, env: Optional[Mapping[str, str]], work: str) -> None:
+        """Best effort: remove what a failed plan left in the runtime's store (a tag that no
+        cache entry owns would never be pruned)."""
+        for step in plan.undo:
+            try:
+                self.runner.run(step.argv, check=False, env=env, cwd=work, timeout=step.timeout or 60)
+            except NsdfError as err:
+                logger.warning("could not undo a failed conversion (%s): %s", step.description, err)
 
     # ---------------------------------------------------------------- listing and pruning
     def entries(self) -> List[Entry]:

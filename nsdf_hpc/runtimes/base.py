@@ -55,6 +55,9 @@ class ImagePlan:
     location: Optional[str] = None
     pre_extract: Optional[str] = None   # "rootfs": nsdf_hpc unpacks the offline source first
     checksum: Optional[str] = None      # the file whose sha256 guards the entry (default: artifact)
+    #: steps that undo what the plan may have left in the runtime's own store when a step
+    #: fails (run best effort, in order; a failure of theirs is logged, never raised)
+    undo: Tuple[Step, ...] = ()
 
 
 @dataclass(frozen=True)

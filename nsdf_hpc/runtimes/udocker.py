@@ -88,8 +88,10 @@ class UDocker(Runtime):
         elif source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
         else:
-            # docker-archive with symlinked layer.tar and OCI layout dirs are repacked by
-            # nsdf_hpc into "source.tar" first (udocker 1.3.17 fails on both)
+            # nsdf_hpc repacks offline sources into "source.tar" first (unpack.py
+            # repack_for_udocker): udocker 1.3.17 fails on skopeo's symlinked layer.tar, and it
+            # tags an OCI image with the index's ref name (a random one when untagged), so the
+            # repack tags the chosen manifest "latest" (unpack.UDOCKER_TAG) whatever the source says
             image = f"nsdf/{key[:24]}:latest"
             steps.append(Step(base + ("-q", "load", "-i", "source.tar", image.rsplit(":", 1)[0]),
                               f"load {source.text}"))
@@ -97,8 +99,12 @@ class UDocker(Runtime):
         # is replaced); saves a separate `udocker rm` (~0.2 s of udocker start-up)
         steps.append(Step(base + ("-q", "create", "--force", f"--name={container}", image),
                           "create container"))
+        # a failed load or create must not leave the tag behind: no cache entry owns it, so
+        # prune would never remove it (a registry pull's tag is the registry's name: kept)
+        undo = () if source.kind == "registry" else (
+            Step(base + ("-q", "rmi", "-f", image), f"remove {image}", check=False),)
         return ImagePlan(tuple(steps), location=container,
-                         pre_extract="repack" if source.kind != "registry" else None)
+                         pre_extract="repack" if source.kind != "registry" else None, undo=undo)
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:

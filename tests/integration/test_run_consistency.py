@@ -92,10 +92,6 @@ KNOWN_DEFECTS = {
         "item 12: the automatic cwd bind is split at ':'",
     'test_charliecloud_native_sqfs_from_a_cwd_missing_in_the_image':
         'item 13: ch-run 0.31 cannot create a mount point in a SquashFS image',
-    'test_udocker_runs_oci_archives_untagged_or_tagged[untagged]':
-        "item 11: the repack keeps the archive's own tag",
-    'test_udocker_runs_oci_archives_untagged_or_tagged[v1]':
-        "item 11: the repack keeps the archive's own tag",
     'test_podman_entries_show_their_size':
         'item 15: the podman store size is not measured',
 }
