@@ -20,6 +20,7 @@ import io
 import os
 from dataclasses import dataclass, field
 import shutil
+import sys
 from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import SpecError, UnexpectedOutputError
@@ -94,11 +95,18 @@ class RuntimeContext:
     gid: int
     user: str
     which: Callable[[str], Optional[str]] = shutil.which
+    #: the Python that runs nsdf_hpc's own helper scripts (udocker's signal relay); None
+    #: when there is none to name (recorded contracts, an embedded interpreter)
+    python: Optional[str] = None
+    #: whether a path exists (``os.path.lexists``); a builder may look into a store runtime's
+    #: unpacked image with it (udocker: is there a /bin/sh), tests pass their own
+    exists: Callable[[str], bool] = os.path.lexists
 
     @classmethod
     def current(cls, env: Optional[Mapping[str, str]] = None) -> "RuntimeContext":
         env = os.environ if env is None else env
-        return cls(os.getuid(), os.getgid(), env.get("USER") or env.get("LOGNAME") or _user_name())
+        return cls(os.getuid(), os.getgid(), env.get("USER") or env.get("LOGNAME") or _user_name(),
+                   python=sys.executable or None)
 
     @property
     def is_root(self) -> bool:

@@ -19,6 +19,10 @@ from ..reference import ImageRef, ImageSource
 from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, process_env
 
 
+#: the signal relay that runs in front of ``udocker run`` (a script, standard library only)
+RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_udocker_relay.py")
+
+
 class UDocker(Runtime):
     """UDocker: user-space containers with proot; no namespaces, no setuid, no daemon."""
 
@@ -28,6 +32,16 @@ class UDocker(Runtime):
     storage: ClassVar[str] = "store"
     # `udocker --version` exits non-zero on some versions although it printed the version
     probe_status_matters: ClassVar[bool] = False
+    #: the in-container shell every command runs under when the image has /bin/sh, as its
+    #: child rather than by exec: PRoot reports a command killed by signal N as 255 (PRoot
+    #: 5.1.0 exits with the last tracee's normal exit status, -1 when none exited normally),
+    #: and the shell turns it into 128+N. The trap keeps the shell waiting when a whole process
+    #: group is signalled (a terminal's ^C, Slurm): it still reports the command's status, and
+    #: the command starts with default dispositions (exec resets caught signals). The signal
+    #: relay (_udocker_relay.py --wrapped) signals the processes below this shell, never it.
+    SHELL_WRAPPER: ClassVar[str] = 'trap : HUP INT QUIT TERM USR1 USR2; "$@"; exit $?'
+    #: variables udocker overwrites after the -e values; an explicit --env value is set again
+    SHELL_SETS_AGAIN: ClassVar[Tuple[str, ...]] = ("USER", "LOGNAME")
 
     @classmethod
     def extra_candidates(cls) -> List[str]:
@@ -119,11 +133,21 @@ class UDocker(Runtime):
             argv += ["-w", workdir]
         env = dict(container_env)
         command = list(spec.command)
+        prelude: List[str] = []
         if any(a == "" for a in command):
             # udocker's parser drops empty arguments ("if not arg: continue"): carry the argv
             # shell-quoted in a variable and rebuild it with /bin/sh inside the container
             env["NSDF_HPC_ARGV"] = shlex.join(command)
-            command = ["/bin/sh", "-c", 'eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV; exec "$@"']
+            prelude.append('eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV')
+            command = []
+        # udocker 1.3.17 sets USER, LOGNAME (and USERNAME) after the -e values (engine/base.py
+        # _run_env_set), so an explicit value is set again by the in-container shell
+        prelude += [f"export {k}={shlex.quote(spec.env[k])}" for k in self.SHELL_SETS_AGAIN
+                    if k in spec.env]
+        root = os.path.join(host_env.get("UDOCKER_DIR", ""), "containers", native.location, "ROOT")
+        wrapped = bool(prelude) or self.ctx.exists(os.path.join(root, "bin", "sh"))
+        if wrapped:
+            command = ["/bin/sh", "-c", "; ".join([*prelude, self.SHELL_WRAPPER]), "sh", *command]
         explicit = {k: v for k, v in env.items() if k in spec.env or k not in container_env}
         tail: List[str] = []
         if not spec.fakeroot and not self.ctx.is_root:
@@ -132,6 +156,9 @@ class UDocker(Runtime):
         tail += list(spec.extra_args)
         tail.append(native.location)
         static = process_env(host_env, {k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)})
+        if self.ctx.python:
+            # signals sent to nsdf-run must reach the command: see _udocker_relay.py
+            argv = [self.ctx.python, "-I", "-S", RELAY, *(["--wrapped"] if wrapped else []), "--", *argv]
         return Invocation(tuple(argv), tuple(tail), tuple(command), static,
                           EnvEncoding("argv", flag="-e"), env, explicit)
 

@@ -32,52 +32,28 @@ NSDF = [sys.executable, "-m", "nsdf_hpc"]
 #: issue 14 defects not fixed yet: these run for real and are expected to fail until their fix
 #: lands (non-strict: a timing-dependent case may pass). The rest of this file must pass.
 KNOWN_DEFECTS = {
-    'test_command_killed_by_a_signal_exits_128_plus_n[udocker-TERM]':
-        'item 8: udocker (proot) reports a command killed by a signal as 255',
-    'test_command_killed_by_a_signal_exits_128_plus_n[udocker-KILL]':
-        'item 8: udocker (proot) reports a command killed by a signal as 255',
     'test_not_found_127_and_not_executable_126[apptainer]':
         "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
     'test_not_found_127_and_not_executable_126[charliecloud]':
         "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
     'test_not_found_127_and_not_executable_126[podman]':
         "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
-    'test_not_found_127_and_not_executable_126[udocker]':
-        "item 8: not-found/not-executable codes are still each runtime's own (podman: 1 under --init)",
     'test_explicit_home_and_user_win_as_root[apptainer]':
         'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
-    'test_explicit_home_and_user_win_as_root[udocker]':
-        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
     'test_explicit_home_and_user_win_as_unprivileged_user[apptainer]':
-        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
-    'test_explicit_home_and_user_win_as_unprivileged_user[udocker]':
         'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
     'test_no_bind_cwd_means_the_image_workdir_everywhere[apptainer-var-tmp]':
         'item 10: Apptainer starts in $HOME and mounts /var/tmp by default',
     'test_no_bind_cwd_means_the_image_workdir_everywhere[apptainer-srv]':
         'item 10: Apptainer starts in $HOME and mounts /var/tmp by default',
+    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-early-0.05s]':
+        'item 5: a SIGINT while the interpreter imports site (a .pth in root\'s pyenv), before any '
+        'nsdf-run code, exits 1 "Fatal Python error: init_import_site"; nothing started (apptainer '
+        'and charliecloud alike)',
     'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.05s]':
         'item 5: a SIGINT before podman has started the container can leave it running',
     'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.4s]':
         'item 5: a SIGINT before podman has started the container can leave it running',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started+0.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started+1.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-early-0.05s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-early-0.4s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started+0.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started+1.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_sigterm_to_nsdf_run_reaches_a_trapping_command[udocker]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
     'test_charliecloud_runs_never_write_into_the_cached_image':
         'item 3: ch-run 0.31 mount points are created inside the cached rootfs',
     'test_images_verify_flags_a_hand_modified_charliecloud_entry':
@@ -99,9 +75,8 @@ KNOWN_DEFECTS = {
 
 #: timing-dependent cases seen failing under load (two test runs at once on 2 cores): podman
 #: exits 127 ("no such exit code ... container in state running") when SIGTERM reaches it
-#: while the container starts, and udocker (proot) does not pass signals on
-FLAKY_PREFIXES = ("test_signal_to_nsdf_run_ends_the_container[podman-",
-                  "test_signal_to_nsdf_run_ends_the_container[udocker-")
+#: while the container starts
+FLAKY_PREFIXES = ("test_signal_to_nsdf_run_ends_the_container[podman-",)
 
 
 @pytest.fixture(autouse=True)
