@@ -1,4 +1,4 @@
-"""Signal relay for udocker runs: ``python -I -S _udocker_relay.py [--wrapped] -- UDOCKER ARGS...``.
+"""Signal relay for udocker runs: ``python -I -S _udocker_relay.py [--in-shell] -- UDOCKER ARGS...``.
 
 Run as a script (standard library only, never imported by nsdf_hpc), in front of ``udocker run``.
 
@@ -18,7 +18,7 @@ running. The relay stands where the udocker wrapper stood (nsdf-run execs it on 
 launch-record path; on the planned path ``SubprocessRunner`` forwards signals to it), starts
 udocker in the same process group (the terminal keeps its job control and ^C), and passes every
 HUP/INT/QUIT/TERM/USR1/USR2 it is sent on to the container's processes: every process proot
-traces below it (``TracerPid``). With ``--wrapped`` the top tracee is nsdf_hpc's in-container
+traces below it (``TracerPid``). With ``--in-shell`` the top tracee is nsdf_hpc's in-container
 shell (``runtimes/udocker.py``, ``SHELL_WRAPPER``), which is left alone: it waits for the
 command and exits with its status, 128+N when the command dies of signal N.
 
@@ -77,7 +77,7 @@ def _traced(pid: int) -> bool:
     return False
 
 
-def targets(root: int, wrapped: bool, fallback: bool) -> list[int]:
+def targets(root: int, in_shell: bool, fallback: bool) -> list[int]:
     """The container's processes below ``root`` (the udocker wrapper) to signal."""
     parent = _parents()
     children: dict[int, list[int]] = {}
@@ -92,7 +92,7 @@ def targets(root: int, wrapped: bool, fallback: bool) -> list[int]:
     traced = [p for p in below if _traced(p)]
     if not traced:
         return list(children.get(root, ())) if fallback else []
-    if not wrapped:
+    if not in_shell:
         return traced
     inside = set(traced)
     tops = [p for p in traced if parent.get(p) not in inside]
@@ -104,13 +104,13 @@ def targets(root: int, wrapped: bool, fallback: bool) -> list[int]:
 
 def main(argv: list[str]) -> int:
     args = argv[1:]
-    wrapped = bool(args) and args[0] == "--wrapped"
-    if wrapped:
+    in_shell = bool(args) and args[0] == "--in-shell"
+    if in_shell:
         args = args[1:]
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        sys.stderr.write("usage: _udocker_relay.py [--wrapped] -- UDOCKER ARGS...\n")
+        sys.stderr.write("usage: _udocker_relay.py [--in-shell] -- UDOCKER ARGS...\n")
         return 125
     watched = {*RELAYED, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         if done:
             break
         if pending:
-            pids = targets(child, wrapped, now - started > FALLBACK_AFTER)
+            pids = targets(child, in_shell, now - started > FALLBACK_AFTER)
             if pids:
                 for signo in pending:
                     for pid in pids:
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     rc = os.WEXITSTATUS(status)
-    if rc == 255 and delivered and not wrapped:
+    if rc == 255 and delivered and not in_shell:
         rc = 128 + delivered[-1]
     if rc == 1 and signal.SIGINT in from_tty:
         # the terminal's ^C reached udocker's wrapper too: KeyboardInterrupt, "exit_status = 1"

@@ -38,7 +38,7 @@ class UDocker(Runtime):
     #: and the shell turns it into 128+N. The trap keeps the shell waiting when a whole process
     #: group is signalled (a terminal's ^C, Slurm): it still reports the command's status, and
     #: the command starts with default dispositions (exec resets caught signals). The signal
-    #: relay (_udocker_relay.py --wrapped) signals the processes below this shell, never it.
+    #: relay (_udocker_relay.py --in-shell) signals the processes below this shell, never it.
     SHELL_WRAPPER: ClassVar[str] = 'trap : HUP INT QUIT TERM USR1 USR2; "$@"; exit $?'
     #: variables udocker overwrites after the -e values; an explicit --env value is set again
     SHELL_SETS_AGAIN: ClassVar[Tuple[str, ...]] = ("USER", "LOGNAME")
@@ -145,8 +145,8 @@ class UDocker(Runtime):
         prelude += [f"export {k}={shlex.quote(spec.env[k])}" for k in self.SHELL_SETS_AGAIN
                     if k in spec.env]
         root = os.path.join(host_env.get("UDOCKER_DIR", ""), "containers", native.location, "ROOT")
-        wrapped = bool(prelude) or self.ctx.exists(os.path.join(root, "bin", "sh"))
-        if wrapped:
+        in_shell = bool(prelude) or self.ctx.exists(os.path.join(root, "bin", "sh"))
+        if in_shell:
             command = ["/bin/sh", "-c", "; ".join([*prelude, self.SHELL_WRAPPER]), "sh", *command]
         explicit = {k: v for k, v in env.items() if k in spec.env or k not in container_env}
         tail: List[str] = []
@@ -158,7 +158,7 @@ class UDocker(Runtime):
         static = process_env(host_env, {k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)})
         if self.ctx.python:
             # signals sent to nsdf-run must reach the command: see _udocker_relay.py
-            argv = [self.ctx.python, "-I", "-S", RELAY, *(["--wrapped"] if wrapped else []), "--", *argv]
+            argv = [self.ctx.python, "-I", "-S", RELAY, *(["--in-shell"] if in_shell else []), "--", *argv]
         return Invocation(tuple(argv), tuple(tail), tuple(command), static,
                           EnvEncoding("argv", flag="-e"), env, explicit)
 

@@ -29,7 +29,7 @@ def _inv(rt, **spec):
 
 def test_the_command_runs_under_the_shell_behind_the_relay():
     inv = _inv(_rt())
-    assert inv.head[:6] == ("/py/bin/python3", "-I", "-S", RELAY, "--wrapped", "--")
+    assert inv.head[:6] == ("/py/bin/python3", "-I", "-S", RELAY, "--in-shell", "--")
     assert inv.head[6] == "/opt/bin/udocker"
     assert inv.command == ("/bin/sh", "-c", UDocker.SHELL_WRAPPER, "sh", "sleep", "5")
 
@@ -44,7 +44,7 @@ def test_explicit_user_and_logname_are_set_again_in_the_container():
 def test_without_a_shell_in_the_image_the_command_is_run_as_it_is():
     inv = _inv(_rt(has_sh=False))
     assert inv.command == ("sleep", "5")
-    assert inv.head[4] == "--" and "--wrapped" not in inv.head
+    assert inv.head[4] == "--" and "--in-shell" not in inv.head
 
 
 def test_empty_arguments_still_travel_in_nsdf_hpc_argv_under_the_shell():
