@@ -34,12 +34,17 @@ The exit status is udocker's (128+N when udocker itself died of signal N); witho
 in-container shell, PRoot's 255 for a command killed by a signal the relay delivered is
 reported as 128+N; after a terminal's ^C, udocker's own 1 (KeyboardInterrupt) is reported as 130.
 """
-from __future__ import annotations   # annotations stay strings: no `typing` import (~9 ms)
+from __future__ import annotations   # annotations stay strings: no `typing` import
 
 import os
-import signal
 import sys
 import time
+
+TYPE_CHECKING = False   # not typing.TYPE_CHECKING: importing typing costs ~9 ms
+if TYPE_CHECKING:
+    import signal
+else:   # the C module: `signal` imports enum (~10 ms), and this script runs per container start
+    import _signal as signal
 
 RELAYED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
            signal.SIGUSR2)
