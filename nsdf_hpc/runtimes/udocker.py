@@ -144,8 +144,10 @@ class UDocker(Runtime):
         # _run_env_set), so an explicit value is set again by the in-container shell
         prelude += [f"export {k}={shlex.quote(spec.env[k])}" for k in self.SHELL_SETS_AGAIN
                     if k in spec.env]
-        root = os.path.join(host_env.get("UDOCKER_DIR", ""), "containers", native.location, "ROOT")
-        in_shell = bool(prelude) or self.ctx.exists(os.path.join(root, "bin", "sh"))
+        # the one look at the disk (through ctx.exists): the unpacked image, which exists by
+        # now except for a --dry-run of an image not converted yet (shown without the shell)
+        store = self.store_path(native.location, host_env) if host_env.get("UDOCKER_DIR") else None
+        in_shell = bool(prelude) or (store is not None and self.ctx.exists(os.path.join(store, "ROOT", "bin", "sh")))
         if in_shell:
             command = ["/bin/sh", "-c", "; ".join([*prelude, self.SHELL_WRAPPER]), "sh", *command]
         explicit = {k: v for k, v in env.items() if k in spec.env or k not in container_env}
