@@ -28,7 +28,8 @@ command and exits with its status, 128+N when the command dies of signal N.
   reached the container's processes, which share the process group: it is not sent twice, nor
   when the parent nsdf-run passes the same signal on right after.
 * Not PRoot (a udocker ``--execmode`` F* or R*): after ``FALLBACK_AFTER`` seconds without a
-  tracee the signal goes to udocker's children (the command under fakechroot, runc under R*).
+  tracee the signal goes to udocker's children that are not PRoot (the command under
+  fakechroot, runc under R*). Only P1 (what ``udocker create`` gives) is tested.
 
 The exit status is udocker's (128+N when udocker itself died of signal N); without the
 in-container shell, PRoot's 255 for a command killed by a signal the relay delivered is
@@ -96,7 +97,11 @@ def targets(root: int, in_shell: bool, fallback: bool) -> list[int]:
             stack.append(c)
     traced = [p for p in below if _traced(p)]
     if not traced:
-        return list(children.get(root, ())) if fallback else []
+        if not fallback:
+            return []
+        # udocker's own children that are not PRoot (its probes, or a PRoot about to trace):
+        # the command under fakechroot (F* modes), runc under R*
+        return [p for p in children.get(root, ()) if b"proot" not in _read(f"/proc/{p}/cmdline")]
     if not in_shell:
         return traced
     inside = set(traced)
