@@ -158,8 +158,8 @@ class Runtime(abc.ABC):
 
     # ---------------------------------------------------------------- probe
     @classmethod
-    def extra_candidates(cls) -> List[str]:
-        """Executables to probe when none of ``executables`` is on PATH."""
+    def preferred_candidates(cls) -> List[str]:
+        """Executables probed before PATH's (e.g. the one installed with this interpreter)."""
         return []
 
     def version_argv(self, path: str) -> List[str]:

@@ -46,7 +46,9 @@ class UDocker(Runtime):
     SHELL_SETS_AGAIN: ClassVar[Tuple[str, ...]] = ("USER", "LOGNAME")
 
     @classmethod
-    def extra_candidates(cls) -> List[str]:
+    def preferred_candidates(cls) -> List[str]:
+        # the udocker pip installed with nsdf-hpc (its version is the one nsdf-hpc was tested
+        # with) wins over another one found earlier on PATH, also in a venv not activated
         found = bundled_udocker()
         return [found] if found else []
 
