@@ -179,6 +179,11 @@ class SlurmSettings(Model):
     extra_directives: Tuple[str, ...] = ()
     submit_retries: PositiveInt = 6
     command_timeout: PositiveFloat = 60.0
+    #: which backend talks to Slurm: auto (pyslurm when it matches, else the commands),
+    #: commands, pyslurm, or rest (slurmrestd; only when asked for)
+    backend: Literal["auto", "commands", "pyslurm", "rest"] = "auto"
+    #: slurmrestd's URL for backend = "rest" (or SLURMRESTD_URL); the token is SLURM_JWT
+    rest_url: Optional[str] = None
     #: where each set value came from ("env:NSDF_HPC_SLURM_DIR", "config:PATH", "argument")
     sources: Dict[str, str] = Field(default_factory=dict)
 
@@ -194,7 +199,8 @@ class SlurmSettings(Model):
         return where[4:] if where.startswith("env:") else where
 
 
-_SLURM_ENV = {"work_dir": "NSDF_HPC_SLURM_DIR", "accounting": "NSDF_HPC_SLURM_ACCOUNTING"}
+_SLURM_ENV = {"work_dir": "NSDF_HPC_SLURM_DIR", "accounting": "NSDF_HPC_SLURM_ACCOUNTING",
+              "backend": "NSDF_HPC_SLURM_BACKEND", "rest_url": "SLURMRESTD_URL"}
 
 
 def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional[Sequence[str]] = None,

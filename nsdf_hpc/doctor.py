@@ -91,7 +91,26 @@ def diagnose(client: "Client") -> List[Finding]:
                            "cache directory instead, so large images do not fill memory"))
     if client.settings.mirrors:
         out.append(Finding("info", "registry mirrors: " + ", ".join(f"{k} -> {v}" for k, v in client.settings.mirrors.items())))
+    out.extend(_slurm_backend(client))
     if host.in_slurm_allocation:
         out.append(Finding("info", f"inside Slurm job {client.env.get('SLURM_JOB_ID')}: images are "
                            "taken from the cache only" + (" (pull_on_compute is on)" if client.settings.pull_on_compute else "")))
     return out
+
+
+def _slurm_backend(client: "Client") -> List[Finding]:
+    """Which Slurm backend nsdf-hpc would use and why; slurmrestd is pinged when chosen."""
+    try:
+        sched = client.scheduler()
+    except NsdfError as err:
+        return [Finding("FAIL", f"Slurm backend: {str(err).splitlines()[0]}",
+                        "fix the [slurm] settings (backend, rest_url) or SLURMRESTD_URL/SLURM_JWT")]
+    line = f"Slurm backend: {sched.backend} ({sched.choice_reason})"
+    if sched.backend != "rest":
+        return [Finding("info", line)]
+    try:
+        return [Finding("ok", f"{line}; {sched.ping()}")]   # type: ignore[attr-defined]
+    except NsdfError as err:
+        return [Finding("FAIL", f"{line}; {str(err).splitlines()[0]}",
+                        "start slurmrestd, check rest_url / SLURMRESTD_URL, or renew SLURM_JWT "
+                        "(`scontrol token`)")]

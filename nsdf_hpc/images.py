@@ -286,8 +286,10 @@ class ImageService:
                 last = self.runner.run(step.argv, check=step.check, env=env, env_overrides=overrides,
                                        cwd=work, timeout=step.timeout)
             except CommandError as err:
+                self._undo(plan, env, work)
                 raise ImageError(f"{rt.name}: {step.description} failed for {source.text}:\n{err}") from err
             except ToolNotFoundError as err:
+                self._undo(plan, env, work)
                 raise ImageError(f"{rt.name}: {step.description}: {err}") from err
         self._forget_login(work)
         if plan.location == "@stdout":
@@ -311,6 +313,15 @@ class ImageService:
             if os.path.lexists(p):
                 os.unlink(p)
         return str(plan.location)
+
+    def _undo(self, plan: ImagePlan, env: Optional[Mapping[str, str]], work: str) -> None:
+        """Best effort: remove what a failed plan left in the runtime's store (a tag that no
+        cache entry owns would never be pruned)."""
+        for step in plan.undo:
+            try:
+                self.runner.run(step.argv, check=False, env=env, cwd=work, timeout=step.timeout or 60)
+            except NsdfError as err:
+                logger.warning("could not undo a failed conversion (%s): %s", step.description, err)
 
     # ---------------------------------------------------------------- registry logins
     def login_env(self, rt: Runtime, source: ImageSource, work: str) -> Dict[str, str]:

@@ -79,6 +79,13 @@ def _blob(digest: str) -> str:
 
 
 def _oci_manifest(arc: _Archive) -> Tuple[str, dict]:
+    chosen, doc = _oci_descriptor(arc)
+    return str(chosen["digest"]), doc
+
+
+def _oci_descriptor(arc: _Archive) -> Tuple[dict, dict]:
+    """The index entry (descriptor) of the image manifest ``arc.source`` names, and the
+    manifest; a nested index is resolved to its linux/amd64 entry."""
     index = arc.read_json("index.json")
     if not isinstance(index, dict) or not index.get("manifests"):
         raise ImageError(f"{arc.source.text}: index.json lists no manifest")
@@ -99,7 +106,7 @@ def _oci_manifest(arc: _Archive) -> Tuple[str, dict]:
             raise ImageError(f"{arc.source.text}: no linux/amd64 manifest")
         chosen, doc = sub, arc.read_json(_blob(sub["digest"]))
     assert isinstance(doc, dict)
-    return str(chosen["digest"]), doc
+    return dict(chosen), doc
 
 
 def source_digest(source: ImageSource) -> str:
@@ -270,32 +277,65 @@ def write_charliecloud_metadata(root: str, config: dict) -> None:
             fh.write(f"{line}\n")
 
 
+#: the tag every repacked OCI image gets: ``udocker load`` takes the tag from the index's
+#: ``org.opencontainers.image.ref.name`` (a random one when there is none), and the plan then
+#: creates the container from ``nsdf/<key>:latest`` whatever the source was tagged
+UDOCKER_TAG = "latest"
+_REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def _udocker_index(arc: _Archive) -> bytes:
+    """A one-entry ``index.json``: the manifest the source names, tagged :data:`UDOCKER_TAG`."""
+    chosen, _ = _oci_descriptor(arc)
+    entry = dict(chosen)
+    entry["annotations"] = {**(chosen.get("annotations") or {}), _REF_NAME: UDOCKER_TAG}
+    index = {"schemaVersion": 2, "manifests": [entry]}
+    return json.dumps(index).encode()
+
+
+def _add_bytes(out: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    out.addfile(info, io.BytesIO(data))
+
+
 def repack_for_udocker(source: ImageSource, dest: str) -> None:
     """A tar that ``udocker load`` accepts: docker-archives with real ``layer.tar`` files
-    (udocker 1.3.17 fails on skopeo's symlinks), OCI layouts as an oci-archive."""
+    (udocker 1.3.17 fails on skopeo's symlinks), OCI layouts and archives as an oci-archive
+    whose index lists only the chosen manifest, tagged :data:`UDOCKER_TAG` (udocker 1.3.17
+    registers an untagged entry under a random tag, and a ``:v1`` one as ``:v1``)."""
     assert source.path
-    if source.kind == "oci-archive":
-        os.symlink(source.path, dest)
-        return
-    with tarfile.open(dest, "w") as out:
+    with ExitStack() as stack:
+        out = stack.enter_context(tarfile.open(dest, "w"))
         if source.kind == "oci-dir":
+            index = _udocker_index(_Archive(source, stack))
             for entry in sorted(os.listdir(source.path)):
-                out.add(os.path.join(source.path, entry), arcname=entry)
+                if entry != "index.json":
+                    out.add(os.path.join(source.path, entry), arcname=entry)
+            _add_bytes(out, "index.json", index)
             return
-        with tarfile.open(source.path, "r:*") as tin:
-            members = {m.name: m for m in tin.getmembers()}
-            for m in members.values():
-                real = m
-                depth = 0
-                while real.issym() and depth < _MAX_LINKS:
-                    target = os.path.normpath(os.path.join(os.path.dirname(real.name), real.linkname))
-                    if target not in members:
-                        break
-                    real = members[target]
-                    depth += 1
-                if real.isreg():
-                    info = tarfile.TarInfo(m.name)
-                    info.size, info.mode, info.mtime = real.size, real.mode, real.mtime
-                    out.addfile(info, tin.extractfile(real))
-                else:
-                    out.addfile(m, tin.extractfile(m) if m.isreg() else None)
+        tin = stack.enter_context(tarfile.open(source.path, "r:*"))
+        if source.kind == "oci-archive":
+            index = _udocker_index(_Archive(source, stack))
+            for m in tin:
+                if os.path.normpath(m.name) == "index.json":
+                    continue
+                out.addfile(m, tin.extractfile(m) if m.isreg() else None)
+            _add_bytes(out, "index.json", index)
+            return
+        members = {m.name: m for m in tin.getmembers()}
+        for m in members.values():
+            real = m
+            depth = 0
+            while real.issym() and depth < _MAX_LINKS:
+                target = os.path.normpath(os.path.join(os.path.dirname(real.name), real.linkname))
+                if target not in members:
+                    break
+                real = members[target]
+                depth += 1
+            if real.isreg():
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mode, info.mtime = real.size, real.mode, real.mtime
+                out.addfile(info, tin.extractfile(real))
+            else:
+                out.addfile(m, tin.extractfile(m) if m.isreg() else None)

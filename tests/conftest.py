@@ -60,6 +60,19 @@ def _missing(marker_names: List[str]) -> Optional[str]:
         r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
         if "UP" not in r.stdout:
             return "slurmctld is not answering (`scontrol ping`)"
+    if "slurmrestd" in marker_names:
+        url = TESTBED.get("NSDF_TESTBED_SLURMRESTD_URL")
+        if not url:
+            return (f"no slurmrestd in the testbed ({TESTBED_ENV} has no NSDF_TESTBED_SLURMRESTD_URL): "
+                    "run `sudo tests/testbed/testbed.sh up`")
+        import urllib.error
+        import urllib.request
+        try:
+            urllib.request.urlopen(url + "/openapi/v3", timeout=5)
+        except urllib.error.HTTPError:
+            pass                    # 401 without a token: it answers
+        except OSError as err:
+            return f"slurmrestd does not answer at {url} ({err})"
     if "unprivileged" in marker_names and os.getuid() != 0:
         return "the unprivileged-user tests switch users with runuser and need root"
     return None
@@ -67,7 +80,7 @@ def _missing(marker_names: List[str]) -> Optional[str]:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     names = [m.name for m in item.iter_markers()]
-    needs = [n for n in names if n in ("integration", "registry", "unprivileged", *TOOLS)]
+    needs = [n for n in names if n in ("integration", "registry", "unprivileged", "slurmrestd", *TOOLS)]
     if not needs:
         return
     why = _missing(needs)

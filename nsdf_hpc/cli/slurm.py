@@ -126,7 +126,9 @@ def status(ctx: click.Context, job_ids: Sequence[str], as_json: bool,
         if tasks and len(j.tasks) > 1:
             rows.extend(j.tasks.values())
     if as_json:
-        click.echo(json.dumps([json.loads(r.model_dump_json()) for r in rows], indent=2))
+        # which backend answered (commands, pyslurm, rest), beside each status
+        click.echo(json.dumps([{**json.loads(r.model_dump_json()), "backend": slurm.backend}
+                               for r in rows], indent=2))
     else:
         for r in rows:
             print_status(r)

@@ -66,13 +66,15 @@ def _candidates(cls: Type[Runtime], configured: Mapping[str, str],
             return [p], notes
         notes.append(f"configured path {p} is not an executable file")
         return [], notes
-    found: List[str] = []
+    found: List[str] = list(dict.fromkeys(cls.preferred_candidates()))
     for exe in cls.executables:
         hit = shutil.which(exe, path=path_env)
         if hit and hit not in found:
+            if found:   # not probed: one probe per runtime keeps detection cheap
+                if os.path.realpath(hit) != os.path.realpath(found[0]):
+                    notes.append(f"{found[0]} (installed with this Python) is used, not {hit} on PATH")
+                continue
             found.append(hit)
-    if not found:
-        found += [p for p in cls.extra_candidates() if p not in found]
     return found, notes
 
 

@@ -20,6 +20,7 @@ import io
 import os
 from dataclasses import dataclass, field
 import shutil
+import sys
 from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import RunError, SpecError, UnexpectedOutputError
@@ -55,6 +56,9 @@ class ImagePlan:
     location: Optional[str] = None
     pre_extract: Optional[str] = None   # "rootfs": nsdf_hpc unpacks the offline source first
     checksum: Optional[str] = None      # the file whose sha256 guards the entry (default: artifact)
+    #: steps that undo what the plan may have left in the runtime's own store when a step
+    #: fails (run best effort, in order; a failure of theirs is logged, never raised)
+    undo: Tuple[Step, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,18 @@ class RuntimeContext:
     gid: int
     user: str
     which: Callable[[str], Optional[str]] = shutil.which
+    #: the Python that runs nsdf_hpc's own helper scripts (udocker's signal relay); None
+    #: when there is none to name (recorded contracts, an embedded interpreter)
+    python: Optional[str] = None
+    #: whether a path exists (``os.path.lexists``); a builder may look into a store runtime's
+    #: unpacked image with it (udocker: is there a /bin/sh), tests pass their own
+    exists: Callable[[str], bool] = os.path.lexists
 
     @classmethod
     def current(cls, env: Optional[Mapping[str, str]] = None) -> "RuntimeContext":
         env = os.environ if env is None else env
-        return cls(os.getuid(), os.getgid(), env.get("USER") or env.get("LOGNAME") or _user_name())
+        return cls(os.getuid(), os.getgid(), env.get("USER") or env.get("LOGNAME") or _user_name(),
+                   python=sys.executable or None)
 
     @property
     def is_root(self) -> bool:
@@ -147,8 +158,8 @@ class Runtime(abc.ABC):
 
     # ---------------------------------------------------------------- probe
     @classmethod
-    def extra_candidates(cls) -> List[str]:
-        """Executables to probe when none of ``executables`` is on PATH."""
+    def preferred_candidates(cls) -> List[str]:
+        """Executables probed before PATH's (e.g. the one installed with this interpreter)."""
         return []
 
     def version_argv(self, path: str) -> List[str]:

@@ -6,10 +6,11 @@ as air-gapped sites must; ``nsdf-run doctor`` says which applies.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
-from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
@@ -17,6 +18,10 @@ from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
 from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, process_env
+
+
+#: the signal relay that runs in front of ``udocker run`` (a script, standard library only)
+RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_udocker_relay.py")
 
 
 class UDocker(Runtime):
@@ -29,9 +34,21 @@ class UDocker(Runtime):
     bind_unsafe: ClassVar[str] = ":"   # binds are SRC:DST[:opts]
     # `udocker --version` exits non-zero on some versions although it printed the version
     probe_status_matters: ClassVar[bool] = False
+    #: the in-container shell every command runs under when the image has /bin/sh, as its
+    #: child rather than by exec: PRoot reports a command killed by signal N as 255 (PRoot
+    #: 5.1.0 exits with the last tracee's normal exit status, -1 when none exited normally),
+    #: and the shell turns it into 128+N. The trap keeps the shell waiting when a whole process
+    #: group is signalled (a terminal's ^C, Slurm): it still reports the command's status, and
+    #: the command starts with default dispositions (exec resets caught signals). The signal
+    #: relay (_udocker_relay.py --in-shell) signals the processes below this shell, never it.
+    SHELL_WRAPPER: ClassVar[str] = 'trap : HUP INT QUIT TERM USR1 USR2; "$@"; exit $?'
+    #: variables udocker overwrites after the -e values; an explicit --env value is set again
+    SHELL_SETS_AGAIN: ClassVar[Tuple[str, ...]] = ("USER", "LOGNAME")
 
     @classmethod
-    def extra_candidates(cls) -> List[str]:
+    def preferred_candidates(cls) -> List[str]:
+        # the udocker pip installed with nsdf-hpc (its version is the one nsdf-hpc was tested
+        # with) wins over another one found earlier on PATH, also in a venv not activated
         found = bundled_udocker()
         return [found] if found else []
 
@@ -89,8 +106,10 @@ class UDocker(Runtime):
         elif source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
         else:
-            # docker-archive with symlinked layer.tar and OCI layout dirs are repacked by
-            # nsdf_hpc into "source.tar" first (udocker 1.3.17 fails on both)
+            # nsdf_hpc repacks offline sources into "source.tar" first (unpack.py
+            # repack_for_udocker): udocker 1.3.17 fails on skopeo's symlinked layer.tar, and it
+            # tags an OCI image with the index's ref name (a random one when untagged), so the
+            # repack tags the chosen manifest "latest" (unpack.UDOCKER_TAG) whatever the source says
             image = f"nsdf/{key[:24]}:latest"
             steps.append(Step(base + ("-q", "load", "-i", "source.tar", image.rsplit(":", 1)[0]),
                               f"load {source.text}"))
@@ -98,8 +117,12 @@ class UDocker(Runtime):
         # is replaced); saves a separate `udocker rm` (~0.2 s of udocker start-up)
         steps.append(Step(base + ("-q", "create", "--force", f"--name={container}", image),
                           "create container"))
+        # a failed load or create must not leave the tag behind: no cache entry owns it, so
+        # prune would never remove it (a registry pull's tag is the registry's name: kept)
+        undo = () if source.kind == "registry" else (
+            Step(base + ("-q", "rmi", "-f", image), f"remove {image}", check=False),)
         return ImagePlan(tuple(steps), location=container,
-                         pre_extract="repack" if source.kind != "registry" else None)
+                         pre_extract="repack" if source.kind != "registry" else None, undo=undo)
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
@@ -110,15 +133,32 @@ class UDocker(Runtime):
         # "/" or a variable name, never with "-", which that form requires)
         for b in binds:
             argv += ["-v", f"{b.source}:{b.target}"]
-        if workdir:
-            argv += ["-w", workdir]
+        store = self.store_path(native.location, host_env) if host_env.get("UDOCKER_DIR") else None
+        # without -w, udocker starts in the image's WorkingDir, else in the user's home, which
+        # an image may lack ("invalid working directory: /root"); the others start in "/"
+        workdir = workdir or (_image_workdir(store) if store else None) or "/"
+        argv += ["-w", workdir]
         env = dict(container_env)
         command = list(spec.command)
+        prelude: List[str] = []
         if any(a == "" for a in command):
             # udocker's parser drops empty arguments ("if not arg: continue"): carry the argv
             # shell-quoted in a variable and rebuild it with /bin/sh inside the container
             env["NSDF_HPC_ARGV"] = shlex.join(command)
-            command = ["/bin/sh", "-c", 'eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV; exec "$@"']
+            prelude.append('eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV')
+            command = []
+        # udocker 1.3.17 sets USER, LOGNAME (and USERNAME) after the -e values (engine/base.py
+        # _run_env_set), so an explicit value is set again by the in-container shell
+        prelude += [f"export {k}={shlex.quote(spec.env[k])}" for k in self.SHELL_SETS_AGAIN
+                    if k in spec.env]
+        # the shell would add these to the command's environment (as on the other runtimes)
+        added = [k for k in ("SHLVL", "PWD") if k not in spec.env]
+        # the one look at the disk (through ctx.exists): the unpacked image, which exists by
+        # now except for a --dry-run of an image not converted yet (shown without the shell)
+        in_shell = bool(prelude) or (store is not None and self.ctx.exists(os.path.join(store, "ROOT", "bin", "sh")))
+        if in_shell:
+            unset = [f"unset {' '.join(added)}"] if added else []
+            command = ["/bin/sh", "-c", "; ".join([*prelude, *unset, self.SHELL_WRAPPER]), "sh", *command]
         explicit = {k: v for k, v in env.items() if k in spec.env or k not in container_env}
         tail: List[str] = []
         if not spec.fakeroot and not self.ctx.is_root:
@@ -127,8 +167,16 @@ class UDocker(Runtime):
         tail += list(spec.extra_args)
         tail.append(native.location)
         static = process_env(host_env, {k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)})
+        if self.ctx.python:
+            # signals sent to nsdf-run must reach the command: see _udocker_relay.py
+            argv = [self.ctx.python, "-I", "-S", RELAY, *(["--in-shell"] if in_shell else []), "--", *argv]
         return Invocation(tuple(argv), tuple(tail), tuple(command), static,
                           EnvEncoding("argv", flag="-e"), env, explicit)
+
+    def wrap_command(self, command: Sequence[str], explicit_env: Mapping[str, str]) -> Tuple[str, ...]:
+        # run_invocation starts the command under its own shell (not by exec: proot reports a
+        # death by signal as 255), which also gives 127 and 126
+        return tuple(command)
 
     def store_path(self, location: str, runtime_env: Mapping[str, str]) -> Optional[str]:
         return os.path.join(runtime_env["UDOCKER_DIR"], "containers", location)
@@ -156,3 +204,17 @@ def bundled_udocker() -> Optional[str]:
     """The udocker that pip installed beside nsdf-hpc (when this environment is not on PATH)."""
     path = os.path.join(os.path.dirname(sys.executable), "udocker")
     return path if os.access(path, os.X_OK) else None
+
+
+def _image_workdir(store: str) -> Optional[str]:
+    """The image's WorkingDir from udocker's container.json (what udocker itself reads)."""
+    try:
+        with open(os.path.join(store, "container.json")) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    for key in ("config", "container_config"):
+        section = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(section, dict) and section.get("WorkingDir"):
+            return str(section["WorkingDir"])
+    return None

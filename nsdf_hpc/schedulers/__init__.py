@@ -7,7 +7,10 @@
 * :mod:`.slurm`: the command backend, the only place here that runs commands.
 * :mod:`.job`: the Job handle (status, wait, cancel, logs, follow).
 * :mod:`.submit`: spec -> prepared job -> submitted, for a Client.
-* :mod:`.pyslurm_backend`: pyslurm for status queries, only when it matches the cluster.
+* :mod:`.pyslurm_backend`: pyslurm for status queries, only when it matches the cluster;
+  and the choice among backends (:func:`get_backend`).
+* :mod:`.rest_api` (pure) and :mod:`.rest`: slurmrestd over HTTP with a JWT, only when
+  configured (``backend = "rest"``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ __all__ = ["ArraySpec", "Backoff", "Dependency", "JobSpec", "JobState", "JobStat
 
 def get_backend(runner: Optional[CommandRunner] = None, settings: Optional[SlurmSettings] = None,
                 env: Optional[Mapping[str, str]] = None, **overrides: Any) -> Slurm:
-    """pyslurm when it imports and matches ``sinfo --version``, else the Slurm commands;
-    the backend's ``choice_reason`` says why."""
+    """The configured backend (``backend`` in ``[slurm]``, ``NSDF_HPC_SLURM_BACKEND``); with
+    ``auto``, pyslurm when it imports and matches ``sinfo --version``, else the Slurm
+    commands; slurmrestd only when configured. The backend's ``choice_reason`` says why."""
     return select_backend(runner, settings, env=env, **overrides)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .._exec import CommandRunner
 from ..config import SlurmSettings
-from ..errors import NsdfError
+from ..errors import ConfigError, NsdfError
 from .slurm import Slurm
 from .states import JobStatus, final_reason, slurm_state
 
@@ -70,29 +70,50 @@ class PyslurmSlurm(Slurm):
 
 def select_backend(runner: Optional[CommandRunner] = None, settings: Optional[SlurmSettings] = None,
                    **overrides: Any) -> Slurm:
-    """pyslurm when it imports and matches ``sinfo --version``; else the commands (one log line).
+    """The configured backend (``backend`` in ``[slurm]`` / ``NSDF_HPC_SLURM_BACKEND``); with
+    ``auto``, pyslurm when it imports and matches ``sinfo --version``, else the commands.
+    slurmrestd (``rest``) is used only when configured.
 
     The reason is logged and kept on the backend as ``choice_reason``.
     """
     commands = Slurm(runner, settings, **overrides)
+    wanted = commands.settings.backend
+    where = commands.settings.source("backend")
+    if wanted == "rest":
+        from .rest import RestSlurm     # http.client only: imported when asked for
+        rest = RestSlurm(runner, commands.settings, **overrides)
+        rest.choice_reason = f"backend = rest (from {where})"
+        logger.info("using slurmrestd at %s: %s", rest.url, rest.choice_reason)
+        return rest
+    if wanted == "commands":
+        commands.choice_reason = f"backend = commands (from {where})"
+        return commands
     try:
         import pyslurm
     except Exception as err:  # noqa: BLE001 - ImportError, or a broken build (undefined symbol)
+        if wanted == "pyslurm":
+            raise ConfigError(f"backend = pyslurm (from {where}), but pyslurm cannot be imported "
+                              f"({err}); no PyPI release builds against this Slurm, see README") from None
         logger.info("using the Slurm commands: pyslurm cannot be imported (%s)", err)
-        commands.choice_reason = f"pyslurm cannot be imported ({err})"
+        commands.choice_reason = f"auto: pyslurm cannot be imported ({err})"
         return commands
     try:
         slurm_ver = commands.version()
     except NsdfError as err:
+        if wanted == "pyslurm":
+            raise ConfigError(f"backend = pyslurm (from {where}), but `sinfo --version` "
+                              f"cannot be read ({err})") from None
         logger.info("using the Slurm commands: cannot read `sinfo --version` (%s)", err)
-        commands.choice_reason = f"cannot read `sinfo --version` ({err})"
+        commands.choice_reason = f"auto: cannot read `sinfo --version` ({err})"
         return commands
     ok, why = compatible(pyslurm_version(pyslurm), slurm_ver)
     if not ok:
+        if wanted == "pyslurm":
+            raise ConfigError(f"backend = pyslurm (from {where}), but {why}")
         logger.info("using the Slurm commands: %s", why)
-        commands.choice_reason = why
+        commands.choice_reason = f"auto: {why}"
         return commands
     logger.info("using pyslurm %s for status queries (%s)", getattr(pyslurm, "__version__", "?"), why)
     chosen = PyslurmSlurm(pyslurm, runner, commands.settings, env=overrides.get("env"))
-    chosen.choice_reason = why
+    chosen.choice_reason = f"{'auto' if wanted == 'auto' else f'backend = pyslurm (from {where})'}: {why}"
     return chosen

@@ -217,11 +217,15 @@ def render_script(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = No
         idx = inputs.array_indices
         if not inputs.remapped:
             L.append('NSDF_TASK_INDEX=$SLURM_ARRAY_TASK_ID')
-        elif _contiguous(idx):
-            L.append(f'NSDF_TASK_INDEX=$(( {idx[0]} + ${{1:-0}} + SLURM_ARRAY_TASK_ID ))')
         else:
-            L.append(f"NSDF_INDICES=({' '.join(map(str, idx))})")
-            L.append('NSDF_TASK_INDEX=${NSDF_INDICES[$(( ${1:-0} + SLURM_ARRAY_TASK_ID ))]}')
+            # the chunk's offset: sbatch passes it as $1; slurmrestd in the environment
+            # (script arguments crash slurmrestd 22.05, see rest_api.py)
+            L.append('NSDF_OFFSET=${1:-${NSDF_ARRAY_OFFSET:-0}}')
+            if _contiguous(idx):
+                L.append(f'NSDF_TASK_INDEX=$(( {idx[0]} + NSDF_OFFSET + SLURM_ARRAY_TASK_ID ))')
+            else:
+                L.append(f"NSDF_INDICES=({' '.join(map(str, idx))})")
+                L.append('NSDF_TASK_INDEX=${NSDF_INDICES[$(( NSDF_OFFSET + SLURM_ARRAY_TASK_ID ))]}')
         L.append('NSDF_EXIT_FILE="$NSDF_JOB_DIR/exit/${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"')
     else:
         L.append("NSDF_TASK_INDEX=0")

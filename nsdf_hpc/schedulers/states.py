@@ -45,7 +45,8 @@ class JobStatus(Model):
     exit_code: Optional[int] = None      # the job script's exit status
     signal: Optional[int] = None         # the signal that ended it, when one did
     name: Optional[str] = None
-    source: str = ""                     # sacct | scontrol | exit-code-file | pyslurm | none
+    source: str = ""                     # sacct | scontrol | exit-code-file | pyslurm | slurmrestd |
+    #                                      slurmrestd-slurmdb | none
     accounting: bool = True              # False: accounting disabled, answer from squeue/scontrol/file
     tasks: int = 1                       # >1 for an aggregated array status
 

@@ -32,44 +32,12 @@ NSDF = [sys.executable, "-m", "nsdf_hpc"]
 #: issue 14 defects not fixed yet: these run for real and are expected to fail until their fix
 #: lands (non-strict: a timing-dependent case may pass). The rest of this file must pass.
 KNOWN_DEFECTS = {
-    'test_an_image_without_a_shell_runs_its_command_as_given[udocker]':
-        'item 10: udocker starts in $HOME without -w ("invalid working directory: /root")',
-    'test_command_killed_by_a_signal_exits_128_plus_n[udocker-TERM]':
-        'item 8: udocker (proot) reports a command killed by a signal as 255',
-    'test_command_killed_by_a_signal_exits_128_plus_n[udocker-KILL]':
-        'item 8: udocker (proot) reports a command killed by a signal as 255',
-    'test_explicit_home_and_user_win_as_root[udocker]':
-        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
-    'test_explicit_home_and_user_win_as_unprivileged_user[udocker]':
-        'item 9: Apptainer ignores APPTAINERENV_HOME; udocker sets USER after -e',
     'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.05s]':
         'item 5: a SIGINT before podman has started the container can leave it running',
     'test_signal_to_nsdf_run_ends_the_container[podman-INT-early-0.4s]':
         'item 5: a SIGINT before podman has started the container can leave it running',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started+0.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-TERM-started+1.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-early-0.05s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-early-0.4s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started+0.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_signal_to_nsdf_run_ends_the_container[udocker-INT-started+1.5s]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
-    'test_sigterm_to_nsdf_run_reaches_a_trapping_command[udocker]':
-        'item 5: udocker (proot) does not pass SIGTERM/SIGINT on to the command',
     'test_podman_prune_in_one_cache_does_not_break_another':
         'item 2: the podman store is shared between caches',
-    'test_udocker_runs_oci_archives_untagged_or_tagged[untagged]':
-        "item 11: the repack keeps the archive's own tag",
-    'test_udocker_runs_oci_archives_untagged_or_tagged[v1]':
-        "item 11: the repack keeps the archive's own tag",
     'test_podman_entries_show_their_size':
         'item 15: the podman store size is not measured',
 }
@@ -77,9 +45,8 @@ KNOWN_DEFECTS = {
 
 #: timing-dependent cases seen failing under load (two test runs at once on 2 cores): podman
 #: exits 127 ("no such exit code ... container in state running") when SIGTERM reaches it
-#: while the container starts, and udocker (proot) does not pass signals on
-FLAKY_PREFIXES = ("test_signal_to_nsdf_run_ends_the_container[podman-",
-                  "test_signal_to_nsdf_run_ends_the_container[udocker-")
+#: while the container starts
+FLAKY_PREFIXES = ("test_signal_to_nsdf_run_ends_the_container[podman-",)
 
 
 @pytest.fixture(autouse=True)

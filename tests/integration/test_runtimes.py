@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Dict, List
 
@@ -181,6 +182,23 @@ def test_runtimes_command_explains_the_choice(shared_cache: Path) -> None:
     assert "not found" in data["rejected"]["shifter"]
     r = nsdf_root(["runtimes"], shared_cache, NSDF_HPC_RUNTIME="podman")
     assert "chosen: podman (set by env:NSDF_HPC_RUNTIME)" in r.stdout
+
+
+@pytest.mark.udocker
+def test_a_venvs_nsdf_run_uses_the_udocker_installed_beside_it(user_venv: Path, shared_cache: Path,
+                                                                tmp_path: Path) -> None:
+    """Issue 9 part 3: a venv's nsdf-run, not activated, with another udocker earlier on PATH."""
+    other = shutil.which("udocker")
+    assert other and Path(other).parent != user_venv / "bin"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env.update(NSDF_HPC_CACHE=str(shared_cache), PATH=f"{Path(other).parent}:/usr/bin:/bin",
+               XDG_CACHE_HOME=str(tmp_path))
+    r = subprocess.run([str(user_venv / "bin" / "nsdf-run"), "runtimes", "--json", "--refresh"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ud = {i["name"]: i for i in json.loads(r.stdout)["runtimes"]}["udocker"]
+    assert ud["found"] and ud["path"] == str(user_venv / "bin" / "udocker"), ud
+    assert any("installed with this Python" in n and other in n for n in ud["notes"]), ud["notes"]
 
 
 def test_singularity_symlink_is_reported_as_apptainer(shared_cache: Path, tmp_path: Path) -> None:

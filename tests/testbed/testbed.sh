@@ -15,8 +15,12 @@
 #     the same images as docker-archive, oci-archive and OCI layout files; and a TLS registry
 #     that requires a login, 127.0.0.1:5444 (user nsdf-ci, password file root-only)
 #   * Apptainer, Charliecloud, Podman and UDocker, working as root and as user hpcuser
+#   * podman-hpc from PyPI (podman-hpc.sh: a static mksquashfs, /etc/podman_hpc)
 #   * a Slurm cluster: munge, slurmctld, slurmdbd + a private MariaDB (sacct works), two
 #     slurmd nodes (c1, c2) on loopback sharing this machine's filesystem
+#   * slurmrestd with JWT on http://127.0.0.1:6820 (run as user slurmrest; the controller
+#     accepts auth/jwt as an alternative type). A token: `scontrol token username=USER`;
+#     root's is saved in $SLURM_CI_ROOT/restd-token.env (0600). SLURM_CI_RESTD=0 leaves it out.
 #   * /etc/nsdf-hpc/config.toml: the site config, mapping docker.io to the local mirror
 #
 # Everything runs as root, non-interactively. Knobs: see runtimes.sh (HPCRT_*) and
@@ -30,6 +34,9 @@ export HPCRT_USER=${HPCRT_USER:-hpcuser}
 export SLURM_CI_ROOT=${SLURM_CI_ROOT:-/var/tmp/slurm-ci}
 export SLURM_CI_NODES=${SLURM_CI_NODES:-2}
 export SLURM_CI_ACCOUNTING=${SLURM_CI_ACCOUNTING:-slurmdbd}
+# slurmrestd + JWT for the REST backend's tests (slurm-stop.sh stops it with the rest)
+export SLURM_CI_RESTD=${SLURM_CI_RESTD:-1}
+export SLURM_CI_RESTD_LISTEN=${SLURM_CI_RESTD_LISTEN:-127.0.0.1:6820}
 # Advertise more CPUs than exist so array/throughput tests are not serialised on 2 cores
 # (see ../shared/testbed/slurm/NOTES.md "Scheduling latency").
 export SLURM_CI_CPUS=${SLURM_CI_CPUS:-16}
@@ -73,6 +80,9 @@ NSDF_TESTBED_SLURM_ACCOUNTING=$SLURM_CI_ACCOUNTING
 NSDF_TESTBED_SLURM_ROOT=$SLURM_CI_ROOT
 NSDF_TESTBED_SITE_CONFIG=$SITE_CONF
 EOF
+  if [ "$SLURM_CI_RESTD" = 1 ]; then
+    echo "NSDF_TESTBED_SLURMRESTD_URL=http://$SLURM_CI_RESTD_LISTEN" >> "$ENV_FILE.tmp"
+  fi
   mv "$ENV_FILE.tmp" "$ENV_FILE"
 }
 
@@ -82,7 +92,9 @@ up() {
   log "runtimes + registry + images: ${steps[*]}"
   bash "$HERE/runtimes.sh" "${steps[@]}"
   touch "$HPCRT_ROOT/.verified"
-  log "slurm: $SLURM_CI_NODES nodes, accounting=$SLURM_CI_ACCOUNTING"
+  log "podman-hpc (PyPI) with a static mksquashfs"
+  bash "$HERE/podman-hpc.sh" up
+  log "slurm: $SLURM_CI_NODES nodes, accounting=$SLURM_CI_ACCOUNTING, slurmrestd=$SLURM_CI_RESTD"
   bash "$HERE/slurm-start.sh"
   # A shared scratch area that every node and the unprivileged user can write to,
   # as /scratch is on a cluster (the nodes here share this machine's filesystem).
@@ -102,12 +114,23 @@ down() {
 status() {
   local rc=0
   bash "$HERE/runtimes.sh" status || rc=1
+  bash "$HERE/podman-hpc.sh" status || rc=1
   if command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q 'is UP'; then
     printf '%-14s %s\n' slurm "up: $(sinfo -h -N -o '%N=%t' | sort -u | tr '\n' ' ')"
   else
     printf '%-14s %s\n' slurm "down"; rc=1
   fi
   curl -fsS -o /dev/null --max-time 3 "http://127.0.0.1:5000/v2/" 2>/dev/null || rc=1
+  if [ "$SLURM_CI_RESTD" = 1 ]; then
+    # any HTTP answer (401 without a token) means the daemon listens
+    local code
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 3 "http://$SLURM_CI_RESTD_LISTEN/openapi/v3" 2>/dev/null || true)
+    if [ -n "$code" ] && [ "$code" != 000 ]; then
+      printf '%-14s %s\n' slurmrestd "up: http://$SLURM_CI_RESTD_LISTEN (HTTP $code without a token)"
+    else
+      printf '%-14s %s\n' slurmrestd "down"; rc=1
+    fi
+  fi
   [ -s "$ENV_FILE" ] || { printf '%-14s %s\n' env-file "missing ($ENV_FILE)"; rc=1; }
   return $rc
 }

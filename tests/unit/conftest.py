@@ -37,4 +37,4 @@ def fakebin(tmp_path: Path) -> Callable[..., Path]:
 def _no_bundled_udocker(monkeypatch: pytest.MonkeyPatch) -> None:
     """The udocker installed beside this interpreter must not leak into detection tests."""
     from nsdf_hpc.runtimes.udocker import UDocker
-    monkeypatch.setattr(UDocker, "extra_candidates", classmethod(lambda cls: []))
+    monkeypatch.setattr(UDocker, "preferred_candidates", classmethod(lambda cls: []))

@@ -10,6 +10,10 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "nsdf_hpc"
 MODULES = sorted(PKG.rglob("*.py"))
+#: programs of their own that ship in the package and that a runtime puts in front of its tool
+#: (run through _exec.py or the launch exec, never imported): they exit, write to stderr and
+#: start the one tool they stand in front of
+SCRIPTS = {PKG / "runtimes" / "_udocker_relay.py"}
 
 
 def _tree(path: Path) -> ast.AST:
@@ -71,7 +75,7 @@ def _is_cli(path: Path) -> bool:
     return path.parent == PKG / "cli"
 
 
-@pytest.mark.parametrize("path", [p for p in MODULES if not _is_cli(p)], ids=_rel)
+@pytest.mark.parametrize("path", [p for p in MODULES if not _is_cli(p) and p not in SCRIPTS], ids=_rel)
 def test_library_never_prints_or_exits(path):
     for call in _calls(_tree(path)):
         name = _dotted(call.func)
@@ -87,7 +91,24 @@ def test_only_the_launch_fast_path_replaces_the_process():
     for path in MODULES:
         for call in _calls(_tree(path)):
             name = _dotted(call.func)
-            if name.startswith("os.exec") or name.startswith("os.spawn") or name == "os.fork":
-                if path.name != "_launch.py":
+            if (name.startswith("os.exec") or name.startswith("os.spawn") or name == "os.fork"
+                    or name.startswith("os.posix_spawn")):
+                if path.name != "_launch.py" and path not in SCRIPTS:
                     offenders.append((_rel(path), call.lineno))
     assert offenders == []
+
+
+@pytest.mark.parametrize("path", sorted(SCRIPTS), ids=_rel)
+def test_helper_scripts_stand_alone(path):
+    """A helper script runs as `python -I -S script.py`: the standard library only, and
+    nothing in the package imports it."""
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("nsdf_hpc"), \
+                f"{_rel(path)}:{node.lineno} imports from the package"
+    for other in MODULES:
+        for node in ast.walk(_tree(other)):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            if isinstance(node, ast.ImportFrom):
+                names.append(node.module or "")
+            assert not any(path.stem in n for n in names), f"{_rel(other)}:{node.lineno} imports {path.stem}"

@@ -31,7 +31,8 @@ def test_every_runtime_passes_the_command_through_verbatim(name):
                          else "docker:ubuntu:22.04")
     inv = rt.run_invocation(spec, native, {"A": "1", "SLURM_JOB_ID": "7"}, {"PATH": "/usr/bin",
                                                                              "PYTHONPATH": "/leak"})
-    assert inv.argv[0] == rt.path
+    # udocker runs behind nsdf_hpc's signal relay (runtimes/_udocker_relay.py)
+    assert inv.argv[0] == rt.path or (name == "udocker" and rt.path in inv.head)
     if name == "udocker":
         # udocker 1.3.17 drops empty arguments: such an argv travels in NSDF_HPC_ARGV instead
         assert "NSDF_HPC_ARGV" in " ".join(inv.argv)

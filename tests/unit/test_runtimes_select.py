@@ -250,3 +250,20 @@ def test_capability_details():
     a = _assess("charliecloud", make_host(fuse_access=False, nvidia=True))
     assert a.usable and any("/dev/fuse" in n for n in a.notes) and any("ch-fromhost" in n for n in a.notes)
     assert _assess("udocker", make_host(nvidia=True), "1.3.17").capabilities["gpu_nvidia"]
+
+
+def test_the_udocker_installed_with_this_python_comes_before_path(tmp_path, monkeypatch):
+    from nsdf_hpc.runtimes import _candidates
+    from nsdf_hpc.runtimes.udocker import UDocker
+    mine = tmp_path / "venv" / "bin" / "udocker"
+    other = tmp_path / "path" / "udocker"
+    for p in (mine, other):
+        p.parent.mkdir(parents=True)
+        p.write_text("#!/bin/sh\n")
+        p.chmod(0o755)
+    monkeypatch.setattr(UDocker, "preferred_candidates", classmethod(lambda cls: [str(mine)]))
+    found, notes = _candidates(UDocker, {}, str(other.parent))
+    assert found == [str(mine)]
+    assert notes == [f"{mine} (installed with this Python) is used, not {other} on PATH"]
+    found, notes = _candidates(UDocker, {"udocker": str(other)}, str(other.parent))
+    assert found == [str(other)] and notes == []   # a configured path still wins

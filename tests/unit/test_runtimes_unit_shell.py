@@ -9,13 +9,18 @@ from nsdf_hpc.runtimes.base import RuntimeContext
 CTX = RuntimeContext(1000, 1000, "alice", which=lambda name: None)
 
 
-@pytest.mark.parametrize("name", ["apptainer", "charliecloud", "podman", "udocker", "shifter"])
+@pytest.mark.parametrize("name", ["apptainer", "charliecloud", "podman", "shifter"])
 def test_wrap_command_execs_the_command_unchanged(name: str) -> None:
     rt = runtime_class(name)(None, None, "1.0", CTX)
     argv = rt.wrap_command(["printf", "%s\n", "a b", ""], {})
     assert argv[:2] == ("/bin/sh", "-c") and argv[3] == "sh"
     assert argv[4:] == ("printf", "%s\n", "a b", "")
     assert 'exec "$@"' in argv[2] and "unset SHLVL PWD" in argv[2]
+
+
+def test_udocker_starts_the_command_under_its_own_shell_instead() -> None:
+    rt = runtime_class("udocker")(None, None, "1.3.17", CTX)
+    assert rt.wrap_command(["true"], {}) == ("true",)
 
 
 def test_an_explicit_shlvl_or_pwd_is_kept() -> None:

@@ -101,6 +101,8 @@ class _FakeJob:
 
 
 class _FakeSlurm:
+    backend = "commands"
+
     def __init__(self) -> None:
         self.calls: List[Tuple[str, object]] = []
 
@@ -129,6 +131,7 @@ def test_array_task_ids_are_accepted(fake_slurm: _FakeSlurm) -> None:
     assert res.output.splitlines()[0].split("\t")[:2] == ["1349_10", "COMPLETED"]
     res = CliRunner().invoke(cli, ["status", "--json", "1349_10", "1350"], catch_exceptions=False)
     assert [r["job_id"] for r in json.loads(res.output)] == ["1349_10", "1350"]   # one array
+    assert {r["backend"] for r in json.loads(res.output)} == {"commands"}   # which backend answered
     res = CliRunner().invoke(cli, ["logs", "1349_10"], catch_exceptions=False)
     assert res.exit_code == 0 and res.output == "log of 1349_10\n"
     res = CliRunner().invoke(cli, ["cancel", "1349_10", "7"], catch_exceptions=False)

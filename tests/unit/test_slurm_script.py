@@ -193,7 +193,8 @@ def test_remapped_array_maps_chunk_ids_back_to_user_indices(tmp_path: Path) -> N
     assert "NSDF_INDICES=(10 20 30)" in script
     contiguous = render_script(spec(array=ArraySpec(indices=tuple(range(100, 200)))),
                                inputs(tmp_path, array_indices=tuple(range(100, 200)), remapped=True))
-    assert "NSDF_TASK_INDEX=$(( 100 + ${1:-0} + SLURM_ARRAY_TASK_ID ))" in contiguous
+    assert "NSDF_TASK_INDEX=$(( 100 + NSDF_OFFSET + SLURM_ARRAY_TASK_ID ))" in contiguous
+    assert "NSDF_OFFSET=${1:-${NSDF_ARRAY_OFFSET:-0}}" in contiguous
 
 
 def test_forwarding_templates_follow_the_runtime_env_encoding() -> None:

@@ -242,3 +242,31 @@ def test_repack_for_udocker_dereferences_layer_symlinks(tmp_path):
     # and the repacked archive flattens to the same tree
     flatten(parse_source(f"docker-archive:{out}"), str(tmp_path / "rootfs"))
     check_flattened(tmp_path / "rootfs")
+
+
+@pytest.mark.parametrize("ref", [None, "v1"])
+@pytest.mark.parametrize("kind", ["oci", "oci-archive"])
+def test_repack_for_udocker_tags_the_oci_manifest_latest(tmp_path, kind, ref):
+    # issue 14 item 11: udocker load takes the tag from the index (random when untagged)
+    root, mdigest = oci_layout(tmp_path / "lay", [layer(BASE)], ref=ref or "x")
+    if ref is None:
+        idx = json.loads((root / "index.json").read_text())
+        del idx["manifests"][0]["annotations"]
+        (root / "index.json").write_text(json.dumps(idx))
+    src = f"oci:{root}"
+    if kind == "oci-archive":
+        arc = tmp_path / "img.oci.tar"
+        with tarfile.open(arc, "w") as tar:
+            for entry in sorted(os.listdir(root)):
+                tar.add(root / entry, arcname=entry)
+        src = f"oci-archive:{arc}"
+    out = tmp_path / "source.tar"
+    repack_for_udocker(parse_source(src), str(out))
+    with tarfile.open(out) as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        names = tar.getnames()
+    assert names.count("index.json") == 1
+    assert [(m["digest"], m["annotations"]["org.opencontainers.image.ref.name"])
+            for m in index["manifests"]] == [(mdigest, "latest")]
+    flatten(parse_source(f"oci-archive:{out}"), str(tmp_path / "rootfs"))
+    assert (tmp_path / "rootfs/etc/hostname").exists()

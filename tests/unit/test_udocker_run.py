@@ -1,0 +1,70 @@
+"""UDocker's run argv: the in-container shell (128+N, explicit USER/LOGNAME) and the signal
+relay in front of udocker (issue 14 items 5, 8, 9); the relay's exit status."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nsdf_hpc.models import NativeImage, RunSpec
+from nsdf_hpc.runtimes.base import RuntimeContext
+from nsdf_hpc.runtimes.udocker import RELAY, UDocker
+
+NATIVE = NativeImage(runtime="udocker", source="busybox", location="nsdf-" + "a" * 24)
+HOST = {"PATH": "/usr/bin", "UDOCKER_DIR": "/cache/udocker"}
+SH = "/cache/udocker/containers/nsdf-" + "a" * 24 + "/ROOT/bin/sh"
+
+
+def _rt(python="/py/bin/python3", has_sh=True, uid=1000):
+    ctx = RuntimeContext(uid, uid, "alice", which=lambda n: None, python=python,
+                         exists=lambda p: has_sh and p == SH)
+    return UDocker("/opt/bin/udocker", None, "1.3.17", ctx)
+
+
+def _inv(rt, **spec):
+    spec.setdefault("command", ("sleep", "5"))
+    return rt.run_invocation(RunSpec(image="busybox", bind_cwd=False, **spec), NATIVE, {}, HOST)
+
+
+def test_the_command_runs_under_the_shell_behind_the_relay():
+    inv = _inv(_rt())
+    assert inv.head[:6] == ("/py/bin/python3", "-I", "-S", RELAY, "--in-shell", "--")
+    assert inv.head[6] == "/opt/bin/udocker"
+    assert inv.command == ("/bin/sh", "-c", "unset SHLVL PWD; " + UDocker.SHELL_WRAPPER, "sh", "sleep", "5")
+
+
+def test_explicit_user_and_logname_are_set_again_in_the_container():
+    inv = _inv(_rt(), env={"USER": "bob", "LOGNAME": "b o'b", "HOME": "/tmp/h"})
+    script = inv.command[2]
+    assert script.startswith("export USER=bob; export LOGNAME='b o'\"'\"'b'; unset SHLVL PWD; trap ")
+    assert inv.command[-2:] == ("sleep", "5")
+
+
+def test_without_a_shell_in_the_image_the_command_is_run_as_it_is():
+    inv = _inv(_rt(has_sh=False))
+    assert inv.command == ("sleep", "5")
+    assert inv.head[4] == "--" and "--in-shell" not in inv.head
+
+
+def test_empty_arguments_still_travel_in_nsdf_hpc_argv_under_the_shell():
+    inv = _inv(_rt(has_sh=False), command=("printf", "%s|", "", "x"))
+    assert inv.command[:2] == ("/bin/sh", "-c") and inv.command[3:] == ("sh",)
+    assert inv.command[2].startswith('eval "set -- $NSDF_HPC_ARGV"; unset NSDF_HPC_ARGV; unset SHLVL PWD; trap ')
+    assert inv.container_env["NSDF_HPC_ARGV"] == "printf '%s|' '' x"
+
+
+def test_no_relay_without_a_python_to_run_it():
+    inv = _inv(_rt(python=None))
+    assert inv.argv[0] == "/opt/bin/udocker"
+
+
+@pytest.mark.parametrize("script, rc", [("exit 3", 3), ("kill -TERM $$", 143), ("kill -KILL $$", 137)])
+def test_relay_exits_with_its_childs_status(script, rc):
+    r = subprocess.run([sys.executable, "-I", "-S", RELAY, "--", "/bin/sh", "-c", script], timeout=30)
+    assert r.returncode == rc
+
+
+def test_relay_without_a_command_is_a_usage_error():
+    r = subprocess.run([sys.executable, "-I", "-S", RELAY], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 125 and "usage" in r.stderr
