@@ -138,6 +138,11 @@ class Client:
         return self.images.prune(self._runtime_for, older_than=older_than, max_size=max_size,
                                  dry_run=dry_run)
 
+    def verify(self, entry: Entry, full: bool = False) -> bool:
+        """Whether a cache entry is usable: its files (``full``: re-hashed) and, for a store
+        runtime installed here, its image in the runtime's store."""
+        return self.images.verify(entry, self._runtime_for, full)
+
     def remove(self, entry: Entry) -> bool:
         """Remove one cache entry (and its runtime's store image)."""
         return self.images.remove(entry, self._runtime_for)

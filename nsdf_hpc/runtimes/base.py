@@ -191,6 +191,34 @@ class Runtime(abc.ABC):
         """How to remove an entry's image from the runtime's own store (None: nothing to do)."""
         return None
 
+    def claim_plan(self, location: str, owner: str) -> Optional[ImagePlan]:
+        """Steps that give the store image at ``location`` a name only one cache entry uses
+        (``owner`` is unique to the entry); the plan's ``location`` is that name.
+
+        A store that several caches share (podman's per-user store) then holds one name per
+        entry, and ``remove_argv`` removes only this entry's name: the store deletes the image
+        with its last name, never while another cache still names it. None (the default):
+        the entry owns what it runs.
+        """
+        return None
+
+    def holds_argv(self, location: str) -> Optional[List[str]]:
+        """How to ask the runtime's store whether it still holds an entry's image: exit 0 yes,
+        exit 1 no, anything else cannot tell (None: nothing to ask; see ``store_path``)."""
+        return None
+
+    def store_size_argv(self, location: str) -> Optional[List[str]]:
+        """How to ask the runtime's store for the bytes an entry's image takes there (read by
+        ``parse_store_size``); None: the cache entry's own files are the whole size."""
+        return None
+
+    def parse_store_size(self, stdout: str) -> int:
+        """The size printed by ``store_size_argv`` (a byte count alone on its line)."""
+        text = stdout.strip()
+        if not text.isdigit():
+            raise UnexpectedOutputError(f"{self.name} image size", stdout, expected="a byte count")
+        return int(text)
+
     # ---------------------------------------------------------------- run
     @abc.abstractmethod
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],

@@ -82,8 +82,6 @@ KNOWN_DEFECTS = {
         'item 3: ch-run 0.31 mount points are created inside the cached rootfs',
     'test_images_verify_flags_a_hand_modified_charliecloud_entry':
         'item 3: verify checks only that rootfs is a directory',
-    'test_podman_prune_in_one_cache_does_not_break_another':
-        'item 2: the podman store is shared between caches',
     'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[charliecloud]':
         "item 12: the automatic cwd bind is split at ':'",
     'test_cwd_with_a_colon_works_or_exits_125_naming_no_bind_cwd[podman]':
@@ -96,8 +94,6 @@ KNOWN_DEFECTS = {
         "item 11: the repack keeps the archive's own tag",
     'test_udocker_runs_oci_archives_untagged_or_tagged[v1]':
         "item 11: the repack keeps the archive's own tag",
-    'test_podman_entries_show_their_size':
-        'item 15: the podman store size is not measured',
 }
 
 
@@ -403,20 +399,25 @@ def test_images_verify_flags_a_hand_modified_charliecloud_entry(tmp_path: Path) 
 
 
 # ------------------------------------------------------------------ item 2: podman prune
-@pytest.mark.podman
-def test_podman_prune_in_one_cache_does_not_break_another() -> None:
-    # an image of its own, whose only name in the podman store is the one nsdf-run pulls:
-    # busybox has other names there (other tests), and `podman rmi NAME` then only untags
-    u = uuid.uuid4().hex[:10]
-    ref = f"{REG}/test/prune:{u}"
-    local = f"localhost/nsdf-runfix-prune:{u}"
+def _own_podman_image(tag: str) -> Tuple[str, str]:
+    """Push an image of its own (busybox + /etc/id = ``tag``) to ``test/prune:<tag>``; returns
+    (reference, id text). busybox itself has other names in the podman store (other tests),
+    and `podman rmi NAME` then only untags, so a test of removal needs an image nobody else names."""
+    ref = f"{REG}/test/prune:{tag}"
+    local = f"localhost/nsdf-runfix-prune:{tag}"
     with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-        (Path(d) / "Containerfile").write_text(f"FROM {BUSYBOX}\nRUN echo {u} > /etc/id\n")
+        (Path(d) / "Containerfile").write_text(f"FROM {BUSYBOX}\nRUN echo {tag} > /etc/id\n")
         r0 = subprocess.run(["podman", "build", "-q", "--tls-verify=false", "-t", local, d],
                             capture_output=True, text=True)
         assert r0.returncode == 0, r0.stderr
     _push(local, ref)
     subprocess.run(["podman", "rmi", local], capture_output=True)
+    return ref, f"{tag}\n"
+
+
+@pytest.mark.podman
+def test_podman_prune_in_one_cache_does_not_break_another() -> None:
+    ref, ident = _own_podman_image(uuid.uuid4().hex[:10])
     a = Path(tempfile.mkdtemp(prefix="nsdf-runfix-A-", dir="/var/tmp"))
     b = Path(tempfile.mkdtemp(prefix="nsdf-runfix-B-", dir="/var/tmp"))
     try:
@@ -434,10 +435,92 @@ def test_podman_prune_in_one_cache_does_not_break_another() -> None:
             p = nsdf(["pull", "-r", "podman", ref], a)
             assert p.returncode == 0, err(p)
             r = nsdf(["run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"], a)
-        assert (r.returncode, out(r)) == (0, f"{u}\n"), err(r)
+        assert (r.returncode, out(r)) == (0, ident), err(r)
+        # the last cache's prune frees the store: no name (ours or the shared pull name) is left
+        r = nsdf(["prune", "--max-size", "0"], a)
+        assert r.returncode == 0 and "removed 1 entry" in out(r), out(r) + err(r)
+        e = subprocess.run(["podman", "image", "exists", ref.rsplit(":", 1)[0] + "@" + _digest(ref)])
+        assert e.returncode == 1, "the image outlived the prune of the last cache that named it"
     finally:
         shutil.rmtree(a, ignore_errors=True)
         shutil.rmtree(b, ignore_errors=True)
+
+
+def _digest(ref: str) -> str:
+    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}",
+                        f"docker://{ref}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def _verify_notices(run_nsdf, podman: List[str], ref: str, ident: str) -> None:
+    """Pull ``ref``, remove its image from the store behind the cache's back, then check that
+    `images --verify` flags the entry, `pull` pulls again (not "cached:"), and `run` works."""
+    p = run_nsdf(["pull", "--json", "-r", "podman", ref])
+    assert p[0] == 0, p[2]
+    location = json.loads(p[1])["location"]
+    r = subprocess.run([*podman, "rmi", location], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    v = run_nsdf(["images", "--verify", "--json"])
+    rows = [row for row in json.loads(v[1] or "[]") if row["runtime"] == "podman"]
+    assert rows and not any(row["ok"] for row in rows), f"a store image removed by hand is ok: {rows}"
+    p = run_nsdf(["pull", "-r", "podman", ref])
+    assert p[0] == 0 and p[1].startswith("pulled:"), p
+    r2 = run_nsdf(["run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"])
+    assert (r2[0], r2[1]) == (0, ident), r2[2]
+    v = run_nsdf(["images", "--verify", "--json"])
+    rows = [row for row in json.loads(v[1] or "[]") if row["runtime"] == "podman"]
+    assert rows and all(row["ok"] for row in rows), rows
+    run_nsdf(["prune", "--max-size", "0"])
+
+
+@pytest.mark.podman
+def test_podman_verify_notices_a_store_image_removed_by_hand() -> None:
+    ref, ident = _own_podman_image(uuid.uuid4().hex[:10])
+    c = Path(tempfile.mkdtemp(prefix="nsdf-runfix-V-", dir="/var/tmp"))
+    try:
+        def run_nsdf(args: List[str]) -> Tuple[int, str, str]:
+            r = nsdf(args, c)
+            return r.returncode, out(r), err(r)
+        _verify_notices(run_nsdf, ["podman"], ref, ident)
+    finally:
+        shutil.rmtree(c, ignore_errors=True)
+
+
+@pytest.mark.podman
+@pytest.mark.unprivileged
+def test_podman_prune_and_verify_as_unprivileged_user(as_user) -> None:
+    """Rootless podman keeps one store per user ($HOME/.local/share/containers): the same
+    rules hold there, with the user's own caches."""
+    ref, ident = _own_podman_image(uuid.uuid4().hex[:10])
+    pw = as_user.pw
+    caches = []
+    for _ in range(3):
+        d = Path(tempfile.mkdtemp(prefix="nsdf-runfix-U-", dir="/var/tmp"))
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        caches.append(d)
+    a, b, c = caches
+
+    def in_cache(cache: Path):
+        def run_nsdf(args: List[str]) -> Tuple[int, str, str]:
+            r = nsdf_user(as_user, args, cache, cwd="/")
+            return r.returncode, r.stdout, r.stderr
+        return run_nsdf
+    try:
+        for cache in (a, b):
+            r = in_cache(cache)(["pull", "-r", "podman", ref])
+            assert r[0] == 0, r[2]
+        r = in_cache(b)(["prune", "--max-size", "0"])
+        assert r[0] == 0 and "removed 1 entry" in r[1], r
+        r = in_cache(a)(["run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"])
+        assert (r[0], r[1]) == (0, ident), f"prune in the user's cache B broke cache A: {r[2]}"
+        in_cache(a)(["prune", "--max-size", "0"])
+        _verify_notices(in_cache(c), ["runuser", "-u", as_user.user, "--", "env", "-i",
+                                      *[f"{k}={v}" for k, v in as_user.env().items()], "podman"],
+                        ref, ident)
+    finally:
+        for d in caches:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ item 7: a moved tag

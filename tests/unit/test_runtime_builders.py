@@ -130,3 +130,64 @@ def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tm
     work.mkdir()
     assert client.images._execute_plan(rt, plan, source, str(work)) == image_id
     assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}")]
+
+
+# ---------------------------------------------------------------- issue 14 item 2: a shared store
+D = "127.0.0.1:5443/hpc/busybox@sha256:" + "ab" * 32
+
+
+def test_podman_claims_a_private_name_and_drops_the_shared_pull_name():
+    rt = _rt("podman")
+    plan = rt.claim_plan(D, "0123456789abcdef")
+    assert plan is not None and plan.location == "localhost/nsdf-hpc/abababababababab:0123456789abcdef"
+    assert [s.argv for s in plan.steps] == [
+        ("/opt/bin/podman", "tag", D, plan.location),
+        ("/opt/bin/podman", "untag", plan.location, D)]
+    assert plan.steps[1].check is False          # already gone: nothing to drop
+    # an import's image id: only a name is added (the archive's own names are left alone)
+    assert [s.argv[1] for s in rt.claim_plan("f" * 64, "o").steps] == ["tag"]
+
+
+def test_podman_removes_only_names_an_entry_owns():
+    rt = _rt("podman")
+    assert rt.remove_argv("localhost/nsdf-hpc/abababababababab:0123") == [
+        "/opt/bin/podman", "rmi", "--ignore", "localhost/nsdf-hpc/abababababababab:0123"]
+    assert "--force" not in rt.remove_argv("localhost/nsdf-hpc/x:y") and "-f" not in rt.remove_argv("localhost/nsdf-hpc/x:y")
+    assert rt.remove_argv(D) is None             # an older entry's name, shared by every cache
+    assert rt.remove_argv("f" * 64) is None
+    assert _rt("podman-hpc").claim_plan(D, "o") is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_store_runtimes_ask_their_store(name):
+    rt = _rt(name)
+    if name in ("podman", "podman-hpc"):
+        assert rt.holds_argv("x") == [rt.path, "image", "exists", "x"]
+        assert rt.store_size_argv("x")[-1] == "x"
+        assert rt.parse_store_size("2134391\n") == 2134391
+    else:
+        assert rt.holds_argv("x") is None and rt.store_size_argv("x") is None
+        assert rt.claim_plan("x", "o") is None
+    with pytest.raises(UnexpectedOutputError):
+        rt.parse_store_size("Error: image not known\n")
+
+
+def _client(tmp_path, answers):
+    env = {"HOME": str(tmp_path), "NSDF_HPC_SITE_CONFIG": str(tmp_path / "none.toml"),
+           "PATH": "/usr/bin", "NSDF_HPC_CACHE": str(tmp_path / "cache")}
+    runner = FakeRunner(answers)
+    return Client(settings=load_settings(env=env), runner=runner, env=env), runner
+
+
+@pytest.mark.parametrize("rc, held", [(0, True), (1, False), (125, True)])
+def test_a_store_entry_is_usable_only_while_the_store_holds_it(tmp_path, rc, held):
+    """exit 1 of `podman image exists` drops the entry (lookup re-pulls, --verify flags it);
+    an error that says nothing about the image keeps it."""
+    client, runner = _client(tmp_path, {"podman": (rc, "", "")})
+    rt = _rt("podman")
+    work = client.cache.workdir("podman", "sha256:" + "ab" * 32)
+    entry = client.cache.publish(work, "podman", "sha256:" + "ab" * 32,
+                                 {"source": "x", "location": "localhost/nsdf-hpc/ab:o"})
+    assert client.images.verify(entry, lambda name: rt, full=True) is held
+    assert runner.calls[-1] == ("/opt/bin/podman", "image", "exists", "localhost/nsdf-hpc/ab:o")
+    assert (client.cache.lookup("podman", entry.digest, verify=client.images.verifier(rt)) is not None) is held
