@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _launch
-from ._exec import CommandRunner, SubprocessRunner
+from ._exec import CommandRunner, SubprocessRunner, run_guarded, run_scratch
 from .cache import Entry, ImageCache
 from .config import Settings, cache_dir, load_settings
 from .environment import container_env
@@ -240,9 +240,15 @@ class Client:
                 os.makedirs(d, exist_ok=True)
             except OSError as err:
                 raise ImageError(f"{rt.name}: cannot create mount point {d}: {err.strerror}") from None
-        res = self.runner.run(inv.argv, check=False, env=inv.env, capture=capture)
+        with run_scratch() as (name, scratch):
+            # a runtime whose container can outlive its process (podman) names each run's
+            # container, so that a signal passed on too early still ends the container
+            guard = rt.orphan_guard(name, scratch)
+            argv = inv.with_options(guard.options).argv if guard else inv.argv
+            res = run_guarded(self.runner, argv, env=inv.env, capture=capture,
+                              remove=guard.remove if guard else (), created=guard.created if guard else None)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
-                         argv=inv.argv, runtime=rt.name, image=native)
+                         argv=argv, runtime=rt.name, image=native)
 
     def save_launch(self, args: Sequence[str], spec: RunSpec, inv: Invocation, native: NativeImage,
                     rt: Runtime) -> None:
@@ -251,7 +257,8 @@ class Client:
             return
         checks, exists, expires = self.launch_checks(spec, inv, native, rt)
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,
-                     self.settings.env_deny, checks, expires, exists)
+                     self.settings.env_deny, checks, expires, exists,
+                     guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH))
 
     def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage, rt: Runtime
                       ) -> Tuple[List[str], List[str], float]:

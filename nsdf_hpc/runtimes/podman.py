@@ -9,7 +9,7 @@ from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
-from .base import (Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds,
+from .base import (Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
                    parse_first_version, process_env, require_paths)
 
 #: every store name an NSDF cache entry owns lives under this repository (``podman images``)
@@ -123,6 +123,15 @@ class Podman(Runtime):
 
     def store_size_argv(self, location: str) -> Optional[List[str]]:
         return [self.path, "image", "inspect", "--format", "{{.Size}}", location]
+
+    def orphan_guard(self, name: str, scratch: str) -> Optional[OrphanGuard]:
+        # --sig-proxy forwards signals only once the client has set it up, just before it
+        # starts the container; a SIGINT/SIGTERM before that ends the client (podman 4.3's
+        # shutdown handler exits 1 on INT and 0 on TERM, or the signal kills it) and leaves
+        # the container created or running under conmon. `rm -f` stops it (its stop signal,
+        # SIGKILL after --time) and prints its name; --cidfile is written once it exists
+        return OrphanGuard(("--name", name, "--cidfile", scratch),
+                           (self.path, "rm", "-f", "--ignore", "--time", "5", name), scratch)
 
     def gpu_args(self) -> List[str]:
         return ["--device", "nvidia.com/gpu=all"]
