@@ -98,7 +98,9 @@ KNOWN_DEFECTS = {
 
 #: timing-dependent cases seen failing under load (two test runs at once on 2 cores): podman
 #: exits 127 ("no such exit code ... container in state running") when SIGTERM reaches it
-#: while the container starts, and udocker (proot) does not pass signals on
+#: while the container starts, and udocker (proot) does not pass signals on. (podman: the
+#: start-up window itself is fixed, see test_signal_while_podman_starts_*; podman's own 127
+#: under load was not reproduced on the idle testbed, so its prefix stays until it is)
 FLAKY_PREFIXES = ("test_signal_to_nsdf_run_ends_the_container[podman-",
                   "test_signal_to_nsdf_run_ends_the_container[udocker-")
 
@@ -349,6 +351,67 @@ def test_signal_while_podman_starts_the_container_ends_it(sig: int, delay: float
             proc.kill()
             proc.wait()
         _cleanup(arg)
+
+
+def _descendant(pid: int, name: str, timeout: float = 60) -> Optional[int]:
+    """The first process below ``pid`` whose command name is ``name`` (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        todo = [str(pid)]
+        while todo:
+            p = todo.pop()
+            try:
+                if Path(f"/proc/{p}/comm").read_text().strip() == name:
+                    return int(p)
+            except OSError:
+                pass
+            todo += _children(int(p))
+        time.sleep(0.002)
+    return None
+
+
+@pytest.mark.podman
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("delay", [0.06, 0.12])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_signal_while_rootless_podman_starts_the_container_ends_it(sig: int, delay: float, as_user) -> None:
+    """The same window with rootless podman (the user's own store and conmon)."""
+    cache = user_cache(as_user)
+    r = nsdf_user(as_user, ["pull", "-r", "podman", BUSYBOX], cache, cwd="/")
+    assert r.returncode == 0, r.stderr
+    arg = str(3000 + uuid.uuid4().int % 6000)
+    env = as_user.env(NSDF_HPC_CACHE=str(cache))
+    proc = subprocess.Popen(["runuser", "-u", as_user.user, "--", "env", "-i",
+                             *[f"{k}={v}" for k, v in env.items()], "nsdf-run", "run", "-r", "podman",
+                             "--no-bind-cwd", BUSYBOX, "--", "sleep", arg],
+                            cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    podman_ps = ["runuser", "-u", as_user.user, "--", "env", "-i",
+                 *[f"{k}={v}" for k, v in env.items()], "podman", "ps", "-a", "--format", "{{.ID}} {{.Command}}"]
+    try:
+        pod = _descendant(proc.pid, "podman")
+        assert pod is not None, "nsdf-run never started podman"
+        nsdf_pid = int(Path(f"/proc/{pod}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        time.sleep(delay)
+        os.kill(nsdf_pid, sig)                 # to nsdf-run itself (runuser is only the wrapper)
+        _, stderr = proc.communicate(timeout=30)
+        time.sleep(2)
+        alive = _procs_with(f"sleep {arg}")
+        left = [ln for ln in subprocess.run(podman_ps, capture_output=True, text=True).stdout.splitlines()
+                if f"sleep {arg}" in ln]
+        assert (proc.returncode, alive, left) == (128 + sig, [], []), stderr.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for line in _procs_with(f"sleep {arg}"):
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        for line in subprocess.run(podman_ps, capture_output=True, text=True).stdout.splitlines():
+            if f"sleep {arg}" in line:
+                subprocess.run([*podman_ps[:podman_ps.index("podman") + 1], "rm", "-f", line.split()[0]],
+                               capture_output=True)
 
 
 @pytest.mark.podman
