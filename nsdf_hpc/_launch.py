@@ -16,7 +16,10 @@ This module imports nothing heavier than ``json`` and ``hashlib``; it is the one
 container can outlive its own process (podman: ``Runtime.orphan_guard``) is not exec'd, since
 nobody would be left to remove a container that a signal reached too early; the record keeps
 the guard, and the run goes through ``_exec.run_guarded`` (the one executor), as a planned
-run does, at the cost of a Python parent that waits for podman.
+run does, at the cost of a Python parent that waits for podman. Being the parent also lets
+it notice a record gone stale in a way no stat shows: when podman fails (125) before any
+container existed (the image left its store), the record is dropped and the planned path
+takes over, which checks the store and pulls again.
 """
 from __future__ import annotations
 
@@ -155,18 +158,31 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
     except Exception:   # any doubt: the planned path decides
         return None
     if guard:
-        return _run_guarded(rec, guard)
+        status = _run_guarded(rec, guard)
+        if status is None:
+            # the runtime failed before it created the container (podman 125: e.g. the image
+            # was removed from its store behind the cache's back): this record is stale, and
+            # the planned path checks the store, pulls again and runs the command once
+            try:
+                os.unlink(os.path.join(record_dir(os.environ), launch_key(args, os.environ, cwd) + ".json"))
+            except OSError:
+                pass
+        return status
     os.execve(argv[0], argv, penv)
     return None   # not reached
 
 
-def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any]) -> int:
+def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any]) -> Optional[int]:
+    """The exit status, or None when the runtime failed (125) before any container existed."""
     from ._exec import SubprocessRunner, run_guarded, run_scratch   # noqa: PLC0415 (only here)
     with run_scratch() as (name, scratch):
         def fill(word: str) -> str:
             return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
         argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard["options"]])
-        created = guard.get("created")
+        created = fill(guard["created"]) if guard.get("created") else None
         res = run_guarded(SubprocessRunner(), argv, env=penv, capture=False,
-                          remove=[fill(w) for w in guard["remove"]], created=fill(created) if created else None)
+                          remove=[fill(w) for w in guard["remove"]], created=created)
+        never_created = created is not None and not (os.path.isfile(created) and os.path.getsize(created))
+    if res.returncode == 125 and res.forwarded is None and never_created:
+        return None
     return res.returncode

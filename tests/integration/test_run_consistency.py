@@ -637,6 +637,29 @@ def test_podman_verify_notices_a_store_image_removed_by_hand() -> None:
 
 
 @pytest.mark.podman
+def test_podman_launch_record_recovers_when_the_store_image_is_gone() -> None:
+    """A launch record checks files by stat; a store image removed behind the cache's back
+    (another tool's `podman rmi`, `podman system reset`) used to give 125 "image not known" on
+    every later identical run until the record expired (30 days for a digest)."""
+    ref, ident = _own_podman_image(uuid.uuid4().hex[:10])
+    c = Path(tempfile.mkdtemp(prefix="nsdf-runfix-L-", dir="/var/tmp"))
+    cmd = ["run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"]
+    try:
+        location = json.loads(nsdf(["pull", "--json", "-r", "podman", ref], c).stdout)["location"]
+        for _ in range(2):                                  # planned, then the launch record
+            r = nsdf(cmd, c)
+            assert (r.returncode, out(r)) == (0, ident), err(r)
+        assert list((c / "launch").iterdir()), "no launch record was written"
+        assert subprocess.run(["podman", "rmi", location], capture_output=True).returncode == 0
+        for _ in range(2):
+            r = nsdf(cmd, c)
+            assert (r.returncode, out(r)) == (0, ident), f"exit {r.returncode}: {err(r)}"
+        nsdf(["prune", "--max-size", "0"], c)
+    finally:
+        shutil.rmtree(c, ignore_errors=True)
+
+
+@pytest.mark.podman
 @pytest.mark.unprivileged
 def test_podman_prune_and_verify_as_unprivileged_user(as_user) -> None:
     """Rootless podman keeps one store per user ($HOME/.local/share/containers): the same
