@@ -1,3 +1,3 @@
 from ._entry import main
 
-main()
+raise SystemExit(main())

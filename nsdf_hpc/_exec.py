@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
@@ -35,6 +38,8 @@ class CompletedCommand:
     stderr: str = ""
     duration: float = 0.0
     env: Optional[Dict[str, str]] = field(default=None, repr=False, compare=False)
+    #: the last signal passed on to a streamed command while it ran (``capture=False``)
+    forwarded: Optional[int] = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -72,15 +77,17 @@ def _child_env(env: Optional[Mapping[str, str]],
     return result
 
 
-def _forward_signals(proc: "subprocess.Popen[bytes]") -> Dict[int, Any]:
+def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int]) -> Dict[int, Any]:
     """While a streamed child runs, SIGTERM/SIGINT/SIGHUP sent to this process are passed on
-    to it and this process keeps waiting for it (so nothing keeps running after we return).
-    Returns the previous handlers; only the main thread can install handlers."""
+    to it (and noted in ``seen``) and this process keeps waiting for it (so nothing keeps
+    running after we return). Returns the previous handlers; only the main thread can
+    install handlers."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous: Dict[int, Any] = {}
 
     def forward(signum: int, frame: Any) -> None:
+        seen.append(signum)
         try:
             proc.send_signal(signum)
         except OSError:
@@ -123,7 +130,8 @@ class SubprocessRunner:
             raise ToolNotFoundError(args[0]) from err
         except PermissionError as err:
             raise ToolNotFoundError(args[0], f"not executable ({err.strerror})") from err
-        forwarded = _forward_signals(proc) if not capture and timeout is None else {}
+        seen: List[int] = []
+        forwarded = _forward_signals(proc, seen) if not capture and timeout is None else {}
         try:
             out, err_out = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -140,7 +148,7 @@ class SubprocessRunner:
         # a command killed by signal N exits 128+N, as in a shell (Popen reports -N)
         rc = 128 - proc.returncode if proc.returncode < 0 else proc.returncode
         result = CompletedCommand(args, rc, _decode(out), _decode(err_out),
-                                  time.perf_counter() - start, child_env)
+                                  time.perf_counter() - start, child_env, seen[-1] if seen else None)
         logger.debug("rc=%s in %.1f ms", result.returncode, result.duration * 1000)
         if check and result.returncode != 0:
             raise CommandError(args, result.returncode, result.stdout, result.stderr)
@@ -180,3 +188,42 @@ class SubprocessRunner:
             results.append(CompletedCommand(args, proc.returncode, _decode(out), _decode(err_out),
                                             time.perf_counter() - t0))
         return results
+
+
+@contextmanager
+def run_scratch() -> Iterator[Tuple[str, str]]:
+    """A name and a file path unique to one run (the path in a private directory that is
+    removed afterwards), for a runtime's orphan guard (``Runtime.orphan_guard``)."""
+    d = tempfile.mkdtemp(prefix="nsdf-run-")
+    try:
+        yield f"nsdf-{os.getpid()}-{os.urandom(4).hex()}", os.path.join(d, "run")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str, str]], capture: bool,
+                remove: Sequence[str] = (), created: Optional[str] = None) -> CompletedCommand:
+    """Run a container's runtime; when a signal was passed on to it while it ran, make sure
+    the container did not outlive it.
+
+    ``remove`` (an orphan guard's argv) removes the run's container if it is still there and
+    prints what it removed; ``created`` is a file the runtime writes once the container
+    exists. The run ended by the signal N (exit 128+N) when the container never existed or
+    had to be removed; otherwise the container got the signal and its own status stands (a
+    command that traps SIGTERM and exits 7 gives 7).
+    """
+    res = runner.run(argv, check=False, env=env, capture=capture)
+    if res.forwarded is None or not remove:
+        return res
+    # its own session: a second Ctrl-C at the terminal does not interrupt the removal
+    left = runner.run(remove, check=False, env=env, timeout=120)
+    removed = left.returncode == 0 and bool(left.stdout.strip())
+    try:
+        existed = created is None or os.path.getsize(created) > 0
+    except OSError:
+        existed = False
+    if removed or not existed:
+        logger.info("%s ended on signal %d before its container did (%s)", argv[0], res.forwarded,
+                    "removed it" if removed else "none was created")
+        return replace(res, returncode=128 + res.forwarded)
+    return res

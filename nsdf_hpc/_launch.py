@@ -12,7 +12,14 @@ code is the command's. Any doubt (a missing or changed file, an expired tag, a p
 falls back to the planned path, which rewrites the record.
 
 This module imports nothing heavier than ``json`` and ``hashlib``; it is the one place besides
-``_exec.py`` that hands control to another program, and it never starts a child process.
+``_exec.py`` that hands control to another program. One exception to the exec: a runtime whose
+container can outlive its own process (podman: ``Runtime.orphan_guard``) is not exec'd, since
+nobody would be left to remove a container that a signal reached too early; the record keeps
+the guard, and the run goes through ``_exec.run_guarded`` (the one executor), as a planned
+run does, at the cost of a Python parent that waits for podman. Being the parent also lets
+it notice a record gone stale in a way no stat shows: when podman fails (125) before any
+container existed (the image left its store), the record is dropped and the planned path
+takes over, which checks the store and pulls again.
 """
 from __future__ import annotations
 
@@ -30,7 +37,10 @@ from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 2
+FORMAT = 3   # 3: the orphan guard (podman)
+#: stand-ins in a record's orphan guard for the name and path each run gets (``_exec.run_scratch``)
+GUARD_NAME = "{nsdf-run-name}"
+GUARD_PATH = "{nsdf-run-path}"
 #: variables that change between identical calls and that planning never reads
 _VOLATILE = ("_", "OLDPWD", "SHLVL", "PWD", "COLUMNS", "LINES")
 #: variables planning reads although the container allowlist also takes them
@@ -72,11 +82,12 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
 
 def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
          allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
-         exists: Sequence[str] = ()) -> None:
+         exists: Sequence[str] = (), guard: Any = None) -> None:
     """Write the record for a planned run (best effort: a read-only home just skips it).
 
     The record keeps the invocation in its parts (``runtimes.base.Invocation``) and the
     runtime's one environment encoding, so a later call re-encodes its own host variables.
+    ``guard`` is the runtime's orphan guard made with ``GUARD_NAME`` and ``GUARD_PATH``.
     """
     record = {
         "format": FORMAT, "encoding": inv.encoding.as_dict(), "head": list(inv.head),
@@ -84,6 +95,8 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "explicit": dict(inv.explicit_env), "allow": list(allow), "deny": list(deny),
         "mkdirs": list(inv.mkdirs), "mkfiles": list(inv.mkfiles), "expires": expires,
         "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
+        "guard": None if guard is None else {"options": list(guard.options), "remove": list(guard.remove),
+                                             "created": guard.created},
     }
     d = record_dir(env)
     path = os.path.join(d, launch_key(args, env, cwd) + ".json")
@@ -97,6 +110,21 @@ def load(args: Sequence[str], env: Mapping[str, str], cwd: str
          ) -> Optional[Tuple[List[str], Dict[str, str], List[Tuple[str, bool]]]]:
     """The argv, environment and mount points (path, is a file) to exec, or None when the
     record is not valid."""
+    rec = _valid_record(args, env, cwd)
+    return None if rec is None else _command(rec, env)
+
+
+def _command(rec: Dict[str, Any], env: Mapping[str, str], options: Sequence[str] = ()
+             ) -> Tuple[List[str], Dict[str, str], List[Tuple[str, bool]]]:
+    cenv = container_env(env, rec["explicit"], rec["allow"], rec["deny"])
+    encoding = EnvEncoding(**rec["encoding"])
+    argv = [*rec["head"], *options, *encoding.argv_words(cenv), *rec["tail"]]
+    penv = encoding.process_env(rec["static_env"], cenv)
+    points = [(d, False) for d in rec.get("mkdirs", [])] + [(f, True) for f in rec.get("mkfiles", [])]
+    return argv, penv, points
+
+
+def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(record_dir(env), launch_key(args, env, cwd) + ".json")
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as fh:
@@ -109,32 +137,57 @@ def load(args: Sequence[str], env: Mapping[str, str], cwd: str
         now = _stat_id(p)
         if now is None or (ident is not None and list(now) != ident):
             return None
-    cenv = container_env(env, rec["explicit"], rec["allow"], rec["deny"])
-    encoding = EnvEncoding(**rec["encoding"])
-    argv = [*rec["head"], *encoding.argv_words(cenv), *rec["tail"]]
-    penv = encoding.process_env(rec["static_env"], cenv)
-    points = [(d, False) for d in rec.get("mkdirs", [])] + [(f, True) for f in rec.get("mkfiles", [])]
-    return argv, penv, points
+    return rec
 
 
-def try_fast_run(args: Sequence[str]) -> None:
-    """Exec the recorded runtime command for ``nsdf-run run ...``; returns if there is none."""
+def try_fast_run(args: Sequence[str]) -> Optional[int]:
+    """Exec the recorded runtime command for ``nsdf-run run ...``; returns None if there is
+    none, or the exit status of a guarded run (see the module docstring)."""
     if os.environ.get("NSDF_HPC_NO_FAST_PATH"):
-        return
+        return None
     if not args or args[0] != "run" or any(a in ("--dry-run", "-h", "--help") for a in args):
-        return
+        return None
     try:
         cwd = os.getcwd()
-        found = load(args, os.environ, cwd)
-        if found is None:
-            return
-        argv, penv, mkdirs = found
+        rec = _valid_record(args, os.environ, cwd)
+        if rec is None:
+            return None
+        argv, penv, mkdirs = _command(rec, os.environ)
         for d, is_file in mkdirs:
             os.makedirs(os.path.dirname(d) if is_file else d, exist_ok=True)
             if is_file:   # the mount point of a file bind
                 open(d, "a").close()
         if not os.path.isabs(argv[0]):
-            return
+            return None
+        guard = rec.get("guard")
     except Exception:   # any doubt: the planned path decides
-        return
+        return None
+    if guard:
+        status = _run_guarded(rec, guard)
+        if status is None:
+            # the runtime failed before it created the container (podman 125: e.g. the image
+            # was removed from its store behind the cache's back): this record is stale, and
+            # the planned path checks the store, pulls again and runs the command once
+            try:
+                os.unlink(os.path.join(record_dir(os.environ), launch_key(args, os.environ, cwd) + ".json"))
+            except OSError:
+                pass
+        return status
     os.execve(argv[0], argv, penv)
+    return None   # not reached
+
+
+def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any]) -> Optional[int]:
+    """The exit status, or None when the runtime failed (125) before any container existed."""
+    from ._exec import SubprocessRunner, run_guarded, run_scratch   # noqa: PLC0415 (only here)
+    with run_scratch() as (name, scratch):
+        def fill(word: str) -> str:
+            return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
+        argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard["options"]])
+        created = fill(guard["created"]) if guard.get("created") else None
+        res = run_guarded(SubprocessRunner(), argv, env=penv, capture=False,
+                          remove=[fill(w) for w in guard["remove"]], created=created)
+        never_created = created is not None and not (os.path.isfile(created) and os.path.getsize(created))
+    if res.returncode == 125 and res.forwarded is None and never_created:
+        return None
+    return res.returncode

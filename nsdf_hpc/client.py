@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _launch
-from ._exec import CommandRunner, SubprocessRunner
+from ._exec import CommandRunner, SubprocessRunner, run_guarded, run_scratch
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings, cache_dir, load_settings
 from .environment import container_env
@@ -139,6 +139,11 @@ class Client:
         until the cache holds at most ``max_size`` bytes; returns what was (or would be) removed."""
         return self.images.prune(self._runtime_for, older_than=older_than, max_size=max_size,
                                  dry_run=dry_run)
+
+    def verify(self, entry: Entry, full: bool = False) -> bool:
+        """Whether a cache entry is usable: its files (``full``: re-hashed) and, for a store
+        runtime installed here, its image in the runtime's store."""
+        return self.images.verify(entry, self._runtime_for, full)
 
     def remove(self, entry: Entry) -> bool:
         """Remove one cache entry (and its runtime's store image)."""
@@ -280,9 +285,15 @@ class Client:
         """Run a planned invocation (mount points first); the exit code is data (a command
         killed by signal N gives 128+N)."""
         self.prepare(inv, rt)
-        res = self.runner.run(inv.argv, check=False, env=inv.env, capture=capture)
+        with run_scratch() as (name, scratch):
+            # a runtime whose container can outlive its process (podman) names each run's
+            # container, so that a signal passed on too early still ends the container
+            guard = rt.orphan_guard(name, scratch)
+            argv = inv.with_options(guard.options).argv if guard else inv.argv
+            res = run_guarded(self.runner, argv, env=inv.env, capture=capture,
+                              remove=guard.remove if guard else (), created=guard.created if guard else None)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
-                         argv=inv.argv, runtime=rt.name, image=native)
+                         argv=argv, runtime=rt.name, image=native)
 
     def prepare(self, inv: Invocation, rt: Runtime) -> None:
         """Make what the invocation needs on the host first: the private copy of a directory
@@ -317,7 +328,8 @@ class Client:
             return
         checks, exists, expires = self.launch_checks(spec, inv, native, rt)
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,
-                     self.settings.env_deny, checks, expires, exists)
+                     self.settings.env_deny, checks, expires, exists,
+                     guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH))
 
     def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage, rt: Runtime
                       ) -> Tuple[List[str], List[str], float]:

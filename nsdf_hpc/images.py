@@ -7,6 +7,7 @@ reference is parsed once (:meth:`ImageService.parse_image`) and the parsed sourc
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -184,8 +185,40 @@ class ImageService:
         """A cache entry of a store runtime is usable only while its store still holds it."""
         rt_env = rt.runtime_env(self.env, self.cache.root)
         if rt.store_path("probe", rt_env) is None:
-            return None
+            return self._store_holds(rt)
         return lambda e: os.path.isdir(rt.store_path(e.location, rt_env) or "")
+
+    def _store_holds(self, rt: Runtime) -> Optional[Callable[[Entry], bool]]:
+        """Asks the runtime's store (``Runtime.holds_argv``) whether it still holds an entry's
+        image: another cache's prune, `podman rmi` or `podman system reset` may have removed
+        it. Only a clear "no" (exit 1) fails the entry; an error that says nothing about the
+        image keeps it (the run reports the runtime's own error)."""
+        if rt.holds_argv("probe") is None:
+            return None
+        env = self._step_env(rt)
+
+        def holds(entry: Entry) -> bool:
+            argv = rt.holds_argv(entry.location)
+            if not argv:
+                return True
+            try:
+                res = self.runner.run(argv, check=False, env=env, timeout=60)
+            except NsdfError as err:
+                logger.debug("cannot ask %s about %s: %s", rt.name, entry.location, err)
+                return True
+            return res.returncode != 1
+        return holds
+
+    def verify(self, entry: Entry, runtime_for: Callable[[str], Optional[Runtime]],
+               full: bool = False) -> bool:
+        """The cache's own check (``full``: re-hash every artifact) and, for a store runtime
+        that is installed here, that its store still holds the entry's image."""
+        ok = self.cache.verify_full(entry) if full else self.cache.check(entry)
+        if not ok:
+            return False
+        rt = runtime_for(entry.runtime)
+        check = self.verifier(rt) if rt is not None else None
+        return check is None or check(entry)
 
     def _native_from_entry(self, entry: Entry, source: ImageSource) -> NativeImage:
         shell = entry.data.get("shell")
@@ -225,6 +258,7 @@ class ImageService:
         work = self.cache.workdir(rt.name, digest)
         try:
             location = self._execute_plan(rt, plan, source, work)
+            location = self._claim(rt, location, source, digest, work)
             guard = plan.checksum or plan.artifact
             main_file = guard if guard and os.path.isfile(os.path.join(work, guard)) else None
             dirs = [plan.artifact] if plan.artifact and os.path.isdir(os.path.join(work, plan.artifact)) else []
@@ -254,11 +288,32 @@ class ImageService:
         logger.debug("shell probe of %s: exit %s", location, res.returncode)
         return res.returncode == 0
 
+    def _claim(self, rt: Runtime, location: str, source: ImageSource, digest: str, work: str) -> str:
+        """Give the store image a name only this cache entry uses (``Runtime.claim_plan``), so
+        that pruning another cache that shares the runtime's store never removes it."""
+        owner = hashlib.sha256(os.path.realpath(self.cache.entry_dir(rt.name, digest)).encode(
+            "utf-8", "surrogateescape")).hexdigest()[:16]
+        claim = rt.claim_plan(location, owner)
+        return location if claim is None else self._execute_plan(rt, claim, source, work)
+
+    def _store_image_size(self, rt: Runtime, location: str) -> int:
+        """Bytes the runtime's store reports for an image (``Runtime.store_size_argv``), 0 when
+        it cannot say."""
+        argv = rt.store_size_argv(location)
+        if not argv:
+            return 0
+        try:
+            res = self.runner.run(argv, check=True, env=self._step_env(rt), timeout=60)
+            return rt.parse_store_size(res.stdout)
+        except NsdfError as err:
+            logger.debug("no store size for %s: %s", location, err)
+            return 0
+
     def _store_size(self, rt: Runtime, location: str) -> int:
         """Bytes a store runtime keeps for this entry outside the cache entry."""
         d = rt.store_path(location, rt.runtime_env(self.env, self.cache.root))
         if d is None:
-            return 0
+            return self._store_image_size(rt, location)
         total = 0
         for root, _dirs, files in os.walk(d):
             for f in files:

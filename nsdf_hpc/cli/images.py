@@ -30,7 +30,8 @@ def pull(ctx: click.Context, image: str, runtime: Optional[str], as_json: bool) 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--verify", is_flag=True, help="Re-hash every artifact (slow).")
+@click.option("--verify", is_flag=True,
+              help="Re-hash every artifact and ask the runtimes' stores for their images (slow).")
 @click.pass_context
 @cli_errors()
 def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
@@ -38,7 +39,7 @@ def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
     client = make_client(ctx)
     rows: List[Dict[str, Any]] = []
     for e in client.entries():
-        ok = client.cache.verify_full(e) if verify else client.cache.check(e)
+        ok = client.verify(e, full=True) if verify else client.cache.check(e)
         rows.append({"runtime": e.runtime, "digest": e.digest, "source": e.data.get("source"),
                      "location": e.location, "size": e.size(), "last_use": e.last_use(),
                      "tier": e.tier, "ok": ok})

@@ -18,7 +18,7 @@ import abc
 import csv
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import shutil
 import sys
 from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -89,6 +89,21 @@ class Invocation:
     @property
     def env(self) -> Dict[str, str]:
         return self.encoding.process_env(self.static_env, self.container_env)
+
+    def with_options(self, options: Sequence[str]) -> "Invocation":
+        """The same invocation with ``options`` added after the runtime's own (a run's name)."""
+        return replace(self, head=(*self.head, *options))
+
+
+@dataclass(frozen=True)
+class OrphanGuard:
+    """Options that name one run's container, the argv that removes that container if it
+    outlived the runtime's process (printing what it removed, nothing when nothing was left),
+    and a file the runtime writes once the container exists (None: cannot tell)."""
+
+    options: Tuple[str, ...]
+    remove: Tuple[str, ...]
+    created: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +228,47 @@ class Runtime(abc.ABC):
 
     def remove_argv(self, location: str) -> Optional[List[str]]:
         """How to remove an entry's image from the runtime's own store (None: nothing to do)."""
+        return None
+
+    def claim_plan(self, location: str, owner: str) -> Optional[ImagePlan]:
+        """Steps that give the store image at ``location`` a name only one cache entry uses
+        (``owner`` is unique to the entry); the plan's ``location`` is that name.
+
+        A store that several caches share (podman's per-user store) then holds one name per
+        entry, and ``remove_argv`` removes only this entry's name: the store deletes the image
+        with its last name, never while another cache still names it. None (the default):
+        the entry owns what it runs.
+        """
+        return None
+
+    def holds_argv(self, location: str) -> Optional[List[str]]:
+        """How to ask the runtime's store whether it still holds an entry's image: exit 0 yes,
+        exit 1 no, anything else cannot tell (None: nothing to ask; see ``store_path``)."""
+        return None
+
+    def store_size_argv(self, location: str) -> Optional[List[str]]:
+        """How to ask the runtime's store for the bytes an entry's image takes there (read by
+        ``parse_store_size``); None: the cache entry's own files are the whole size."""
+        return None
+
+    def parse_store_size(self, stdout: str) -> int:
+        """The size printed by ``store_size_argv`` (a byte count alone on its line)."""
+        text = stdout.strip()
+        if not text.isdigit():
+            raise UnexpectedOutputError(f"{self.name} image size", stdout, expected="a byte count")
+        return int(text)
+
+    def orphan_guard(self, name: str, scratch: str) -> Optional[OrphanGuard]:
+        """How a run's container can outlive the runtime's own process, and how to remove it.
+
+        Where the runtime's process is the container's only parent (Apptainer, ch-run, udocker)
+        nothing can be left behind: None (the default). Podman's container belongs to conmon,
+        and a signal that reaches the podman client before it proxies signals (while it
+        creates and starts the container) ends the client but not the container. The guard
+        names the container (``name`` is unique to the run; ``scratch`` is a path of its own
+        in a private directory), so that the executor (``_exec.run_guarded``) can remove it
+        after a signal and tell whether the run ended by that signal.
+        """
         return None
 
     # ---------------------------------------------------------------- run

@@ -9,8 +9,11 @@ from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
-from .base import (Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds,
+from .base import (Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
                    parse_first_version, process_env, require_paths)
+
+#: every store name an NSDF cache entry owns lives under this repository (``podman images``)
+PRIVATE_REPO = "localhost/nsdf-hpc"
 
 
 class Podman(Runtime):
@@ -93,11 +96,47 @@ class Podman(Runtime):
         return (ids or lines)[-1]
 
     def remove_argv(self, location: str) -> Optional[List[str]]:
+        if not location.startswith(PRIVATE_REPO + "/"):
+            # an entry made before names were per entry runs a name (repo@digest, an image
+            # id) that every cache of this user shares: removing it could take the image
+            # from another cache, so it is left to `podman image prune` / `podman rmi`
+            return None
+        # no --force: podman removes only this name while another name (another cache's
+        # entry) refers to the image, deletes the image with its last name, and refuses
+        # while a container uses it (the unnamed image is then left to `podman image prune`)
         return [self.path, "rmi", "--ignore", location]
 
     def login_env(self, user: str, password: str, authfile: str) -> Dict[str, str]:
         # containers-image reads REGISTRY_AUTH_FILE (never --creds, which puts it in argv)
         return {"REGISTRY_AUTH_FILE": authfile}
+
+    def claim_plan(self, location: str, owner: str) -> Optional[ImagePlan]:
+        digest = location.rpartition("@")[2] if "@" in location else location
+        hexpart = re.sub(r"[^0-9a-f]", "", digest.partition(":")[2] or digest)[:16] or "image"
+        name = f"{PRIVATE_REPO}/{hexpart}:{owner}"
+        steps = [Step((self.path, "tag", location, name), "name the image for this cache")]
+        if "@" in location:
+            # the pull left the shared name repo@digest; without it the image is deleted with
+            # its last entry name. Entries that still run repo@digest keep working: podman
+            # finds a digest reference by the image's digest, not only by its names
+            steps.append(Step((self.path, "untag", name, location), "drop the shared pull name",
+                              check=False))
+        return ImagePlan(tuple(steps), location=name)
+
+    def holds_argv(self, location: str) -> Optional[List[str]]:
+        return [self.path, "image", "exists", location]
+
+    def store_size_argv(self, location: str) -> Optional[List[str]]:
+        return [self.path, "image", "inspect", "--format", "{{.Size}}", location]
+
+    def orphan_guard(self, name: str, scratch: str) -> Optional[OrphanGuard]:
+        # --sig-proxy forwards signals only once the client has set it up, just before it
+        # starts the container; a SIGINT/SIGTERM before that ends the client (podman 4.3's
+        # shutdown handler exits 1 on INT and 0 on TERM, or the signal kills it) and leaves
+        # the container created or running under conmon. `rm -f` stops it (its stop signal,
+        # SIGKILL after --time) and prints its name; --cidfile is written once it exists
+        return OrphanGuard(("--name", name, "--cidfile", scratch),
+                           (self.path, "rm", "-f", "--ignore", "--time", "5", name), scratch)
 
     def gpu_args(self) -> List[str]:
         return ["--device", "nvidia.com/gpu=all"]
@@ -142,6 +181,12 @@ class PodmanHPC(Podman):
         # compute nodes also where the site disabled the automatic step
         return ImagePlan(plan.steps + (Step((self.path, "migrate", ref.by_digest()),
                                             "migrate to shared storage"),), location=plan.location)
+
+    def claim_plan(self, location: str, owner: str) -> Optional[ImagePlan]:
+        # a name given in podman's store would not reach the squashed copy that `migrate`
+        # made for the compute nodes (untested here): entries keep the pulled name, and
+        # remove_argv leaves such shared names in the store
+        return None
 
     def gpu_args(self) -> List[str]:
         return ["--gpu"]

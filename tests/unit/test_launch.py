@@ -101,3 +101,29 @@ def test_fast_path_never_runs_for_dry_run_or_help(monkeypatch: pytest.MonkeyPatc
     _launch.try_fast_run(["run", "--dry-run", "img", "--", "true"])
     _launch.try_fast_run(["pull", "img"])
     assert called == []
+
+
+@pytest.mark.parametrize("creates, expected", [(False, None), (True, 125)])
+def test_a_guarded_record_whose_runtime_failed_before_a_container_existed_is_dropped(
+        env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, creates: bool, expected) -> None:
+    """podman 125 with an empty --cidfile: nothing ran (the image left its store), so the
+    planned path takes over (None); 125 after the container existed is the command's own."""
+    from nsdf_hpc.runtimes.base import OrphanGuard
+    binary = tmp_path / "podman"
+    # the fake podman writes its --cidfile (the word after it) only when `creates`
+    binary.write_text("#!/bin/sh\nwhile [ $# -gt 0 ]; do\n"
+                      + ('  if [ "$1" = --cidfile ]; then echo abc > "$2"; fi\n' if creates else "")
+                      + "  shift\ndone\nexit 125\n")
+    binary.chmod(0o755)
+    (tmp_path / "user.toml").write_text("")
+    guard = OrphanGuard(("--name", _launch.GUARD_NAME, "--cidfile", _launch.GUARD_PATH),
+                        (str(binary), "rm", _launch.GUARD_NAME), _launch.GUARD_PATH)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "environ", dict(env))
+    key = _launch.launch_key(ARGS, env, str(tmp_path))
+    _launch.save(ARGS, env, str(tmp_path), _inv(binary), DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY,
+                 [str(binary)], 2e9, guard=guard)
+    record = Path(_launch.record_dir(env)) / f"{key}.json"
+    assert record.is_file()
+    assert _launch.try_fast_run(ARGS) == expected
+    assert record.exists() is creates

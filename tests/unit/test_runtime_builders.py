@@ -1,10 +1,12 @@
 """Properties every runtime's pure builders share, and a few details the contracts do not show."""
 from __future__ import annotations
 
+import os
 
 import pytest
 
 from _fakes import FakeRunner
+from nsdf_hpc._exec import CompletedCommand, run_guarded, run_scratch
 from nsdf_hpc.client import Client
 from nsdf_hpc.config import load_settings
 from nsdf_hpc.errors import SpecError, UnexpectedOutputError
@@ -131,3 +133,109 @@ def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tm
     work.mkdir()
     assert client.images._execute_plan(rt, plan, source, str(work)) == image_id
     assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}")]
+
+
+# ---------------------------------------------------------------- issue 14 item 2: a shared store
+D = "127.0.0.1:5443/hpc/busybox@sha256:" + "ab" * 32
+
+
+def test_podman_claims_a_private_name_and_drops_the_shared_pull_name():
+    rt = _rt("podman")
+    plan = rt.claim_plan(D, "0123456789abcdef")
+    assert plan is not None and plan.location == "localhost/nsdf-hpc/abababababababab:0123456789abcdef"
+    assert [s.argv for s in plan.steps] == [
+        ("/opt/bin/podman", "tag", D, plan.location),
+        ("/opt/bin/podman", "untag", plan.location, D)]
+    assert plan.steps[1].check is False          # already gone: nothing to drop
+    # an import's image id: only a name is added (the archive's own names are left alone)
+    assert [s.argv[1] for s in rt.claim_plan("f" * 64, "o").steps] == ["tag"]
+
+
+def test_podman_removes_only_names_an_entry_owns():
+    rt = _rt("podman")
+    assert rt.remove_argv("localhost/nsdf-hpc/abababababababab:0123") == [
+        "/opt/bin/podman", "rmi", "--ignore", "localhost/nsdf-hpc/abababababababab:0123"]
+    assert "--force" not in rt.remove_argv("localhost/nsdf-hpc/x:y") and "-f" not in rt.remove_argv("localhost/nsdf-hpc/x:y")
+    assert rt.remove_argv(D) is None             # an older entry's name, shared by every cache
+    assert rt.remove_argv("f" * 64) is None
+    assert _rt("podman-hpc").claim_plan(D, "o") is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_store_runtimes_ask_their_store(name):
+    rt = _rt(name)
+    if name in ("podman", "podman-hpc"):
+        assert rt.holds_argv("x") == [rt.path, "image", "exists", "x"]
+        assert rt.store_size_argv("x")[-1] == "x"
+        assert rt.parse_store_size("2134391\n") == 2134391
+        guard = rt.orphan_guard("nsdf-run-1", "/tmp/x/run")
+        assert guard is not None and guard.options == ("--name", "nsdf-run-1", "--cidfile", "/tmp/x/run")
+        assert guard.remove[1:4] == ("rm", "-f", "--ignore") and guard.remove[-1] == "nsdf-run-1"
+        assert guard.created == "/tmp/x/run"
+    else:
+        assert rt.holds_argv("x") is None and rt.store_size_argv("x") is None
+        assert rt.claim_plan("x", "o") is None and rt.orphan_guard("n", "/p") is None
+    with pytest.raises(UnexpectedOutputError):
+        rt.parse_store_size("Error: image not known\n")
+
+
+def _client(tmp_path, answers):
+    env = {"HOME": str(tmp_path), "NSDF_HPC_SITE_CONFIG": str(tmp_path / "none.toml"),
+           "PATH": "/usr/bin", "NSDF_HPC_CACHE": str(tmp_path / "cache")}
+    runner = FakeRunner(answers)
+    return Client(settings=load_settings(env=env), runner=runner, env=env), runner
+
+
+@pytest.mark.parametrize("rc, held", [(0, True), (1, False), (125, True)])
+def test_a_store_entry_is_usable_only_while_the_store_holds_it(tmp_path, rc, held):
+    """exit 1 of `podman image exists` drops the entry (lookup re-pulls, --verify flags it);
+    an error that says nothing about the image keeps it."""
+    client, runner = _client(tmp_path, {"podman": (rc, "", "")})
+    rt = _rt("podman")
+    work = client.cache.workdir("podman", "sha256:" + "ab" * 32)
+    entry = client.cache.publish(work, "podman", "sha256:" + "ab" * 32,
+                                 {"source": "x", "location": "localhost/nsdf-hpc/ab:o"})
+    assert client.images.verify(entry, lambda name: rt, full=True) is held
+    assert runner.calls[-1] == ("/opt/bin/podman", "image", "exists", "localhost/nsdf-hpc/ab:o")
+    assert (client.cache.lookup("podman", entry.digest, verify=client.images.verifier(rt)) is not None) is held
+
+
+# ---------------------------------------------------------------- issue 14 item 5: podman's early signal
+class _Runs:
+    """A runner whose first run "was signalled" and whose removal prints ``removed``."""
+
+    def __init__(self, rc, forwarded, removed):
+        self.rc, self.forwarded, self.removed, self.calls = rc, forwarded, removed, []
+
+    def run(self, argv, **kwargs):
+        self.calls.append(tuple(argv))
+        if len(self.calls) == 1:
+            return CompletedCommand(tuple(argv), self.rc, forwarded=self.forwarded)
+        return CompletedCommand(tuple(argv), 0, self.removed)
+
+
+@pytest.mark.parametrize("rc, forwarded, created, removed, expected, removals", [
+    (0, None, "id", "", 0, 0),             # no signal: nothing more to do
+    (7, 15, "id", "", 7, 1),               # the container trapped TERM and exited 7
+    (0, 15, "id", "nsdf-1\n", 143, 1),     # podman's shutdown handler exit 0; container left
+    (1, 2, "", "", 130, 1),                # INT before the container existed (podman exit 1)
+    (130, 2, "id", "", 130, 1),
+])
+def test_run_guarded_reaps_what_an_early_signal_left(tmp_path, rc, forwarded, created, removed,
+                                                      expected, removals):
+    cid = tmp_path / "run"
+    if created:
+        cid.write_text(created)
+    runner = _Runs(rc, forwarded, removed)
+    res = run_guarded(runner, ["podman", "run"], env=None, capture=False,
+                      remove=("podman", "rm", "-f", "x"), created=str(cid))
+    assert res.returncode == expected
+    assert len(runner.calls) == 1 + removals
+
+
+def test_run_scratch_is_private_and_removed():
+    with run_scratch() as (name, path):
+        d = os.path.dirname(path)
+        assert os.path.isdir(d) and not os.path.exists(path) and (os.stat(d).st_mode & 0o077) == 0
+        assert name.startswith("nsdf-") and name.replace("-", "").isalnum()
+    assert not os.path.exists(d)
