@@ -340,6 +340,10 @@ class ImageService:
                 overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
                 last = self.runner.run(step.argv, check=step.check, env=env, env_overrides=overrides,
                                        cwd=work, timeout=step.timeout)
+                if step.expect and step.expect not in last.stdout:
+                    raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
+                                     f"`{' '.join(step.argv)}` does not list {step.expect} "
+                                     "(the tool exited 0 without doing it)")
             except CommandError as err:
                 self._undo(plan, env, work)
                 raise ImageError(f"{rt.name}: {step.description} failed for {source.text}:\n{err}") from err

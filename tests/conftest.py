@@ -27,6 +27,7 @@ TOOLS = {
     "apptainer": ["apptainer"],
     "charliecloud": ["ch-run", "ch-image", "ch-convert"],
     "podman": ["podman"],
+    "podman_hpc": ["podman-hpc"],
     "buildah": ["buildah"],
     "udocker": ["udocker"],
     "slurm": ["sbatch", "squeue", "sacct", "scontrol", "scancel"],

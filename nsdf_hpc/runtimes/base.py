@@ -43,6 +43,9 @@ class Step:
     env: Mapping[str, Optional[str]] = field(default_factory=dict)   # overrides; None deletes
     timeout: Optional[float] = None
     check: bool = True
+    #: text the step's output must contain, for tools that exit 0 although they failed
+    #: (podman-hpc's migrate): without it the step failed
+    expect: Optional[str] = None
 
 
 @dataclass(frozen=True)

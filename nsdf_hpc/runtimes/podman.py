@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from ..environment import EnvEncoding
@@ -143,17 +144,40 @@ class Podman(Runtime):
 
 
 class PodmanHPC(Podman):
-    """podman-hpc (NERSC): podman with site hooks; images are migrated to shared storage."""
+    """podman-hpc (NERSC): podman with site hooks; a pull also *migrates* the image to a
+    read-only SquashFS store (the squash dir) that runs and compute nodes use.
+
+    Checked against podman-hpc 1.2.2 from PyPI on the testbed (tests/testbed/podman-hpc.sh):
+    it needs ``$USER`` for every call, keeps its writable store per uid (the site config's
+    ``graph_root_template``) and its squashes in ``SQUASH_DIR`` (default ``$SCRATCH/storage``,
+    else ``/tmp/storage``, which every user would share: nsdf-hpc then uses its own cache).
+    """
 
     name: ClassVar[str] = "podman-hpc"
     executables: ClassVar[Tuple[str, ...]] = ("podman-hpc",)
     priority: ClassVar[int] = 45
 
     def version_argv(self, path: str) -> List[str]:
-        # podman-hpc (a click group) has no --version: `podman-hpc --version` fails with
-        # "Error: no such option: --version" (NERSC/podman-hpc#64); the `version` subcommand is
-        # passed through to podman and prints podman's version block (NERSC/podman-hpc#48)
-        return [path, "version"]
+        # podman-hpc (a click group) has no --version, and `podman-hpc version` is podman's
+        # (4.3.1); `infohpc` prints "Podman-HPC Version: 1.2.2" (checked on 1.2.2)
+        return [path, "infohpc"]
+
+    def probe_env(self, env: Mapping[str, str]) -> Dict[str, str]:
+        out = super().probe_env(env)
+        out.update(self._own_env(env))
+        return out
+
+    def _own_env(self, env: Mapping[str, str], cache_root: Optional[str] = None) -> Dict[str, str]:
+        # without $USER every podman-hpc call stops: "Error: 'USER'... Exiting"
+        out = {"USER": env.get("USER") or env.get("LOGNAME") or self.ctx.user}
+        if env.get("SQUASH_DIR"):
+            out["SQUASH_DIR"] = env["SQUASH_DIR"]
+        elif cache_root and not env.get("SCRATCH"):
+            out["SQUASH_DIR"] = f"{cache_root}/podman-hpc"   # podman-hpc makes it (one level)
+        return out
+
+    def runtime_env(self, env: Mapping[str, str], cache_root: str) -> Dict[str, str]:
+        return self._own_env(env, cache_root)
 
     def parse_version(self, stdout: str, stderr: str = "") -> Tuple[str, str]:
         text = stdout or stderr
@@ -177,15 +201,27 @@ class PodmanHPC(Podman):
         if source.kind != "registry":
             return plan
         assert ref is not None
-        # `podman-hpc pull` migrates by itself; an explicit migrate makes it visible to
-        # compute nodes also where the site disabled the automatic step
-        return ImagePlan(plan.steps + (Step((self.path, "migrate", ref.by_digest()),
-                                            "migrate to shared storage"),), location=plan.location)
+        loc = ref.by_digest()
+        digest = loc.rpartition("@")[2]
+        # `podman-hpc pull` migrates by itself, and an explicit migrate makes the squash also
+        # where a site turned that off; both exit 0 when squashing failed, so the squash store
+        # (the read-only images) must list the digest afterwards
+        return ImagePlan(plan.steps + (
+            Step((self.path, "migrate", loc), "migrate to the squash store"),
+            Step((self.path, "images", "--filter", "readonly=true", "--format", "{{.Digest}}"),
+                 "check the squash", expect=digest),
+        ), location=plan.location)
+
+    def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
+                       host_env: Mapping[str, str]) -> Invocation:
+        inv = super().run_invocation(spec, native, container_env, host_env)
+        own = self._own_env(host_env)
+        return replace(inv, static_env={**inv.static_env, **own})
 
     def claim_plan(self, location: str, owner: str) -> Optional[ImagePlan]:
-        # a name given in podman's store would not reach the squashed copy that `migrate`
-        # made for the compute nodes (untested here): entries keep the pulled name, and
-        # remove_argv leaves such shared names in the store
+        # a name given in podman's writable store would not reach the squashed copy that
+        # `migrate` made: entries keep the pulled name, and remove_argv leaves such shared
+        # names in the store
         return None
 
     def gpu_args(self) -> List[str]:

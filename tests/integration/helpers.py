@@ -9,9 +9,9 @@ from typing import Dict, List, Optional
 
 import pytest
 
-RUNTIMES = ["apptainer", "charliecloud", "podman", "udocker"]
-#: one parameter per real runtime, each carrying its tool marker
-RUNTIME_PARAMS = [pytest.param(r, marks=getattr(pytest.mark, r), id=r) for r in RUNTIMES]
+RUNTIMES = ["apptainer", "charliecloud", "podman", "podman-hpc", "udocker"]
+#: one parameter per real runtime, each carrying its tool marker (podman-hpc: podman_hpc)
+RUNTIME_PARAMS = [pytest.param(r, marks=getattr(pytest.mark, r.replace("-", "_")), id=r) for r in RUNTIMES]
 BUSYBOX = "127.0.0.1:5443/hpc/busybox:latest"
 PYDEB = "127.0.0.1:5443/hpc/pydeb:latest"
 

@@ -39,7 +39,8 @@ KNOWN_DEFECTS: Dict[str, str] = {}
 #: while the container starts. (The start-up window itself is fixed, see
 #: test_signal_while_podman_starts_*; podman's own 127 under load was not reproduced on the
 #: idle testbed, so its prefix stays until it is.)
-FLAKY_PREFIXES = ("test_signal_to_nsdf_run_ends_the_container[podman-",)
+FLAKY_PREFIXES = ("test_signal_to_nsdf_run_ends_the_container[podman-TERM-",
+                  "test_signal_to_nsdf_run_ends_the_container[podman-INT-")
 
 
 @pytest.fixture(autouse=True)
@@ -223,9 +224,10 @@ def _procs_with(arg: str) -> List[str]:
     return [line for line in ps.splitlines() if arg in line and "ps -eo" not in line]
 
 
-def _podman_leftovers(arg: str) -> List[str]:
-    r = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}} {{.Command}}"],
-                       capture_output=True, text=True)
+def _podman_leftovers(arg: str, tool: str = "podman") -> List[str]:
+    """Containers left in podman's store (podman-hpc: its own per-uid store)."""
+    r = subprocess.run([tool, "ps", "-a", "--format", "{{.ID}} {{.Command}}"],
+                       capture_output=True, text=True, env={**os.environ, "USER": "root"})
     return [line for line in r.stdout.splitlines() if arg in line]
 
 
@@ -235,8 +237,10 @@ def _cleanup(arg: str) -> None:
             os.kill(int(line.split()[0]), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
-    for line in _podman_leftovers(arg):
-        subprocess.run(["podman", "rm", "-f", line.split()[0]], capture_output=True)
+    for tool in ("podman", "podman-hpc"):
+        for line in _podman_leftovers(arg, tool):
+            subprocess.run([tool, "rm", "-f", line.split()[0]], capture_output=True,
+                           env={**os.environ, "USER": "root"})
 
 
 MOMENTS = ["early-0.05s", "early-0.4s", "started", "started+0.5s", "started+1.5s"]
@@ -272,7 +276,7 @@ def test_signal_to_nsdf_run_ends_the_container(runtime: str, sig: int, moment: s
         # a runtime orphaned while starting may start the command after nsdf-run is gone
         time.sleep(2)
         alive = _procs_with(f"sleep {arg}")
-        left = _podman_leftovers(f"sleep {arg}") if runtime == "podman" else []
+        left = _podman_leftovers(f"sleep {arg}", runtime) if runtime.startswith("podman") else []
         # a SIGINT while the interpreter itself is still starting (before any nsdf-hpc code)
         # ends in CPython's "Fatal Python error: init_import_site" with status 1: nothing ran
         startup = rc == 1 and sig == signal.SIGINT and b"Fatal Python error" in stderr

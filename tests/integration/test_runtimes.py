@@ -120,7 +120,7 @@ def test_hostile_argv_env_and_bind_paths_arrive_byte_for_byte(runtime: str, shar
     assert not marker.exists(), "a hostile string was executed"
 
 
-@pytest.mark.parametrize("runtime", [pytest.param(r, marks=getattr(pytest.mark, r)) for r in ("apptainer", "podman")])
+@pytest.mark.parametrize("runtime", [p for p in RUNTIME_PARAMS if p.values[0] in ("apptainer", "podman", "podman-hpc")])
 def test_read_only_binds_are_enforced(runtime: str, shared_cache: Path, tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o755)
     r = nsdf_root(["run", "--runtime", runtime, "--bind", f"{tmp_path}:/mnt/ro:ro", BUSYBOX, "--",
