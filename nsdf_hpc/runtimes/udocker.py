@@ -34,6 +34,10 @@ class UDocker(Runtime):
     bind_unsafe: ClassVar[str] = ":"   # binds are SRC:DST[:opts]
     # `udocker --version` exits non-zero on some versions although it printed the version
     probe_status_matters: ClassVar[bool] = False
+    #: udocker 1.3.17 (proot): of several runs of one container started at once, some did not
+    #: see a bound directory's files ("can't open file", ENOENT on a bind), intermittently;
+    #: one at a time they all do (seen with the Executor, 2026-12)
+    concurrent_runs: ClassVar[bool] = False
     #: the in-container shell every command runs under when the image has /bin/sh, as its
     #: child rather than by exec: PRoot reports a command killed by signal N as 255 (PRoot
     #: 5.1.0 exits with the last tracee's normal exit status, -1 when none exited normally),
