@@ -5,33 +5,15 @@ cloudpickle beside it, into a support directory that is bound read-only into the
 (sys.path[0] is the script's directory, so no PYTHONPATH is needed). It runs items
 ``TASK*BATCH .. TASK*BATCH+BATCH-1`` of ROOT: each item directory ``ROOT/items/N`` holds
 ``call.pkl`` (function, args, kwargs); the worker writes ``stdout``, ``stderr`` and, last and
-atomically, ``result.pkl``: ``("ok", value)`` or ``("error", exception-or-None, type name,
-message, traceback text)``. Standard library only (Debian's python3-minimal has no json,
-uuid or dataclasses).
+atomically, ``result.pkl``: ``("ok", value)`` or ``("error", pickled exception or None, type
+name, message, traceback text)``. Standard library only (Debian's python3-minimal has no
+json, uuid or dataclasses; the last two, which cloudpickle imports, come from ``fallback/``).
 """
 import os
 import pickle
 import sys
 import traceback
-import types
 from typing import Any, List
-
-
-def _uuid_stub() -> None:
-    """cloudpickle imports ``uuid`` (for uuid4().hex tracker ids); python3-minimal lacks it."""
-    try:
-        import uuid  # noqa: F401
-        return
-    except ImportError:
-        pass
-    mod = types.ModuleType("uuid")
-
-    class _UUID:
-        def __init__(self) -> None:
-            self.hex = os.urandom(16).hex()
-
-    setattr(mod, "uuid4", _UUID)
-    sys.modules["uuid"] = mod
 
 
 def _write(path: str, data: bytes) -> None:
@@ -84,7 +66,10 @@ def _run_item(d: str, cloudpickle: Any) -> None:
 
 def main(argv: List[str]) -> int:
     root, task, batch = argv[1], int(argv[2]), int(argv[3])
-    _uuid_stub()
+    # the host's pure-Python copies of stdlib modules cloudpickle needs, used only where the
+    # image's Python lacks them (Debian's python3-minimal has no dataclasses or uuid):
+    # appended, so the image's own standard library always wins
+    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fallback"))
     import cloudpickle
     for n in range(task * batch, task * batch + batch):
         d = os.path.join(root, "items", str(n))

@@ -5,7 +5,7 @@ directory, runs the standalone worker ``_pyworker.py`` with the image's Python (
 a copy of the host's cloudpickle are bound read-only; nothing is installed into the image and
 PYTHONPATH is not used) and reads the result back. Layout of one executor's directory::
 
-    BASE/support/            worker + cloudpickle (bound read-only at the same path)
+    BASE/support/            worker, cloudpickle, fallback/ (bound read-only at the same path)
     BASE/calls/GROUP/items/N/call.pkl, stdout, stderr, result.pkl   (bound read-write)
 
 Locally every call is one container run (``max_workers`` at a time); on Slurm a ``map`` is one
@@ -19,6 +19,7 @@ before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional,
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pyworker.py")
 _INDEX = "__NSDF_EXEC_INDEX__"
+_FALLBACK = ("dataclasses", "uuid")
 _VERSION_CODE = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
 #: ``Executor`` options that are its own, not run options or sbatch resources
 _OWN = ("python", "max_workers", "batch_size", "max_tasks", "work_dir", "client", "keep")
@@ -108,6 +111,28 @@ def task_count(items: int, batch_size: Optional[int], max_tasks: int) -> Tuple[i
 def host_python() -> Tuple[int, int, int]:
     """This interpreter's version (the one that pickles)."""
     return sys.version_info[0], sys.version_info[1], sys.version_info[2]
+
+
+_BY_VALUE = threading.Lock()   # cloudpickle's by-value registry is process-wide
+
+
+def user_module(fn: Any) -> Optional[types.ModuleType]:
+    """The module of ``fn`` when it is the user's own code (a file outside the interpreter's
+    standard library and site-packages, not ``__main__``): cloudpickle pickles functions by
+    reference to their module, which the image does not have, so such a module is pickled by
+    value. Installed packages must be in the image."""
+    name = getattr(fn, "__module__", None)
+    module = sys.modules.get(name or "")
+    path = getattr(module, "__file__", None)
+    if module is None or name == "__main__" or not path:
+        return None
+    import sysconfig   # noqa: PLC0415
+    installed = {os.path.realpath(p) for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                 if (p := sysconfig.get_paths().get(key))}
+    real = os.path.realpath(path)
+    if any(real.startswith(p + os.sep) for p in installed):
+        return None
+    return module
 
 
 def _tail(text: str, lines: int = 20) -> str:
@@ -272,6 +297,13 @@ class Executor:
         shutil.copytree(os.path.dirname(os.path.abspath(cloudpickle.__file__)),
                         os.path.join(support, "cloudpickle"),
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # stdlib modules cloudpickle imports that minimal Pythons leave out (Debian's
+        # python3-minimal: dataclasses, uuid); pure Python, and the guard ensures the same
+        # major.minor; the worker puts them last on sys.path, so the image's own win
+        fallback = os.path.join(support, "fallback")
+        os.makedirs(fallback)
+        for name in _FALLBACK:
+            shutil.copy2(importlib.import_module(name).__file__ or "", os.path.join(fallback, f"{name}.py"))
         return base
 
     def _binds(self) -> List[Any]:
@@ -300,10 +332,18 @@ class Executor:
         import cloudpickle  # noqa: PLC0415
         d = os.path.join(group_dir, "items", str(n))
         os.makedirs(d)
-        try:
-            data = cloudpickle.dumps((fn, args, kwargs))
-        except Exception as err:   # noqa: BLE001 - pickling raises many types
-            raise ExecutorError(f"cannot pickle the call of {getattr(fn, '__qualname__', fn)!r}: {err}") from err
+        module = user_module(fn)
+        with _BY_VALUE:
+            if module is not None:
+                cloudpickle.register_pickle_by_value(module)
+            try:
+                data = cloudpickle.dumps((fn, args, kwargs))
+            except Exception as err:   # noqa: BLE001 - pickling raises many types
+                raise ExecutorError(f"cannot pickle the call of {getattr(fn, '__qualname__', fn)!r}: "
+                                    f"{err}") from err
+            finally:
+                if module is not None:
+                    cloudpickle.unregister_pickle_by_value(module)
         with open(os.path.join(d, "call.pkl"), "wb") as fh:
             fh.write(data)
 
@@ -372,8 +412,7 @@ class Executor:
         fut = CallFuture()
         fut.index = n
         if self._pool is None:
-            workers = self.max_workers if self._rt is None or self._rt.concurrent_runs else 1
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="nsdf-exec")
+            self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="nsdf-exec")
         self._pool.submit(self._run_local, fut, n)
         return fut
 

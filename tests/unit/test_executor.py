@@ -99,3 +99,11 @@ def test_worker_skips_items_that_have_a_result(tmp_path):
     first = (tmp_path / "items" / "0" / "result.pkl").stat().st_mtime_ns
     _worker(tmp_path, 0, 1)        # a requeued task: the item is not run twice
     assert (tmp_path / "items" / "0" / "result.pkl").stat().st_mtime_ns == first
+
+
+def test_user_code_travels_by_value_installed_code_by_reference():
+    from nsdf_hpc.executor import user_module
+    assert user_module(test_parse_version) is sys.modules[__name__]   # a file of this checkout
+    assert user_module(os.path.join) is None                          # the standard library
+    assert user_module(pytest.raises) is None                         # site-packages
+    assert user_module(len) is None                                   # builtins
