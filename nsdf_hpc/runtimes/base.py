@@ -148,9 +148,6 @@ class Runtime(abc.ABC):
     probe_status_matters: ClassVar[bool] = True
     #: characters this runtime's bind syntax cannot carry in a path (``SRC:DST`` splits at ':')
     bind_unsafe: ClassVar[str] = ""
-    #: False when runs of one image at the same time from one process are not reliable
-    #: (the Executor then runs its local calls one at a time)
-    concurrent_runs: ClassVar[bool] = True
 
     def __init__(self, path: Optional[str] = None, flavour: Optional[str] = None,
                  version: Optional[str] = None, ctx: Optional[RuntimeContext] = None) -> None:

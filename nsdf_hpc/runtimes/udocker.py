@@ -34,10 +34,6 @@ class UDocker(Runtime):
     bind_unsafe: ClassVar[str] = ":"   # binds are SRC:DST[:opts]
     # `udocker --version` exits non-zero on some versions although it printed the version
     probe_status_matters: ClassVar[bool] = False
-    #: udocker 1.3.17 (proot): of several runs of one container started at once, some did not
-    #: see a bound directory's files ("can't open file", ENOENT on a bind), intermittently;
-    #: one at a time they all do (seen with the Executor, 2026-12)
-    concurrent_runs: ClassVar[bool] = False
     #: the in-container shell every command runs under when the image has /bin/sh, as its
     #: child rather than by exec: PRoot reports a command killed by signal N as 255 (PRoot
     #: 5.1.0 exits with the last tracee's normal exit status, -1 when none exited normally),
@@ -174,8 +170,20 @@ class UDocker(Runtime):
         if self.ctx.python:
             # signals sent to nsdf-run must reach the command: see _udocker_relay.py
             argv = [self.ctx.python, "-I", "-S", RELAY, *(["--in-shell"] if in_shell else []), "--", *argv]
+        # udocker 1.3.17 creates a missing mount point in the container's ROOT and removes it
+        # when the run ends (utils/mountpoint.py: create, then restore/delete_all), also while
+        # another run of the same container still uses it: concurrent runs (array tasks,
+        # Executor calls) then intermittently saw ENOENT under their binds. Made here first,
+        # they exist, so udocker neither records nor removes them (a read-only store: left alone)
+        mkdirs: List[str] = []
+        mkfiles: List[str] = []
+        root = os.path.join(store, "ROOT") if store else None
+        if root and os.access(root, os.W_OK):
+            for b in binds:
+                p = os.path.join(root, b.target.lstrip("/"))
+                (mkfiles if os.path.isfile(b.source) else mkdirs).append(p)
         return Invocation(tuple(argv), tuple(tail), tuple(command), static,
-                          EnvEncoding("argv", flag="-e"), env, explicit)
+                          EnvEncoding("argv", flag="-e"), env, explicit, tuple(mkdirs), tuple(mkfiles))
 
     def wrap_command(self, command: Sequence[str], explicit_env: Mapping[str, str]) -> Tuple[str, ...]:
         # run_invocation starts the command under its own shell (not by exec: proot reports a
