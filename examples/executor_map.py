@@ -39,11 +39,11 @@ def main() -> int:
     ap.add_argument("--python", default="python3", help="the interpreter in the image")
     args = ap.parse_args()
 
+    # on Slurm, the executor also takes sbatch resources (time, partition, nodes, ...)
+    resources = {"time": "0:10"} if args.on == "slurm" else {}
     try:
         with nsdf_hpc.Executor(args.image, on=args.on, runtime=args.runtime, python=args.python,
-                               bind_cwd=False, time="0:10") if args.on == "slurm" else \
-                nsdf_hpc.Executor(args.image, runtime=args.runtime, python=args.python,
-                                  bind_cwd=False) as ex:
+                               bind_cwd=False, **resources) as ex:
             futures = ex.map_futures(estimate_pi, range(args.items))
             values = []
             for f in futures:

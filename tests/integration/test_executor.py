@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -160,9 +161,9 @@ def test_slurm_map_is_one_array_job_and_a_failed_item_loses_no_other(slurm_clien
 
 
 @pytest.mark.slurm
-@pytest.mark.udocker
-def test_slurm_submit_with_another_runtime(slurm_client: Client) -> None:
-    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="udocker", client=slurm_client, bind_cwd=False,
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_slurm_map_and_submit_on_every_runtime(runtime: str, slurm_client: Client) -> None:
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime=runtime, client=slurm_client, bind_cwd=False,
                            time="0:05") as ex:
         assert list(ex.map(square_and_print, [2, 3])) == [4, 9]
         assert ex.submit(pow, 2, 10).result(timeout=300) == 1024
@@ -189,3 +190,29 @@ def test_slurm_cancel(slurm_client: Client) -> None:
     assert time.monotonic() - started < 60
     st = job.wait(timeout=120)
     assert st.state is JobState.CANCELED, st
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_the_example_on_slurm(slurm_client: Client) -> None:
+    work = slurm_client.__dict__["_slurm"].settings.work_dir
+    env = root_env(Path(slurm_client.cache.root), NSDF_HPC_SLURM_DIR=work)
+    r = subprocess.run([sys.executable, str(EXAMPLES / "executor_map.py"), PYDEB, "--on", "slurm",
+                        "--runtime", "apptainer", "--items", "5"], env=env, cwd="/tmp",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "item 4: 3.1" in r.stdout and "pi ~ 3.1" in r.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime", [pytest.param(r, marks=getattr(pytest.mark, r)) for r in ("apptainer", "podman")])
+def test_the_example_on_slurm_as_the_unprivileged_user(runtime: str, as_user, user_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    script = user_dir / "executor_map.py"
+    script.write_text((EXAMPLES / "executor_map.py").read_text())
+    os.chown(script, as_user.pw.pw_uid, as_user.pw.pw_gid)
+    r = as_user.run([str(as_user.venv / "bin" / "python"), str(script), "--on", "slurm", "--runtime", runtime,
+                     "--items", "3"], cwd=str(user_dir), timeout=600,
+                    NSDF_HPC_CACHE=str(user_cache(as_user)), NSDF_HPC_SLURM_DIR=str(user_dir / "jobs"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "item 2: 3.1" in r.stdout and "pi ~ 3.1" in r.stdout
