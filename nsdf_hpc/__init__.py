@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from .api import attach, build, detect, pull, run, submit, submit_array, wait_all
     from .client import Client
     from .config import Settings, load_settings
+    from .executor import CallFuture, Executor
     from .errors import (CommandError, CommandTimeoutError, ConfigError, ImageError, NsdfError,
                          PreflightError, RegistryError, RuntimeNotFoundError, SchedulerError,
-                         SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError)
+                         SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError,
+                         ExecutorError, InterpreterMismatchError, WorkerDiedError, RemoteError)
     from .models import (Bind, BuildResult, NativeImage, RunResult, RunSpec, RuntimeChoice,
                          RuntimeInfo)
     from .reference import ImageRef, parse_reference
@@ -39,6 +41,8 @@ _EXPORTS = {
     "CommandTimeoutError": "errors", "ImageError": "errors", "RegistryError": "errors",
     "PreflightError": "errors", "SchedulerError": "errors", "SubmitError": "errors",
     "UnexpectedOutputError": "errors",
+    "Executor": "executor", "CallFuture": "executor", "ExecutorError": "errors",
+    "InterpreterMismatchError": "errors", "WorkerDiedError": "errors", "RemoteError": "errors",
     "submit": "api", "submit_array": "api", "attach": "api", "wait_all": "api",
     "Job": "schedulers", "JobSpec": "schedulers", "JobState": "schedulers", "JobStatus": "schedulers",
 }

@@ -20,6 +20,13 @@ message and an exit code (``exit_code``). A container's own non-zero exit status
     ├── RunError                  the run cannot be set up here (a mount point, the cwd bind)
     ├── SchedulerError            sbatch/sacct/scancel failed or the job cannot be tracked
     │   └── SubmitError           .transient is True when a retry may succeed
+    ├── ExecutorError             a function call in a container (nsdf_hpc.Executor) failed
+    │   ├── InterpreterMismatchError  the image's Python cannot load what the host pickles (2)
+    │   ├── WorkerDiedError       the container ended before the worker wrote a result
+    │   │                         (.returncode .log_tail)
+    │   ├── RemoteError           the call raised an exception that cannot be rebuilt here
+    │   │                         (.type_name .remote_traceback)
+    │   └── RemoteTraceback       the __cause__ of a re-raised remote exception: its traceback text
     └── UnexpectedOutputError     a parser could not read a tool's output (.tool .output)
 """
 from __future__ import annotations
@@ -31,6 +38,7 @@ __all__ = [
     "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError", "BuilderNotFoundError",
     "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError",
     "RunError", "SchedulerError", "SubmitError", "UnexpectedOutputError",
+    "ExecutorError", "InterpreterMismatchError", "WorkerDiedError", "RemoteError", "RemoteTraceback",
 ]
 
 
@@ -127,6 +135,49 @@ class SubmitError(SchedulerError):
     def __init__(self, message: str, transient: bool = False) -> None:
         self.transient = transient
         super().__init__(message)
+
+
+class ExecutorError(NsdfError):
+    """A function call in a container (:class:`nsdf_hpc.Executor`) could not be completed."""
+
+
+class InterpreterMismatchError(ExecutorError, SpecError):
+    """The image's Python differs from the host's in major.minor: what cloudpickle writes on
+    the host cannot be loaded there. Raised before anything runs."""
+
+    exit_code = 2
+
+
+class WorkerDiedError(ExecutorError):
+    """The container ended (killed, out of memory, a non-zero exit, a cancelled job) before the
+    worker wrote the call's result."""
+
+    def __init__(self, message: str, returncode: Optional[int] = None, log_tail: str = "") -> None:
+        self.returncode = returncode
+        self.log_tail = log_tail
+        super().__init__(message + (f"\nlast lines of its output:\n{log_tail}" if log_tail.strip()
+                                    else "\n(it wrote no output)"))
+
+
+class RemoteError(ExecutorError):
+    """The call raised an exception that cannot be rebuilt on the host (unpicklable, or its
+    class is not importable here); its type name and the remote traceback are kept."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{type_name}: {message}\n\nremote traceback:\n{remote_traceback}")
+
+
+class RemoteTraceback(ExecutorError):
+    """Attached as ``__cause__`` of an exception re-raised from a container: its traceback."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.text}\"\"\""
 
 
 class UnexpectedOutputError(NsdfError):

@@ -170,8 +170,20 @@ class UDocker(Runtime):
         if self.ctx.python:
             # signals sent to nsdf-run must reach the command: see _udocker_relay.py
             argv = [self.ctx.python, "-I", "-S", RELAY, *(["--in-shell"] if in_shell else []), "--", *argv]
+        # udocker 1.3.17 creates a missing mount point in the container's ROOT and removes it
+        # when the run ends (utils/mountpoint.py: create, then restore/delete_all), also while
+        # another run of the same container still uses it: concurrent runs (array tasks,
+        # Executor calls) then intermittently saw ENOENT under their binds. Made here first,
+        # they exist, so udocker neither records nor removes them (a read-only store: left alone)
+        mkdirs: List[str] = []
+        mkfiles: List[str] = []
+        root = os.path.join(store, "ROOT") if store else None
+        if root and os.access(root, os.W_OK):
+            for b in binds:
+                p = os.path.join(root, b.target.lstrip("/"))
+                (mkfiles if os.path.isfile(b.source) else mkdirs).append(p)
         return Invocation(tuple(argv), tuple(tail), tuple(command), static,
-                          EnvEncoding("argv", flag="-e"), env, explicit)
+                          EnvEncoding("argv", flag="-e"), env, explicit, tuple(mkdirs), tuple(mkfiles))
 
     def wrap_command(self, command: Sequence[str], explicit_env: Mapping[str, str]) -> Tuple[str, ...]:
         # run_invocation starts the command under its own shell (not by exec: proot reports a

@@ -13,7 +13,7 @@ MODULES = sorted(PKG.rglob("*.py"))
 #: programs of their own that ship in the package and that a runtime puts in front of its tool
 #: (run through _exec.py or the launch exec, never imported): they exit, write to stderr and
 #: start the one tool they stand in front of
-SCRIPTS = {PKG / "runtimes" / "_udocker_relay.py"}
+SCRIPTS = {PKG / "runtimes" / "_udocker_relay.py", PKG / "_pyworker.py"}
 
 
 def _tree(path: Path) -> ast.AST:

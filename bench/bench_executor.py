@@ -1,0 +1,112 @@
+"""Executor benchmark (issue 13), side by side in one run, on the testbed:
+
+* Slurm: a 200-item ``map`` of a trivial function with ``nsdf_hpc.Executor(on="slurm")``
+  against submitit's ``map_array`` of the same function: the time to submit, and the time
+  from the last result file written on the cluster to all results in hand.
+* Local: the per-call overhead of ``Executor.submit(fn).result()`` against ``nsdf-run run``
+  of the same work (``python3 -c pass``) in the same image and runtime.
+
+    python3 bench/bench_executor.py [--items 200] [--runtime apptainer] [--calls 5]
+
+Needs submitit and cloudpickle in the interpreter that runs it (a venv), the image's Python
+of that interpreter's major.minor, and the Slurm work directory shared between the nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, List
+
+IMAGE = "127.0.0.1:5443/hpc/pydeb:latest"
+
+
+def trivial(x: int) -> int:
+    return x + 1
+
+
+def _last_mtime(pattern: str) -> float:
+    return max(os.stat(p).st_mtime for p in glob.glob(pattern, recursive=True))
+
+
+def slurm_nsdf(items: int, runtime: str, work: str) -> dict:
+    import nsdf_hpc
+    from nsdf_hpc.client import Client
+    client = Client(env={**os.environ, "NSDF_HPC_SLURM_DIR": work})
+    with nsdf_hpc.Executor(IMAGE, on="slurm", runtime=runtime, client=client, bind_cwd=False,
+                           time="0:10", keep=True) as ex:
+        ex.submit(trivial, 0).result()          # setup (pull, guard probe) outside the timing
+        t0 = time.time()
+        futs = ex.map_futures(trivial, range(items))
+        t_submit = time.time() - t0
+        results = [f.result() for f in futs]
+        t_done = time.time()
+        assert results == [trivial(i) for i in range(items)]
+        last = _last_mtime(os.path.join(ex.base or "", "calls", "g2", "items", "*", "result.pkl"))
+        tasks = len(ex.jobs[-1].provenance["indices"])
+    return {"submit_s": t_submit, "after_last_s": t_done - last, "total_s": t_done - t0, "tasks": tasks}
+
+
+def slurm_submitit(items: int, work: str) -> dict:
+    import submitit
+    ex = submitit.AutoExecutor(folder=os.path.join(work, "submitit-%j"), cluster="slurm")
+    ex.update_parameters(timeout_min=10, slurm_array_parallelism=items)
+    t0 = time.time()
+    jobs = ex.map_array(trivial, range(items))
+    t_submit = time.time() - t0
+    results = [j.result() for j in jobs]
+    t_done = time.time()
+    assert results == [trivial(i) for i in range(items)]
+    last = _last_mtime(os.path.join(work, "submitit-*", "*_result.pkl"))
+    return {"submit_s": t_submit, "after_last_s": t_done - last, "total_s": t_done - t0, "tasks": items}
+
+
+def _median_ms(fn: Callable[[], None], n: int) -> float:
+    times: List[float] = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def local(runtime: str, calls: int) -> dict:
+    import nsdf_hpc
+    with nsdf_hpc.Executor(IMAGE, runtime=runtime, bind_cwd=False) as ex:
+        ex.submit(trivial, 0).result()          # setup outside the timing
+        executor_ms = _median_ms(lambda: ex.submit(trivial, 1).result(), calls)
+    argv = [sys.executable, "-m", "nsdf_hpc", "run", "--runtime", runtime, "--no-bind-cwd", IMAGE, "--",
+            "python3", "-c", "pass"]
+    subprocess.run(argv, check=True, capture_output=True)      # the launch record
+    cli_ms = _median_ms(lambda: subprocess.run(argv, check=True, capture_output=True) and None, calls)
+    return {"executor_call_ms": executor_ms, "nsdf_run_ms": cli_ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--runtime", default="apptainer")
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["slurm", "local"])
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-exec-", dir="/var/tmp/nsdf-scratch")
+    if "slurm" not in args.skip:
+        a = slurm_nsdf(args.items, args.runtime, work)
+        b = slurm_submitit(args.items, work)
+        print(f"slurm map of {args.items}: nsdf-hpc ({args.runtime}, {a['tasks']} tasks) submit "
+              f"{a['submit_s']:.2f} s, after last result {a['after_last_s']:.2f} s, total {a['total_s']:.1f} s | "
+              f"submitit map_array ({b['tasks']} tasks, host Python) submit {b['submit_s']:.2f} s, after last "
+              f"result {b['after_last_s']:.2f} s, total {b['total_s']:.1f} s")
+    if "local" not in args.skip:
+        c = local(args.runtime, args.calls)
+        print(f"local ({args.runtime}): Executor call {c['executor_call_ms']:.0f} ms (median of {args.calls}) | "
+              f"nsdf-run run python3 -c pass {c['nsdf_run_ms']:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""nsdf_hpc.Executor on the testbed: Python functions in hpc/pydeb (Debian 12's python3 3.11.2;
+the test interpreter must be 3.11 too, which the guard test checks) on every real runtime, as
+root and as the unprivileged user, and as array jobs on the two-node Slurm cluster."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import nsdf_hpc
+from nsdf_hpc import executor as executor_mod
+from nsdf_hpc.client import Client
+from nsdf_hpc.schedulers import JobState, Slurm, SlurmSettings
+
+from .helpers import PYDEB, RUNTIME_PARAMS, root_env, user_cache
+
+pytestmark = [pytest.mark.integration, pytest.mark.registry]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def square_and_print(x: int) -> int:
+    print("squaring", x)
+    return x * x
+
+
+def fails_on_three(x: int) -> int:
+    if x == 3:
+        raise ValueError(f"no threes ({x})")
+    return x + 100
+
+
+def kill_self() -> None:
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture
+def client(shared_cache: Path) -> Client:
+    return Client(env=root_env(shared_cache))
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_local_calls_results_exceptions_and_a_killed_container(runtime: str, client: Client,
+                                                                 tmp_path: Path) -> None:
+    with nsdf_hpc.Executor(PYDEB, runtime=runtime, client=client, bind_cwd=False,
+                           work_dir=str(tmp_path)) as ex:
+        # a lambda closing over a local: cloudpickle sends it by value
+        offset = 5
+        f = ex.submit(lambda x: x + offset, 37)
+        assert f.result(timeout=300) == 42
+        # map keeps the order; stdout of each call is on its future
+        futs = ex.map_futures(square_and_print, [3, 1, 2])
+        assert [g.result(timeout=300) for g in futs] == [9, 1, 4]
+        assert [g.stdout for g in futs] == ["squaring 3\n", "squaring 1\n", "squaring 2\n"]
+        # the exception's own type, the remote traceback as its cause
+        with pytest.raises(ValueError, match="no threes") as info:
+            ex.submit(fails_on_three, 3).result(timeout=300)
+        cause = info.value.__cause__
+        assert isinstance(cause, nsdf_hpc.errors.RemoteTraceback) and "fails_on_three" in cause.text
+        # a container that dies before the worker writes: a clear error, not a hang
+        with pytest.raises(nsdf_hpc.WorkerDiedError) as died:
+            ex.submit(kill_self).result(timeout=300)
+        assert died.value.returncode == 137 and "exited with status 137" in str(died.value)
+        assert runtime in str(died.value)
+    assert not any(tmp_path.iterdir()), "the work directory is removed on exit"
+
+
+@pytest.mark.apptainer
+def test_the_guard_stops_a_mismatch_before_anything_runs(client: Client, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # the real image's Python matches the test interpreter's major.minor (3.11)
+    with nsdf_hpc.Executor(PYDEB, runtime="apptainer", client=client, bind_cwd=False,
+                           work_dir=str(tmp_path)) as ex:
+        assert ex.submit(len, "abc").result(timeout=300) == 3
+        assert ex.image_python is not None and ex.image_python[:2] == sys.version_info[:2]
+    known = json.loads((Path(client.cache.root) / "python-versions.json").read_text())
+    assert any(k.endswith(" python3") and v.startswith("3.11.") for k, v in known.items())
+    # a host that pickles with another Python: refused, naming both versions and python=
+    monkeypatch.setattr(executor_mod, "host_python", lambda: (3, 9, 18))
+    ex = nsdf_hpc.Executor(PYDEB, runtime="apptainer", client=client, bind_cwd=False,
+                           work_dir=str(tmp_path))
+    with pytest.raises(nsdf_hpc.InterpreterMismatchError) as info:
+        ex.submit(len, "abc")
+    assert "3.9.18" in str(info.value) and "3.11." in str(info.value) and "python=" in str(info.value)
+    assert not any(tmp_path.iterdir()), "nothing was written or run"
+    # an interpreter the image does not have: said so, with python=
+    ex = nsdf_hpc.Executor(PYDEB, runtime="apptainer", client=client, python="python3.99",
+                           bind_cwd=False, work_dir=str(tmp_path))
+    with pytest.raises(nsdf_hpc.ExecutorError, match="python3.99"):
+        ex.submit(len, "abc")
+
+
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_example_as_the_unprivileged_user(runtime: str, as_user, user_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    # the user venv's interpreter is /usr/bin/python3 (Debian 12: 3.11, as in the image)
+    script = user_dir / "executor_map.py"
+    script.write_text((EXAMPLES / "executor_map.py").read_text())
+    os.chown(script, as_user.pw.pw_uid, as_user.pw.pw_gid)
+    r = as_user.run([str(as_user.venv / "bin" / "python"), str(script), "--runtime", runtime,
+                     "--items", "3"], cwd=str(user_dir), timeout=600,
+                    NSDF_HPC_CACHE=str(user_cache(as_user)), TMPDIR=str(user_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "item 2: 3.1" in r.stdout and "pi ~ 3.1" in r.stdout
+
+
+# ------------------------------------------------------------------------------ Slurm
+@pytest.fixture(scope="module")
+def slurm_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    work = Path("/var/tmp/nsdf-scratch") / f"pytest-exec-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    cache = Path("/var/tmp/nsdf-hpc-test-cache") / str(os.getuid())
+    client = Client(env=root_env(cache))
+    client.__dict__["_slurm"] = Slurm(settings=SlurmSettings(work_dir=str(work), poll_initial=0.25,
+                                                             poll_cap=2.0))
+    yield client
+    if os.environ.get("NSDF_KEEP_JOBS") != "1":
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def item_work(x: int) -> int:
+    if x == 3:
+        raise ValueError("item three fails")
+    if x == 4:
+        kill_self()
+    print("item", x, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    return x * 10
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_map_is_one_array_job_and_a_failed_item_loses_no_other(slurm_client: Client) -> None:
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
+                           batch_size=2, nodes=1, time="0:05") as ex:
+        futs = ex.map_futures(item_work, range(9))
+        assert len(ex.jobs) == 1 and ex.jobs[0].provenance["indices"] == list(range(5))
+        outcomes = {}
+        for f in futs:
+            try:
+                outcomes[f.index] = f.result(timeout=300)
+            except Exception as err:  # noqa: BLE001
+                outcomes[f.index] = err
+    assert [outcomes[i] for i in (0, 1, 2, 6, 7, 8)] == [0, 10, 20, 60, 70, 80]
+    assert isinstance(outcomes[3], ValueError) and "item three fails" in str(outcomes[3])
+    # item 4 killed its task's process: it and its batch mate 5 have no result
+    for i in (4, 5):
+        err = outcomes[i]
+        assert isinstance(err, nsdf_hpc.WorkerDiedError), err
+        assert "task 2 ended" in str(err) and "Killed" in str(err)
+    assert futs[8].stdout.startswith("item 8 ")
+    assert list(ex.map(abs, [])) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_slurm_map_and_submit_on_every_runtime(runtime: str, slurm_client: Client) -> None:
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime=runtime, client=slurm_client, bind_cwd=False,
+                           time="0:05") as ex:
+        assert list(ex.map(square_and_print, [2, 3])) == [4, 9]
+        assert ex.submit(pow, 2, 10).result(timeout=300) == 1024
+
+
+def sleep_long() -> None:
+    time.sleep(600)
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_cancel(slurm_client: Client) -> None:
+    ex = nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
+                           time="0:15")
+    futs = ex.map_futures(lambda _: sleep_long(), range(2))
+    job = ex.jobs[0]
+    deadline = time.monotonic() + 120
+    while job.status().state is not JobState.ACTIVE and time.monotonic() < deadline:
+        time.sleep(1)
+    started = time.monotonic()
+    ex.cancel()
+    assert all(f.cancelled() for f in futs)
+    ex.shutdown(wait=True)
+    assert time.monotonic() - started < 60
+    st = job.wait(timeout=120)
+    assert st.state is JobState.CANCELED, st
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_the_example_on_slurm(slurm_client: Client) -> None:
+    work = slurm_client.__dict__["_slurm"].settings.work_dir
+    env = root_env(Path(slurm_client.cache.root), NSDF_HPC_SLURM_DIR=work)
+    r = subprocess.run([sys.executable, str(EXAMPLES / "executor_map.py"), PYDEB, "--on", "slurm",
+                        "--runtime", "apptainer", "--items", "5"], env=env, cwd="/tmp",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "item 4: 3.1" in r.stdout and "pi ~ 3.1" in r.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime", [pytest.param(r, marks=getattr(pytest.mark, r)) for r in ("apptainer", "podman")])
+def test_the_example_on_slurm_as_the_unprivileged_user(runtime: str, as_user, user_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    script = user_dir / "executor_map.py"
+    script.write_text((EXAMPLES / "executor_map.py").read_text())
+    os.chown(script, as_user.pw.pw_uid, as_user.pw.pw_gid)
+    r = as_user.run([str(as_user.venv / "bin" / "python"), str(script), "--on", "slurm", "--runtime", runtime,
+                     "--items", "3"], cwd=str(user_dir), timeout=600,
+                    NSDF_HPC_CACHE=str(user_cache(as_user)), NSDF_HPC_SLURM_DIR=str(user_dir / "jobs"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "item 2: 3.1" in r.stdout and "pi ~ 3.1" in r.stdout

@@ -1,0 +1,109 @@
+"""The Executor's pure parts and the worker, with no container: the worker script runs with
+this interpreter on a call directory the way the container runs it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from nsdf_hpc import errors
+from nsdf_hpc.executor import (Executor, check_interpreter, load_result, parse_version,
+                               task_count)
+
+WORKER = Path(__file__).resolve().parents[2] / "nsdf_hpc" / "_pyworker.py"
+
+
+def test_parse_version():
+    assert parse_version("noise\n3.11.2\n") == (3, 11, 2)
+    with pytest.raises(errors.ExecutorError, match="Python version"):
+        parse_version("Python 3.11")
+
+
+def test_guard_accepts_same_minor_and_names_both_versions_otherwise():
+    check_interpreter("img", "python3", (3, 11, 2), (3, 11, 7))
+    with pytest.raises(errors.InterpreterMismatchError) as info:
+        check_interpreter("img:1", "python3", (3, 9, 2), (3, 11, 7))
+    msg = str(info.value)
+    assert "3.9.2" in msg and "3.11.7" in msg and "python=" in msg and "img:1" in msg
+    assert isinstance(info.value, errors.SpecError) and info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("items,batch,max_tasks,want", [
+    (0, None, 100, (0, 1)), (5, None, 100, (5, 1)), (200, None, 100, (100, 2)),
+    (201, None, 100, (67, 3)), (10, 3, 100, (4, 3)), (1, None, 1, (1, 1))])
+def test_task_count(items, batch, max_tasks, want):
+    assert task_count(items, batch, max_tasks) == want
+
+
+def test_task_count_rejects_bad_batch():
+    with pytest.raises(errors.SpecError):
+        task_count(3, 0, 10)
+
+
+def test_options_are_checked():
+    with pytest.raises(errors.SpecError, match="local"):
+        Executor("img", on="cloud")   # type: ignore[arg-type]
+
+
+def _calls(root: Path, calls):
+    for n, call in enumerate(calls):
+        d = root / "items" / str(n)
+        d.mkdir(parents=True)
+        (d / "call.pkl").write_bytes(cloudpickle.dumps(call))
+
+
+def _worker(root: Path, task: int, batch: int) -> None:
+    # the worker finds cloudpickle beside it in the container; here it is installed
+    subprocess.run([sys.executable, str(WORKER), str(root), str(task), str(batch)], check=True)
+
+
+def test_worker_round_trip(tmp_path):
+    def noisy(x):
+        print("out", x)
+        os.write(2, b"err\n")
+        return x * 2
+
+    def boom():
+        raise KeyError("k")
+
+    def weird():
+        class Unpicklable(Exception):     # defined here: cloudpickle sends it by value
+            def __reduce__(self):
+                raise TypeError("no pickling me")
+        raise Unpicklable("odd")
+
+    _calls(tmp_path, [(noisy, (4,), {}), (boom, (), {}), (weird, (), {}), (lambda: (lambda: 1), (), {})])
+    _worker(tmp_path, 0, 2)          # items 0 and 1
+    _worker(tmp_path, 1, 2)          # items 2 and 3
+    items = tmp_path / "items"
+    assert load_result(str(items / "0")) == (True, 8)
+    assert (items / "0" / "stdout").read_text() == "out 4\n"
+    assert (items / "0" / "stderr").read_text() == "err\n"
+    ok, exc = load_result(str(items / "1"))
+    assert not ok and isinstance(exc, KeyError)
+    assert isinstance(exc.__cause__, errors.RemoteTraceback) and "in boom" in exc.__cause__.text
+    ok, exc = load_result(str(items / "2"))
+    assert not ok and isinstance(exc, errors.RemoteError)
+    assert exc.type_name.endswith("Unpicklable") and "in weird" in exc.remote_traceback
+    ok, value = load_result(str(items / "3"))     # a lambda returned: cloudpickle carries it
+    assert ok and value() == 1
+
+
+def test_worker_skips_items_that_have_a_result(tmp_path):
+    _calls(tmp_path, [(len, ("abc",), {})])
+    _worker(tmp_path, 0, 1)
+    first = (tmp_path / "items" / "0" / "result.pkl").stat().st_mtime_ns
+    _worker(tmp_path, 0, 1)        # a requeued task: the item is not run twice
+    assert (tmp_path / "items" / "0" / "result.pkl").stat().st_mtime_ns == first
+
+
+def test_user_code_travels_by_value_installed_code_by_reference():
+    from nsdf_hpc.executor import user_module
+    assert user_module(test_parse_version) is sys.modules[__name__]   # a file of this checkout
+    assert user_module(os.path.join) is None                          # the standard library
+    assert user_module(pytest.raises) is None                         # site-packages
+    assert user_module(len) is None                                   # builtins
