@@ -48,7 +48,7 @@ def test_every_runtime_passes_the_command_through_verbatim(name):
 def test_probe_is_path_plus_a_version_query(name):
     rt = _rt(name)
     argv = rt.version_argv("/opt/bin/tool")
-    assert argv[0] == "/opt/bin/tool" and argv[-1] in ("--version", "version")
+    assert argv[0] == "/opt/bin/tool" and argv[-1] in ("--version", "version", "infohpc")
     env = rt.probe_env({"PATH": "/usr/bin", "LD_PRELOAD": "/evil.so", "HOME": "/h"})
     assert "LD_PRELOAD" not in env and env["PATH"] == "/usr/bin"
 

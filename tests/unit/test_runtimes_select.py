@@ -134,7 +134,7 @@ def test_detect_all_probes_everything_at_once(fakebin, tmp_path):
     }
     # the probes are the documented ones; ch-run gets $USER, probes never see the user's env
     argvs = {os.path.basename(a[0]): a[1:] for a in runner.batches[0]}
-    assert argvs["podman-hpc"] == ("version",) and argvs["shifter"] == ("--version",)
+    assert argvs["podman-hpc"] == ("infohpc",) and argvs["shifter"] == ("--version",)
     assert all(e is not None and "PYTHONPATH" not in e for e in runner.envs)
     assert choose(list(infos.values())).name == "apptainer"
 
