@@ -25,7 +25,7 @@ from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, parse_source
 from .registry import RegistryClient, _credentials
-from .runtimes.base import WORKDIR, ImagePlan, Runtime, process_env
+from .runtimes.base import PREVIOUS, WORKDIR, ImagePlan, Runtime, process_env
 from .unpack import flatten, repack_for_udocker, source_digest, write_charliecloud_metadata
 
 logger = logging.getLogger(__name__)
@@ -333,6 +333,7 @@ class ImageService:
             self.progress({"event": "step", "step": "repack archive", "image": source.text})
             repack_for_udocker(source, os.path.join(work, "source.tar"))
         last = None
+        previous = ""
         for i, step in enumerate(plan.steps, 1):
             self.progress({"event": "step", "step": step.description, "index": i,
                            "total": len(plan.steps), "image": source.text, "runtime": rt.name})
@@ -340,10 +341,12 @@ class ImageService:
                 overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
                 last = self.runner.run(step.argv, check=step.check, env=env, env_overrides=overrides,
                                        cwd=work, timeout=step.timeout)
-                if step.expect and step.expect not in last.stdout:
+                expect = step.expect.replace(PREVIOUS, previous.strip()) if step.expect else None
+                if expect and expect not in last.stdout:
                     raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
-                                     f"`{' '.join(step.argv)}` does not list {step.expect} "
-                                     "(the tool exited 0 without doing it)")
+                                     f"`{' '.join(step.argv)}` does not list {expect} "
+                                     "(an earlier step exited 0 without doing its job)")
+                previous = last.stdout
             except CommandError as err:
                 self._undo(plan, env, work)
                 raise ImageError(f"{rt.name}: {step.description} failed for {source.text}:\n{err}") from err

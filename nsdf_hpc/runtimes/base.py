@@ -32,6 +32,8 @@ from ..environment import PROCESS_ENV_KEEP, EnvEncoding
 
 #: placeholder in a Step's env values, replaced by the absolute private work directory
 WORKDIR = "{workdir}"
+#: placeholder in a Step's ``expect``: the previous step's output
+PREVIOUS = "{previous}"
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class Step:
     timeout: Optional[float] = None
     check: bool = True
     #: text the step's output must contain, for tools that exit 0 although they failed
-    #: (podman-hpc's migrate): without it the step failed
+    #: (podman-hpc's migrate): without it the step failed. ``PREVIOUS`` stands for the
+    #: previous step's output (stripped)
     expect: Optional[str] = None
 
 

@@ -10,7 +10,7 @@ from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
-from .base import (Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
+from .base import (PREVIOUS, Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
                    parse_first_version, process_env, require_paths)
 
 #: every store name an NSDF cache entry owns lives under this repository (``podman images``)
@@ -170,6 +170,13 @@ class PodmanHPC(Podman):
     def _own_env(self, env: Mapping[str, str], cache_root: Optional[str] = None) -> Dict[str, str]:
         # without $USER every podman-hpc call stops: "Error: 'USER'... Exiting"
         out = {"USER": env.get("USER") or env.get("LOGNAME") or self.ctx.user}
+        # migrate runs a container on podman's default network, whose CNI plugins need
+        # iptables (in /usr/sbin): without it the squash silently fails
+        path = env.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
+        missing = [d for d in ("/usr/sbin", "/sbin") if d not in path.split(":")]
+        out["PATH"] = ":".join([path, *missing])
+        # the site's podman-hpc settings (PODMANHPC_*, from its module file) pass through
+        out.update({k: v for k, v in env.items() if k.startswith("PODMANHPC_")})
         if env.get("SQUASH_DIR"):
             out["SQUASH_DIR"] = env["SQUASH_DIR"]
         elif cache_root and not env.get("SCRATCH"):
@@ -202,21 +209,24 @@ class PodmanHPC(Podman):
             return plan
         assert ref is not None
         loc = ref.by_digest()
-        digest = loc.rpartition("@")[2]
         # `podman-hpc pull` migrates by itself, and an explicit migrate makes the squash also
-        # where a site turned that off; both exit 0 when squashing failed, so the squash store
-        # (the read-only images) must list the digest afterwards
+        # where a site turned that off; both exit 0 when squashing failed ("Squash Failed" in
+        # the log only), so the squash store (the read-only images) must list the image id
         return ImagePlan(plan.steps + (
             Step((self.path, "migrate", loc), "migrate to the squash store"),
-            Step((self.path, "images", "--filter", "readonly=true", "--format", "{{.Digest}}"),
-                 "check the squash", expect=digest),
+            Step((self.path, "image", "inspect", "--format", "sha256:{{.Id}}", loc), "read the image id"),
+            Step((self.path, "images", "--filter", "readonly=true", "--no-trunc", "--format", "{{.ID}}"),
+                 "check the squash", expect=PREVIOUS),
         ), location=plan.location)
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:
         inv = super().run_invocation(spec, native, container_env, host_env)
         own = self._own_env(host_env)
-        return replace(inv, static_env={**inv.static_env, **own})
+        # podman-hpc's click parser drops the first "--" among the command's arguments
+        # (`printf %s a -- b` lost its "--" on 1.2.2): a "--" before the image is the one it eats
+        tail = (*inv.tail[:-1], "--", inv.tail[-1])
+        return replace(inv, tail=tail, static_env={**inv.static_env, **own})
 
     def claim_plan(self, location: str, owner: str) -> Optional[ImagePlan]:
         # a name given in podman's writable store would not reach the squashed copy that

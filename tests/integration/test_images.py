@@ -259,3 +259,17 @@ def test_json_progress_events(tmp_path: Path) -> None:
     events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "resolve" and kinds[-1] == "done" and "step" in kinds
+
+
+@pytest.mark.podman_hpc
+def test_podman_hpc_squash_that_failed_is_an_error_and_publishes_nothing(tmp_path: Path) -> None:
+    """podman-hpc's pull and migrate exit 0 when squashing failed: a mksquashfs that fails
+    (PODMANHPC_MKSQUASHFS_BIN, the site setting) must make the pull fail, naming the check."""
+    cache = tmp_path / "cache"
+    r = nsdf_root(["pull", "--runtime", "podman-hpc", "127.0.0.1:5443/hpc/pydeb:latest"], cache,
+                  PODMANHPC_MKSQUASHFS_BIN="/usr/bin/false")
+    assert r.returncode == 1 and "check the squash failed" in r.stderr, r.stderr
+    assert not list((cache / "entries").rglob("entry.json"))
+    assert not [p for p in (cache / "tmp").iterdir() if not p.name.startswith("trash-")]
+    ok = nsdf_root(["run", "--runtime", "podman-hpc", "--no-bind-cwd", BUSYBOX, "--", "cat", "/etc/hello.txt"], cache)
+    assert (ok.returncode, ok.stdout.strip()) == (0, HELLO), ok.stderr
