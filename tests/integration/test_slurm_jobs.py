@@ -100,7 +100,8 @@ def test_single_node_job(client: Client, slurm: Slurm) -> None:
     assert again.status().state is JobState.COMPLETED and again.logs() == job.logs()
 
 
-@pytest.mark.parametrize("runtime", ["apptainer", "charliecloud", "podman", "udocker"])
+@pytest.mark.parametrize("runtime", ["apptainer", "charliecloud", "podman", "udocker",
+                                     pytest.param("podman-hpc", marks=pytest.mark.podman_hpc)])
 def test_two_node_job_runs_one_container_per_rank_on_both_nodes(client: Client, slurm: Slurm,
                                                                 runtime: str) -> None:
     cmd = ["sh", "-c", 'echo "rank=$SLURM_PROCID node=$SLURMD_NODENAME pmi=${PMI_RANK-none}"']
