@@ -151,20 +151,23 @@ def test_the_wheel_in_a_clean_venv_runs_the_readme_main_command(
     assert install == "pip install .", f"the README's main command changed: {install!r}"
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     venv = tmp_path / "venv"
-    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
-    wheel = builds["a"][f"nsdf_hpc-{__version__}-py3-none-any.whl"]
-    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                                str(wheel)], capture_output=True, text=True, timeout=300)
-    assert installed.returncode == 0, installed.stdout + installed.stderr
+    # nothing of this checkout may leak in: no PYTHONPATH (pip would take the checkout's
+    # nsdf_hpc for an installed one and skip the wheel), no active venv, no NSDF_HPC_*
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("NSDF_HPC_", "PYTHON", "VIRTUAL_ENV"))}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+    subprocess.run([python, "-m", "venv", str(venv)], env=env, check=True, timeout=120)
+    wheel = builds["a"][f"nsdf_hpc-{__version__}-py3-none-any.whl"]
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                                str(wheel)], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                               timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
     env["NSDF_HPC_CACHE"] = str(tmp_path / "cache")
     version = subprocess.run(["nsdf-run", "--version"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert version.stdout.strip() == f"nsdf-run, version {__version__}", version.stdout + version.stderr
     where = subprocess.run(["sh", "-c", "command -v nsdf-run"], env=env, capture_output=True, text=True)
-    assert where.stdout.strip() == str(venv / "bin" / "nsdf-run")
+    assert where.stdout.strip() == str(venv / "bin" / "nsdf-run"), env["PATH"] + where.stderr
     ran = subprocess.run(["bash", "-c", command], env=env, cwd=str(tmp_path), capture_output=True,
                          text=True, timeout=300)
     assert ran.returncode == 0, ran.stdout + ran.stderr
