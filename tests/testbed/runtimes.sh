@@ -14,6 +14,7 @@
 #       hpc/pydeb:latest (Debian minbase + python3; set HPCRT_PYTHON_IMAGE=0 to skip)
 #     plus, for offline tests, an OCI layout dir, an oci-archive tar and a
 #     docker-archive tar of each (under $HPCRT_ROOT/images/<name>/)
+#   * the base images recipes/ name in FROM, from Debian packages: library/debian:12-slim
 #   * Podman (Debian package) + a containers.conf drop-in that works around this
 #     host's quirks (hybrid cgroups => runc; no CAP_SYS_RESOURCE => ulimits)
 #   * Charliecloud (Debian package) + wrappers so ch-image uses /usr/bin/python3
@@ -25,9 +26,11 @@
 #   * an unprivileged test user (default hpcuser) with subuid/subgid ranges
 #
 # Usage: provision-runtimes.sh [STEP ...]
-#   STEPS: all (default) | packages | host | user | registry | registry-auth | images | podman |
+#   STEPS: all (default) | packages | host | user | registry | registry-auth | images |
+#          base-images | podman |
 #          charliecloud | udocker | apptainer | verify | registry-stop | status
-#   "all" = packages host user registry images podman charliecloud udocker apptainer verify
+#   "all" = packages host user registry registry-auth images base-images podman charliecloud
+#           udocker apptainer verify
 #
 # Environment knobs (defaults in brackets):
 #   HPCRT_ROOT [/var/lib/hpc-runtimes]      state: registry data, certs, images, logs
@@ -354,6 +357,61 @@ step_images() {
   chmod -R a+rX "$IMG"
 }
 
+# ---------------------------------------------------------------- base images
+# The base images that recipes/ name in FROM, made here from Debian packages (debootstrap) and
+# served under their docker.io name through the docker.io mirror (the registry's library/), so
+# recipes build on this machine, which cannot reach docker.io. Debian's mirror stays reachable:
+# a recipe's `apt-get install` works as it would on Docker Hub's image.
+#   debian:12-slim  minbase bookworm (apt, no python), sources.list -> $HPCRT_DEBIAN_MIRROR,
+#                   plus the host's local CA certificates (see build_base_debian)
+BASE="$HPCRT_ROOT/base-images"
+base_has() {  # $1=name:tag
+  skopeo inspect --tls-verify=false --raw "docker://$HPCRT_REG_HTTP/library/$1" >/dev/null 2>&1
+}
+build_base_debian() {  # $1=layout tag $2=suite
+  local tag=$1 suite=$2 b="$BASE/bundle-$1" rootfs="$BASE/rootfs-$1"
+  rm -rf "$b" "$rootfs"
+  log "debootstrap minbase $suite for debian:$tag (~30 s)"
+  debootstrap --variant=minbase "$suite" "$rootfs" "$HPCRT_DEBIAN_MIRROR" \
+    > "$HPCRT_ROOT/logs/debootstrap-$tag.log" 2>&1 || die "debootstrap failed (see logs/debootstrap-$tag.log)"
+  # as Docker Hub's debian images: an empty apt cache and lists, no docs
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+         "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/*
+  # The CA certificates this host adds to its own trust (the testbed registry's, and any
+  # TLS-inspecting proxy's on the way to PyPI or Debian): a site with such a proxy puts them in
+  # its base images too, or `pip install` in a recipe fails its certificate check. A recipe's
+  # `apt-get install ca-certificates` puts them in /etc/ssl/certs.
+  mkdir -p "$rootfs/usr/local/share/ca-certificates"
+  find /usr/local/share/ca-certificates -maxdepth 1 -name '*.crt' -type f \
+    -exec cp {} "$rootfs/usr/local/share/ca-certificates/" \;
+  umoci new --image "$BASE/layout:$tag"
+  umoci unpack --image "$BASE/layout:$tag" "$b" >/dev/null
+  cp -a "$rootfs/." "$b/rootfs/"
+  umoci repack --image "$BASE/layout:$tag" "$b" >/dev/null
+  umoci config --image "$BASE/layout:$tag" --author hpc-ci --architecture amd64 --os linux \
+    --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --config.cmd bash
+  rm -rf "$b" "$rootfs"
+}
+step_base_images() {
+  log "base images for recipes/ (served as docker.io names)"
+  local ref tag
+  for ref in debian:12-slim; do
+    tag=${ref#debian:}
+    if [ "$HPCRT_FORCE_IMAGES" != 1 ] && base_has "$ref"; then continue; fi
+    mkdir -p "$BASE" "$HPCRT_ROOT/logs"
+    [ -d "$BASE/layout" ] || umoci init --layout "$BASE/layout"
+    if [ "$HPCRT_FORCE_IMAGES" = 1 ] || ! umoci ls --layout "$BASE/layout" | grep -x "$tag" >/dev/null; then
+      umoci rm --image "$BASE/layout:$tag" 2>/dev/null || true
+      build_base_debian "$tag" bookworm
+      umoci gc --layout "$BASE/layout"
+    fi
+    log "pushing library/$ref to $HPCRT_REG_HTTP"
+    skopeo copy -q --dest-tls-verify=false --format v2s2 "oci:$BASE/layout:$tag" \
+      "docker://$HPCRT_REG_HTTP/library/$ref"
+  done
+}
+
 # ---------------------------------------------------------------- podman
 step_podman() {
   log "podman configuration"
@@ -633,7 +691,7 @@ step_status() {
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(all)
 if [ "${steps[0]}" = all ]; then
-  steps=(packages host user registry registry-auth images podman charliecloud udocker apptainer verify)
+  steps=(packages host user registry registry-auth images base-images podman charliecloud udocker apptainer verify)
 fi
 for s in "${steps[@]}"; do
   if skip "$s"; then log "skipping $s"; continue; fi
@@ -645,6 +703,7 @@ for s in "${steps[@]}"; do
     registry-auth) step_registry_auth ;;
     registry-stop) step_registry_stop ;;
     images) step_images ;;
+    base-images) step_base_images ;;
     podman) step_podman ;;
     charliecloud) step_charliecloud ;;
     udocker) step_udocker ;;
