@@ -50,7 +50,7 @@ def test_probe_is_path_plus_a_version_query(name):
     argv = rt.version_argv("/opt/bin/tool")
     assert argv[0] == "/opt/bin/tool" and argv[-1] in ("--version", "version", "infohpc")
     env = rt.probe_env({"PATH": "/usr/bin", "LD_PRELOAD": "/evil.so", "HOME": "/h"})
-    assert "LD_PRELOAD" not in env and env["PATH"] == "/usr/bin"
+    assert "LD_PRELOAD" not in env and env["PATH"].split(":")[0] == "/usr/bin"
 
 
 def test_effective_binds_default_binds_the_current_directory():
