@@ -19,7 +19,9 @@ the guard, and the run goes through ``_exec.run_guarded`` (the one executor), as
 run does, at the cost of a Python parent that waits for podman. Being the parent also lets
 it notice a record gone stale in a way no stat shows: when podman fails (125) before any
 container existed (the image left its store), the record is dropped and the planned path
-takes over, which checks the store and pulls again.
+takes over, which checks the store and pulls again. A runtime that can lose a signal while
+it starts (Apptainer: ``Runtime.startup_names``) is not exec'd either: the parent holds an
+early signal until the command runs (``_exec._forward_signals``).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 3   # 3: the orphan guard (podman)
+FORMAT = 4   # 3: the orphan guard (podman); 4: held signals (apptainer)
 #: stand-ins in a record's orphan guard for the name and path each run gets (``_exec.run_scratch``)
 GUARD_NAME = "{nsdf-run-name}"
 GUARD_PATH = "{nsdf-run-path}"
@@ -82,12 +84,14 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
 
 def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
          allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
-         exists: Sequence[str] = (), guard: Any = None) -> None:
+         exists: Sequence[str] = (), guard: Any = None, hold: Sequence[str] = ()) -> None:
     """Write the record for a planned run (best effort: a read-only home just skips it).
 
     The record keeps the invocation in its parts (``runtimes.base.Invocation``) and the
     runtime's one environment encoding, so a later call re-encodes its own host variables.
-    ``guard`` is the runtime's orphan guard made with ``GUARD_NAME`` and ``GUARD_PATH``.
+    ``guard`` is the runtime's orphan guard made with ``GUARD_NAME`` and ``GUARD_PATH``;
+    ``hold`` the runtime's ``startup_names`` (a signal is held while it starts, so this process
+    stays its parent rather than exec it).
     """
     record = {
         "format": FORMAT, "encoding": inv.encoding.as_dict(), "head": list(inv.head),
@@ -97,6 +101,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
         "guard": None if guard is None else {"options": list(guard.options), "remove": list(guard.remove),
                                              "created": guard.created},
+        "hold": list(hold),
     }
     d = record_dir(env)
     path = os.path.join(d, launch_key(args, env, cwd) + ".json")
@@ -160,10 +165,11 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
         if not os.path.isabs(argv[0]):
             return None
         guard = rec.get("guard")
+        hold = rec.get("hold") or []
     except Exception:   # any doubt: the planned path decides
         return None
-    if guard:
-        status = _run_guarded(rec, guard)
+    if guard or hold:
+        status = _run_guarded(rec, guard or {}, hold)
         if status is None:
             # the runtime failed before it created the container (podman 125: e.g. the image
             # was removed from its store behind the cache's back): this record is stale, and
@@ -177,16 +183,17 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
     return None   # not reached
 
 
-def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any]) -> Optional[int]:
-    """The exit status, or None when the runtime failed (125) before any container existed."""
+def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str] = ()) -> Optional[int]:
+    """The exit status, or None when the runtime failed (125) before any container existed
+    (an empty ``guard``: nothing to remove, only ``hold``)."""
     from ._exec import SubprocessRunner, run_guarded, run_scratch   # noqa: PLC0415 (only here)
     with run_scratch() as (name, scratch):
         def fill(word: str) -> str:
             return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
-        argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard["options"]])
+        argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
         created = fill(guard["created"]) if guard.get("created") else None
         res = run_guarded(SubprocessRunner(), argv, env=penv, capture=False,
-                          remove=[fill(w) for w in guard["remove"]], created=created)
+                          remove=[fill(w) for w in guard.get("remove", [])], created=created, hold=hold)
         never_created = created is not None and not (os.path.isfile(created) and os.path.getsize(created))
     if res.returncode == 125 and res.forwarded is None and never_created:
         return None

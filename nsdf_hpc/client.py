@@ -291,7 +291,8 @@ class Client:
             guard = rt.orphan_guard(name, scratch)
             argv = inv.with_options(guard.options).argv if guard else inv.argv
             res = run_guarded(self.runner, argv, env=inv.env, capture=capture,
-                              remove=guard.remove if guard else (), created=guard.created if guard else None)
+                              remove=guard.remove if guard else (), created=guard.created if guard else None,
+                              hold=rt.startup_names)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
                          argv=argv, runtime=rt.name, image=native)
 
@@ -329,7 +330,7 @@ class Client:
         checks, exists, expires = self.launch_checks(spec, inv, native, rt)
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,
                      self.settings.env_deny, checks, expires, exists,
-                     guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH))
+                     guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH), hold=rt.startup_names)
 
     def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage, rt: Runtime
                       ) -> Tuple[List[str], List[str], float]:

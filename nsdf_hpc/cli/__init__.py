@@ -8,8 +8,10 @@ launches before importing this package.
 """
 from __future__ import annotations
 
+import signal
 import sys
-from typing import List, Optional
+import threading
+from typing import Any, List, Optional
 
 import click
 
@@ -39,10 +41,34 @@ for _command in (_run.run, images.pull, runtimes.runtimes, runtimes.doctor, imag
     cli.add_command(_command)
 
 
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP while nsdf-run itself works (planning, pulling, waiting): unwinds
+    like KeyboardInterrupt, so every ``finally`` removes its temporary files and kills its
+    child processes, but is not caught by click (whose "Aborted!" exits 1)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise _Interrupted(signum)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    """Entry point of the ``nsdf-run`` console script and ``python -m nsdf_hpc``."""
+    """Entry point of the ``nsdf-run`` console script and ``python -m nsdf_hpc``.
+
+    A signal to nsdf-run ends it with 128+N, as a shell reports it, after cleaning up; while a
+    container runs, the executor passes the signal on to it instead (``_exec.py``)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    cli.main(args=args, prog_name="nsdf-run", obj={"argv": args})
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _interrupt)
+    try:
+        cli.main(args=args, prog_name="nsdf-run", obj={"argv": args})
+    except _Interrupted as stop:
+        sys.stderr.write(f"\nnsdf-run: interrupted by {signal.Signals(stop.signum).name}\n")
+        sys.exit(128 + stop.signum)
 
 
 __all__ = ["cli", "main"]

@@ -169,6 +169,10 @@ class Runtime(abc.ABC):
     probe_status_matters: ClassVar[bool] = True
     #: characters this runtime's bind syntax cannot carry in a path (``SRC:DST`` splits at ':')
     bind_unsafe: ClassVar[str] = ""
+    #: the names the runtime's own processes run under while it sets a container up, when a
+    #: signal that reaches it then can be lost: the executor holds a signal until a process of
+    #: another name (the command) exists in its tree (``_exec._forward_signals``)
+    startup_names: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, path: Optional[str] = None, flavour: Optional[str] = None,
                  version: Optional[str] = None, ctx: Optional[RuntimeContext] = None) -> None:
