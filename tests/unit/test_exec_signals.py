@@ -7,7 +7,7 @@ import sys
 import textwrap
 import time
 
-from nsdf_hpc._exec import _tree, still_starting
+from nsdf_hpc._proctree import _tree, still_starting
 
 
 def test_still_starting_looks_at_the_whole_process_tree() -> None:
