@@ -10,6 +10,8 @@ PYTHONPATH is not used) and reads the result back. Layout of one executor's dire
 
 Locally every call is one container run (``max_workers`` at a time); on Slurm a ``map`` is one
 array job whose tasks each run ``batch_size`` items, and ``submit`` a one-task array job.
+Inside the container every item runs in a process of its own (the worker forks), so an item
+whose process dies is a :class:`WorkerDiedError` of its own and its batch-mates still run.
 
 The interpreter guard: cloudpickle output can be loaded only by the same Python major.minor,
 so the image's version is probed once per image digest and interpreter (kept in

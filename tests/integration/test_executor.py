@@ -245,3 +245,20 @@ def test_the_example_on_slurm_as_the_unprivileged_user(runtime: str, as_user, us
                     NSDF_HPC_CACHE=str(user_cache(as_user)), NSDF_HPC_SLURM_DIR=str(user_dir / "jobs"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "item 2: 3.1" in r.stdout and "pi ~ 3.1" in r.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.podman
+def test_slurm_an_item_killed_for_memory_leaves_its_batch_mate(slurm_client: Client) -> None:
+    """The same OOM on Slurm, from the container's limit (rootful podman --memory): Slurm's own
+    --mem is not enforced on the testbed (TaskPlugin=task/none, no OverMemoryKill)."""
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="podman", client=slurm_client, bind_cwd=False,
+                           batch_size=2, time="0:05", extra_args=("--memory=64m",)) as ex:
+        big, small = ex.map_futures(allocate, [400, 4])
+        with pytest.raises(nsdf_hpc.WorkerDiedError) as died:
+            big.result(timeout=300)
+        assert small.result(timeout=300) == 4 * 1024 * 1024
+    err = died.value
+    assert err.returncode == 137 and "out-of-memory killer ended it" in str(err), err
+    assert f"item 0 in Slurm job {ex.jobs[0].job_id} task 0 (podman" in str(err)
+    assert "allocating 400 MB" in err.log_tail
