@@ -166,6 +166,34 @@ def test_slurm_map_is_one_array_job_and_a_failed_item_loses_no_other(slurm_clien
     assert list(ex.map(abs, [])) == []
 
 
+def kill_the_worker(x: int) -> int:
+    print("item", x, flush=True)
+    if x == 1:
+        os.kill(os.getppid(), 9)     # the worker itself: the whole task ends here
+        os._exit(0)
+    return x
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_a_task_that_dies_as_a_whole_keeps_what_finished(slurm_client: Client) -> None:
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
+                           batch_size=3, time="0:05") as ex:
+        futs = ex.map_futures(kill_the_worker, range(3))
+        assert futs[0].result(timeout=300) == 0
+        errors = []
+        for f in futs[1:]:
+            with pytest.raises(nsdf_hpc.WorkerDiedError) as died:
+                f.result(timeout=300)
+            errors.append(died.value)
+    job = ex.jobs[0]
+    for n, err in zip((1, 2), errors):
+        assert f"Slurm job {job.job_id} task 0 ended (" in str(err), err
+        assert f"before the worker wrote the result of item {n}" in str(err), err
+        assert "that finished before keep their results" in str(err), err
+    assert "item 1" in errors[0].log_tail
+
+
 def allocate(mb: int) -> int:
     print(f"allocating {mb} MB", flush=True)
     return len(bytearray(mb * 1024 * 1024))
