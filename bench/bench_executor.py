@@ -6,22 +6,34 @@
 * Local: the per-call overhead of ``Executor.submit(fn).result()`` against ``nsdf-run run``
   of the same work (``python3 -c pass``) in the same image and runtime.
 
-    python3 bench/bench_executor.py [--items 200] [--runtime apptainer] [--calls 5]
+    python3 bench/bench_executor.py [--items 200] [--runtime apptainer] [--calls 5] [--json FILE]
 
-Needs submitit and cloudpickle in the interpreter that runs it (a venv), the image's Python
-of that interpreter's major.minor, and the Slurm work directory shared between the nodes.
+The nsdf-hpc map runs twice: as the executor batches it by default (at most 100 tasks, so 2
+items per task for 200) and with ``batch_size=1`` (one task per item, as submitit does).
+"After last result" is the time from the newest result file on the shared directory (the
+last task's end, give or take its teardown) to all results in the caller's hands.
+
+Needs submitit (from PyPI, in a venv, never in the system Python), cloudpickle, the image's
+Python of that interpreter's major.minor, and the Slurm work directory shared between the
+nodes. On the testbed::
+
+    python3 -m venv --system-site-packages /var/tmp/bench-venv
+    /var/tmp/bench-venv/bin/pip install submitit
+    PYTHONPATH=$PWD flock /tmp/nsdf-slurm.lock /var/tmp/bench-venv/bin/python bench/bench_executor.py
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 IMAGE = "127.0.0.1:5443/hpc/pydeb:latest"
 
@@ -34,12 +46,12 @@ def _last_mtime(pattern: str) -> float:
     return max(os.stat(p).st_mtime for p in glob.glob(pattern, recursive=True))
 
 
-def slurm_nsdf(items: int, runtime: str, work: str) -> dict:
+def slurm_nsdf(items: int, runtime: str, work: str, batch_size: Optional[int] = None) -> dict:
     import nsdf_hpc
     from nsdf_hpc.client import Client
     client = Client(env={**os.environ, "NSDF_HPC_SLURM_DIR": work})
     with nsdf_hpc.Executor(IMAGE, on="slurm", runtime=runtime, client=client, bind_cwd=False,
-                           time="0:10", keep=True) as ex:
+                           time="0:10", keep=True, batch_size=batch_size) as ex:
         ex.submit(trivial, 0).result()          # setup (pull, guard probe) outside the timing
         t0 = time.time()
         futs = ex.map_futures(trivial, range(items))
@@ -53,7 +65,7 @@ def slurm_nsdf(items: int, runtime: str, work: str) -> dict:
 
 
 def slurm_submitit(items: int, work: str) -> dict:
-    import submitit
+    import submitit  # type: ignore[import-not-found]  # only in the bench venv
     ex = submitit.AutoExecutor(folder=os.path.join(work, "submitit-%j"), cluster="slurm")
     ex.update_parameters(timeout_min=10, slurm_array_parallelism=items)
     t0 = time.time()
@@ -83,7 +95,10 @@ def local(runtime: str, calls: int) -> dict:
     argv = [sys.executable, "-m", "nsdf_hpc", "run", "--runtime", runtime, "--no-bind-cwd", IMAGE, "--",
             "python3", "-c", "pass"]
     subprocess.run(argv, check=True, capture_output=True)      # the launch record
-    cli_ms = _median_ms(lambda: subprocess.run(argv, check=True, capture_output=True) and None, calls)
+
+    def cli() -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+    cli_ms = _median_ms(cli, calls)
     return {"executor_call_ms": executor_ms, "nsdf_run_ms": cli_ms}
 
 
@@ -93,19 +108,30 @@ def main() -> None:
     ap.add_argument("--runtime", default="apptainer")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--skip", nargs="*", default=[], choices=["slurm", "local"])
+    ap.add_argument("--json", metavar="FILE", help="also save the numbers as JSON")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-exec-", dir="/var/tmp/nsdf-scratch")
-    if "slurm" not in args.skip:
-        a = slurm_nsdf(args.items, args.runtime, work)
-        b = slurm_submitit(args.items, work)
-        print(f"slurm map of {args.items}: nsdf-hpc ({args.runtime}, {a['tasks']} tasks) submit "
-              f"{a['submit_s']:.2f} s, after last result {a['after_last_s']:.2f} s, total {a['total_s']:.1f} s | "
-              f"submitit map_array ({b['tasks']} tasks, host Python) submit {b['submit_s']:.2f} s, after last "
-              f"result {b['after_last_s']:.2f} s, total {b['total_s']:.1f} s")
-    if "local" not in args.skip:
-        c = local(args.runtime, args.calls)
-        print(f"local ({args.runtime}): Executor call {c['executor_call_ms']:.0f} ms (median of {args.calls}) | "
-              f"nsdf-run run python3 -c pass {c['nsdf_run_ms']:.0f} ms")
+    out: dict = {"items": args.items, "runtime": args.runtime, "image": IMAGE}
+    try:
+        if "slurm" not in args.skip:
+            runs = [("nsdf-hpc", slurm_nsdf(args.items, args.runtime, work)),
+                    ("nsdf-hpc batch_size=1", slurm_nsdf(args.items, args.runtime, work, batch_size=1)),
+                    ("submitit map_array (host Python)", slurm_submitit(args.items, work))]
+            print(f"slurm map of {args.items} items:")
+            for name, r in runs:
+                print(f"  {name:34} {r['tasks']:4d} tasks  submit {r['submit_s']:5.2f} s  after last result "
+                      f"{r['after_last_s']:5.2f} s  total {r['total_s']:5.1f} s")
+            out["slurm"] = dict(runs)
+        if "local" not in args.skip:
+            c = local(args.runtime, args.calls)
+            print(f"local ({args.runtime}): Executor call {c['executor_call_ms']:.0f} ms (median of {args.calls}) | "
+                  f"nsdf-run run python3 -c pass {c['nsdf_run_ms']:.0f} ms")
+            out["local"] = c
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,16 @@ cloudpickle beside it, into a support directory that is bound read-only into the
 (sys.path[0] is the script's directory, so no PYTHONPATH is needed). It runs items
 ``TASK*BATCH .. TASK*BATCH+BATCH-1`` of ROOT: each item directory ``ROOT/items/N`` holds
 ``call.pkl`` (function, args, kwargs); the worker writes ``stdout``, ``stderr`` and, last and
-atomically, ``result.pkl``: ``("ok", value)`` or ``("error", pickled exception or None, type
-name, message, traceback text)``. Standard library only (Debian's python3-minimal has no
-json, uuid or dataclasses; the last two, which cloudpickle imports, come from ``fallback/``).
+atomically, ``result.pkl``: ``("ok", value)``, ``("error", pickled exception or None, type
+name, message, traceback text)`` or ``("died", status, how, oom)``.
+
+Each item runs in a process of its own (forked from this one), so an item that ends its
+process (``os._exit``, a signal, the out-of-memory killer) loses neither the results written
+before it nor the items after it: this process writes the ``died`` result for it (its exit
+status, 128+N for signal N, and whether the container's out-of-memory kill count went up) and
+goes on. Results are written as each item finishes, so even a task killed as a whole keeps
+what it finished. Standard library only (Debian's python3-minimal has no json, uuid or
+dataclasses; the last two, which cloudpickle imports, come from ``fallback/``).
 """
 import os
 import pickle
@@ -33,6 +40,12 @@ def _run_item(d: str, cloudpickle: Any) -> None:
     sys.stderr.flush()
     os.dup2(out, 1)
     os.dup2(err, 2)
+    # line by line, so what a call printed before its process was killed is in its files
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)   # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
     try:
         try:
             with open(os.path.join(d, "call.pkl"), "rb") as fh:
@@ -64,6 +77,67 @@ def _run_item(d: str, cloudpickle: Any) -> None:
     _write(os.path.join(d, "result.pkl"), data)
 
 
+_SIGNALS = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 7: "SIGBUS", 9: "SIGKILL", 11: "SIGSEGV",
+            15: "SIGTERM"}
+
+
+def _oom_kills() -> int:
+    """How many processes the out-of-memory killer has ended in this container's memory cgroup
+    (cgroup v2 ``memory.events``, v1 ``memory.oom_control``); -1 when it cannot be read."""
+    paths = ["/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"]
+    try:
+        with open("/proc/self/cgroup") as fh:
+            for line in fh:
+                parts = line.strip().split(":", 2)
+                if len(parts) == 3 and parts[1] in ("", "memory") and parts[2] not in ("", "/"):
+                    sub = parts[2].lstrip("/")
+                    paths.insert(0, "/sys/fs/cgroup/%s/memory.events" % sub if parts[1] == ""
+                                 else "/sys/fs/cgroup/memory/%s/memory.oom_control" % sub)
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return -1
+
+
+def _run_isolated(d: str, cloudpickle: Any) -> None:
+    """Run item ``d`` in a child process; when the child ends without a result, write one
+    that says how it ended."""
+    before = _oom_kills()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:   # the child: run the item, then leave without running this process's exit code
+        code = 0
+        try:
+            _run_item(d, cloudpickle)
+        except BaseException:   # noqa: BLE001 - writing the result failed: say so in the task log
+            traceback.print_exc()
+            code = 70
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.path.exists(os.path.join(d, "result.pkl")):
+        return
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        code = 128 + sig
+        how = "was killed by signal %d (%s, status %d)" % (sig, _SIGNALS.get(sig, "signal %d" % sig), code)
+    else:
+        code = os.WEXITSTATUS(status)
+        how = "exited with status %d" % code
+    after = _oom_kills()
+    oom = before >= 0 and after > before
+    _write(os.path.join(d, "result.pkl"), pickle.dumps(("died", code, how, oom), protocol=2))
+
+
 def main(argv: List[str]) -> int:
     root, task, batch = argv[1], int(argv[2]), int(argv[3])
     # the host's pure-Python copies of stdlib modules cloudpickle needs, used only where the
@@ -74,7 +148,7 @@ def main(argv: List[str]) -> int:
     for n in range(task * batch, task * batch + batch):
         d = os.path.join(root, "items", str(n))
         if os.path.isfile(os.path.join(d, "call.pkl")) and not os.path.exists(os.path.join(d, "result.pkl")):
-            _run_item(d, cloudpickle)
+            _run_isolated(d, cloudpickle)
     return 0
 
 

@@ -10,6 +10,8 @@ PYTHONPATH is not used) and reads the result back. Layout of one executor's dire
 
 Locally every call is one container run (``max_workers`` at a time); on Slurm a ``map`` is one
 array job whose tasks each run ``batch_size`` items, and ``submit`` a one-task array job.
+Inside the container every item runs in a process of its own (the worker forks), so an item
+whose process dies is a :class:`WorkerDiedError` of its own and its batch-mates still run.
 
 The interpreter guard: cloudpickle output can be loaded only by the same Python major.minor,
 so the image's version is probed once per image digest and interpreter (kept in
@@ -147,11 +149,30 @@ def _read(path: str) -> str:
         return ""
 
 
-def load_result(item_dir: str) -> Tuple[bool, Any]:
+def killed_hint(code: Optional[int], oom: bool = False) -> str:
+    """What an exit status says about how a process ended (for messages)."""
+    if oom:
+        return ("; the out-of-memory killer ended it (the container's or the job's memory limit: "
+                "give it more memory, or use less)")
+    if code == 137:
+        return "; SIGKILL: killed, for example by the out-of-memory killer or a time limit"
+    return ""
+
+
+def item_output(item_dir: str) -> str:
+    """The tail of what the call itself wrote (its stderr, then its stdout)."""
+    err = _tail(_read(os.path.join(item_dir, "stderr")))
+    out = _tail(_read(os.path.join(item_dir, "stdout")))
+    return "\n".join(x for x in (err, out) if x)
+
+
+def load_result(item_dir: str, where: str = "the call") -> Tuple[bool, Any]:
     """Read ``result.pkl``: ``(True, value)`` or ``(False, exception to raise)``.
 
     An exception is re-raised as its own type with the remote traceback as ``__cause__`` when
     it can be unpickled here, else as :class:`RemoteError` (type name, message, traceback).
+    An item whose process died (the worker's ``died`` record) gives :class:`WorkerDiedError`
+    with its exit status and the tail of the call's output; ``where`` names it.
     """
     import cloudpickle  # noqa: PLC0415 (importing nsdf_hpc stays light)
     with open(os.path.join(item_dir, "result.pkl"), "rb") as fh:
@@ -162,6 +183,12 @@ def load_result(item_dir: str) -> Tuple[bool, Any]:
         return False, RemoteError(type(err).__name__, f"the result could not be unpickled here: {err}", "")
     if result[0] == "ok":
         return True, result[1]
+    if result[0] == "died":
+        _, code, how, oom = result
+        return False, WorkerDiedError(
+            f"{where}: the process running the function {how} before returning"
+            f"{killed_hint(code, oom)}; the other items ran as usual",
+            code, item_output(item_dir))
     _, exc_data, type_name, message, tb = result
     exc: Any = None
     if exc_data is not None:
@@ -347,7 +374,8 @@ class Executor:
         with open(os.path.join(d, "call.pkl"), "wb") as fh:
             fh.write(data)
 
-    def _finish(self, fut: CallFuture, item_dir: str, died: Callable[[], WorkerDiedError]) -> None:
+    def _finish(self, fut: CallFuture, item_dir: str, died: Callable[[], WorkerDiedError],
+                where: str) -> None:
         """Resolve ``fut`` from ``item_dir`` (``died()`` when there is no result)."""
         fut.stdout = _read(os.path.join(item_dir, "stdout"))
         fut.stderr = _read(os.path.join(item_dir, "stderr"))
@@ -355,7 +383,7 @@ class Executor:
             if not os.path.exists(os.path.join(item_dir, "result.pkl")):
                 fut.set_exception(died())
                 return
-            ok, value = load_result(item_dir)
+            ok, value = load_result(item_dir, where)
             if ok:
                 fut.set_result(value)
             else:
@@ -394,9 +422,9 @@ class Executor:
         def died() -> WorkerDiedError:
             return WorkerDiedError(
                 f"the container ({rt_name}, {self.image}) exited with status {res.returncode} before "
-                f"the worker wrote the result of call {n}", res.returncode,
-                _tail(res.stderr + "\n" + res.stdout))
-        self._finish(fut, item, died)
+                f"the worker wrote the result of call {n}{killed_hint(res.returncode)}", res.returncode,
+                _tail("\n".join(x for x in (item_output(item), res.stderr, res.stdout) if x.strip())))
+        self._finish(fut, item, died, f"call {n} in the container ({rt_name}, {self.image})")
 
     # ------------------------------------------------------------ public API
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CallFuture:
@@ -517,7 +545,8 @@ class Executor:
                 for f in pending:
                     item = os.path.join(group, "items", str(f.index))
                     if os.path.exists(os.path.join(item, "result.pkl")):
-                        self._finish(f, item, lambda: WorkerDiedError("no result"))
+                        self._finish(f, item, lambda: WorkerDiedError("no result"),
+                                     self._slurm_where(job, f.index // batch, f.index))
                         progressed = True
                 pending = [f for f in futs if not f.done()]
                 final = False
@@ -529,7 +558,8 @@ class Executor:
                 if final:
                     for f in pending:
                         item = os.path.join(group, "items", str(f.index))
-                        self._finish(f, item, self._slurm_died(job, f.index // batch, f.index))
+                        self._finish(f, item, self._slurm_died(job, f.index // batch, f.index, item),
+                                     self._slurm_where(job, f.index // batch, f.index))
                 if not pending or final:
                     with self._lock:
                         self._watch.remove(entry)
@@ -538,7 +568,11 @@ class Executor:
                 backoff.reset()
             backoff.sleep()
 
-    def _slurm_died(self, job: "Job", task: int, n: int) -> Callable[[], WorkerDiedError]:
+    def _slurm_where(self, job: "Job", task: int, n: int) -> str:
+        rt = self._rt.name if self._rt is not None else "?"
+        return f"item {n} in Slurm job {job.job_id} task {task} ({rt}, {self.image})"
+
+    def _slurm_died(self, job: "Job", task: int, n: int, item: str) -> Callable[[], WorkerDiedError]:
         def died() -> WorkerDiedError:
             try:
                 st = job.tasks.get(job.task_id(task)) or job.last
@@ -552,5 +586,7 @@ class Executor:
                 log = ""
             return WorkerDiedError(
                 f"Slurm job {job.job_id} task {task} ended ({state}, exit code {code}) before the "
-                f"worker wrote the result of item {n}", code, _tail(log))
+                f"worker wrote the result of item {n}{killed_hint(code)}; the items of that task "
+                "that finished before keep their results", code,
+                _tail("\n".join(x for x in (item_output(item), log) if x.strip())))
         return died

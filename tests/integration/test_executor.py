@@ -65,10 +65,10 @@ def test_local_calls_results_exceptions_and_a_killed_container(runtime: str, cli
             ex.submit(fails_on_three, 3).result(timeout=300)
         cause = info.value.__cause__
         assert isinstance(cause, nsdf_hpc.errors.RemoteTraceback) and "fails_on_three" in cause.text
-        # a container that dies before the worker writes: a clear error, not a hang
+        # a call whose process is killed: a clear error (status, how, where), not a hang
         with pytest.raises(nsdf_hpc.WorkerDiedError) as died:
             ex.submit(kill_self).result(timeout=300)
-        assert died.value.returncode == 137 and "exited with status 137" in str(died.value)
+        assert died.value.returncode == 137 and "killed by signal 9 (SIGKILL, status 137)" in str(died.value)
         assert runtime in str(died.value)
     assert not any(tmp_path.iterdir()), "the work directory is removed on exit"
 
@@ -128,36 +128,97 @@ def slurm_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
 
 
 def item_work(x: int) -> int:
-    if x == 3:
-        raise ValueError("item three fails")
+    print("item", x, os.environ.get("SLURM_ARRAY_TASK_ID"))
     if x == 4:
         kill_self()
-    print("item", x, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    if x == 7:
+        os._exit(3)
+    if x == 8:
+        raise ValueError("item eight fails")
     return x * 10
 
 
 @pytest.mark.slurm
 @pytest.mark.apptainer
 def test_slurm_map_is_one_array_job_and_a_failed_item_loses_no_other(slurm_client: Client) -> None:
+    # three items per task: task 1 is 3, 4 (SIGKILLs its process), 5; task 2 is 6, 7 (os._exit(3)),
+    # 8 (raises): the items before and after a dead one keep or get their results
     with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
-                           batch_size=2, nodes=1, time="0:05") as ex:
-        futs = ex.map_futures(item_work, range(9))
-        assert len(ex.jobs) == 1 and ex.jobs[0].provenance["indices"] == list(range(5))
+                           batch_size=3, nodes=1, time="0:05") as ex:
+        futs = ex.map_futures(item_work, range(10))
+        job = ex.jobs[0]
+        assert len(ex.jobs) == 1 and job.provenance["indices"] == list(range(4))
         outcomes = {}
         for f in futs:
             try:
                 outcomes[f.index] = f.result(timeout=300)
             except Exception as err:  # noqa: BLE001
                 outcomes[f.index] = err
-    assert [outcomes[i] for i in (0, 1, 2, 6, 7, 8)] == [0, 10, 20, 60, 70, 80]
-    assert isinstance(outcomes[3], ValueError) and "item three fails" in str(outcomes[3])
-    # item 4 killed its task's process: it and its batch mate 5 have no result
-    for i in (4, 5):
-        err = outcomes[i]
-        assert isinstance(err, nsdf_hpc.WorkerDiedError), err
-        assert "task 2 ended" in str(err) and "Killed" in str(err)
-    assert futs[8].stdout.startswith("item 8 ")
+    assert [outcomes[i] for i in (0, 1, 2, 3, 5, 6, 9)] == [0, 10, 20, 30, 50, 60, 90]
+    killed, exited, raised = outcomes[4], outcomes[7], outcomes[8]
+    assert isinstance(killed, nsdf_hpc.WorkerDiedError) and killed.returncode == 137, killed
+    assert f"item 4 in Slurm job {job.job_id} task 1 (apptainer" in str(killed)
+    assert "killed by signal 9 (SIGKILL, status 137)" in str(killed) and "item 4 1" in killed.log_tail
+    assert isinstance(exited, nsdf_hpc.WorkerDiedError) and exited.returncode == 3, exited
+    assert "exited with status 3" in str(exited) and "task 2" in str(exited)
+    assert isinstance(raised, ValueError) and "item eight fails" in str(raised)
+    assert futs[5].stdout == "item 5 1\n" and futs[9].stdout == "item 9 3\n"
     assert list(ex.map(abs, [])) == []
+
+
+def kill_the_worker(x: int) -> int:
+    print("item", x, flush=True)
+    if x == 1:
+        os.kill(os.getppid(), 9)     # the worker itself: the whole task ends here
+        os._exit(0)
+    return x
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_a_task_that_dies_as_a_whole_keeps_what_finished(slurm_client: Client) -> None:
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
+                           batch_size=3, time="0:05") as ex:
+        futs = ex.map_futures(kill_the_worker, range(3))
+        assert futs[0].result(timeout=300) == 0
+        errors = []
+        for f in futs[1:]:
+            with pytest.raises(nsdf_hpc.WorkerDiedError) as died:
+                f.result(timeout=300)
+            errors.append(died.value)
+    job = ex.jobs[0]
+    for n, err in zip((1, 2), errors):
+        assert f"Slurm job {job.job_id} task 0 ended (" in str(err), err
+        assert f"before the worker wrote the result of item {n}" in str(err), err
+        assert "that finished before keep their results" in str(err), err
+    assert "item 1" in errors[0].log_tail
+
+
+def allocate(mb: int) -> int:
+    print(f"allocating {mb} MB", flush=True)
+    return len(bytearray(mb * 1024 * 1024))
+
+
+@pytest.mark.podman
+def test_a_call_killed_for_memory_is_a_clear_error_not_a_hang(client: Client, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """OOM for real: rootful podman gives the container a memory cgroup limit (cgroup v1 here),
+    the kernel's OOM killer ends the call's process, and the worker sees the container's
+    oom_kill count go up. (Slurm's --mem is not enforced on the testbed: TaskPlugin=task/none
+    and no OverMemoryKill, so a Slurm-level OOM cannot be made here without reconfiguring it.)"""
+    # podman 4.3.1's conmon (2.1.6) leaves an empty file named "oom" in the current directory
+    # after an OOM kill: keep it out of the checkout
+    monkeypatch.chdir(tmp_path)
+    with nsdf_hpc.Executor(PYDEB, runtime="podman", client=client, bind_cwd=False, work_dir=str(tmp_path),
+                           extra_args=("--memory=64m",)) as ex:
+        big, small = ex.submit(allocate, 400), ex.submit(allocate, 4)
+        with pytest.raises(nsdf_hpc.WorkerDiedError) as died:
+            big.result(timeout=300)
+        assert small.result(timeout=300) == 4 * 1024 * 1024
+    err = died.value
+    assert err.returncode == 137 and "killed by signal 9 (SIGKILL, status 137)" in str(err), err
+    assert "out-of-memory killer ended it" in str(err) and "podman" in str(err)
+    assert "allocating 400 MB" in err.log_tail
 
 
 @pytest.mark.slurm
@@ -216,3 +277,22 @@ def test_the_example_on_slurm_as_the_unprivileged_user(runtime: str, as_user, us
                     NSDF_HPC_CACHE=str(user_cache(as_user)), NSDF_HPC_SLURM_DIR=str(user_dir / "jobs"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "item 2: 3.1" in r.stdout and "pi ~ 3.1" in r.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.podman
+def test_slurm_an_item_killed_for_memory_leaves_its_batch_mate(slurm_client: Client, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same OOM on Slurm, from the container's limit (rootful podman --memory): Slurm's own
+    --mem is not enforced on the testbed (TaskPlugin=task/none, no OverMemoryKill)."""
+    monkeypatch.chdir(tmp_path)     # the job runs here; conmon's stray "oom" file lands here
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="podman", client=slurm_client, bind_cwd=False,
+                           batch_size=2, time="0:05", extra_args=("--memory=64m",)) as ex:
+        big, small = ex.map_futures(allocate, [400, 4])
+        with pytest.raises(nsdf_hpc.WorkerDiedError) as died:
+            big.result(timeout=300)
+        assert small.result(timeout=300) == 4 * 1024 * 1024
+    err = died.value
+    assert err.returncode == 137 and "out-of-memory killer ended it" in str(err), err
+    assert f"item 0 in Slurm job {ex.jobs[0].job_id} task 0 (podman" in str(err)
+    assert "allocating 400 MB" in err.log_tail

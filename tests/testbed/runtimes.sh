@@ -27,10 +27,10 @@
 #
 # Usage: provision-runtimes.sh [STEP ...]
 #   STEPS: all (default) | packages | host | user | registry | registry-auth | images |
-#          base-images | podman |
+#          base-images | recipe-images | podman |
 #          charliecloud | udocker | apptainer | verify | registry-stop | status
-#   "all" = packages host user registry registry-auth images base-images podman charliecloud
-#           udocker apptainer verify
+#   "all" = packages host user registry registry-auth images base-images podman recipe-images
+#           charliecloud udocker apptainer verify
 #
 # Environment knobs (defaults in brackets):
 #   HPCRT_ROOT [/var/lib/hpc-runtimes]      state: registry data, certs, images, logs
@@ -412,6 +412,34 @@ step_base_images() {
   done
 }
 
+# ---------------------------------------------------------------- recipe images
+# Images built from recipes/ and served under their NSDF name, so examples run as a new user
+# would run them (examples/executor_numpy.py uses nsdf/python:v1.0.0, Python 3 + numpy):
+#   nsdf/python:v1.0.0  recipes/nsdf-python, built with podman from library/debian:12-slim
+#                       (base-images; FROM is pointed at this registry, which is the docker.io
+#                       mirror, because podman's own config has no mirror for docker.io);
+#                       apt-get reaches Debian's mirror (~1-2 min the first time)
+RECIPES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../recipes" 2>/dev/null && pwd || true)
+step_recipe_images() {
+  log "images built from recipes/ (nsdf/python:v1.0.0)"
+  [ -n "$RECIPES_DIR" ] || die "recipes/ not found beside tests/testbed"
+  local name=python ref="nsdf/python:v1.0.0" tmp tag="localhost/nsdf-testbed/python:v1.0.0"
+  if [ "$HPCRT_FORCE_IMAGES" != 1 ] && \
+     skopeo inspect --tls-verify=false --raw "docker://$HPCRT_REG_HTTP/$ref" >/dev/null 2>&1; then
+    return 0
+  fi
+  mkdir -p "$HPCRT_ROOT/logs"
+  tmp=$(mktemp -d)
+  cp -a "$RECIPES_DIR/nsdf-$name/." "$tmp/"
+  sed -i "s#^FROM docker.io/#FROM $HPCRT_REG_HTTPS/#" "$tmp/Dockerfile"
+  podman build --pull=missing -t "$tag" -f "$tmp/Dockerfile" "$tmp" \
+    > "$HPCRT_ROOT/logs/recipe-$name.log" 2>&1 || { rm -rf "$tmp"; die "podman build of recipes/nsdf-$name failed (see logs/recipe-$name.log)"; }
+  rm -rf "$tmp"
+  log "pushing $ref to $HPCRT_REG_HTTP"
+  skopeo copy -q --dest-tls-verify=false --format v2s2 "containers-storage:$tag" "docker://$HPCRT_REG_HTTP/$ref"
+  podman rmi --ignore "$tag" >/dev/null 2>&1 || true
+}
+
 # ---------------------------------------------------------------- podman
 step_podman() {
   log "podman configuration"
@@ -691,7 +719,7 @@ step_status() {
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(all)
 if [ "${steps[0]}" = all ]; then
-  steps=(packages host user registry registry-auth images base-images podman charliecloud udocker apptainer verify)
+  steps=(packages host user registry registry-auth images base-images podman recipe-images charliecloud udocker apptainer verify)
 fi
 for s in "${steps[@]}"; do
   if skip "$s"; then log "skipping $s"; continue; fi
@@ -704,6 +732,7 @@ for s in "${steps[@]}"; do
     registry-stop) step_registry_stop ;;
     images) step_images ;;
     base-images) step_base_images ;;
+    recipe-images) step_recipe_images ;;
     podman) step_podman ;;
     charliecloud) step_charliecloud ;;
     udocker) step_udocker ;;

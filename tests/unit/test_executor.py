@@ -93,6 +93,29 @@ def test_worker_round_trip(tmp_path):
     assert ok and value() == 1
 
 
+def test_an_item_that_kills_its_process_loses_neither_the_items_before_nor_after(tmp_path):
+    def work(x):
+        print("item", x)
+        if x == 1:
+            os.kill(os.getpid(), 9)
+        if x == 2:
+            os._exit(3)
+        return x * 10
+
+    _calls(tmp_path, [(work, (n,), {}) for n in range(4)])
+    _worker(tmp_path, 0, 4)          # one task runs all four; the worker itself exits 0
+    items = tmp_path / "items"
+    assert [load_result(str(items / str(n))) for n in (0, 3)] == [(True, 0), (True, 30)]
+    ok, killed = load_result(str(items / "1"), "item 1 somewhere")
+    assert not ok and isinstance(killed, errors.WorkerDiedError) and killed.returncode == 137
+    assert str(killed).startswith("item 1 somewhere: the process running the function was killed by "
+                                  "signal 9 (SIGKILL, status 137) before returning; SIGKILL")
+    assert killed.log_tail == "item 1"        # printed line by line, so kept despite the kill
+    ok, exited = load_result(str(items / "2"))
+    assert not ok and isinstance(exited, errors.WorkerDiedError) and exited.returncode == 3
+    assert "exited with status 3 before returning; the other items ran as usual" in str(exited)
+
+
 def test_worker_skips_items_that_have_a_result(tmp_path):
     _calls(tmp_path, [(len, ("abc",), {})])
     _worker(tmp_path, 0, 1)
