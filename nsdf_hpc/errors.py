@@ -15,8 +15,11 @@ message and an exit code (``exit_code``). A container's own non-zero exit status
     ├── CommandError              an external tool exited non-zero (.argv .returncode .stderr)
     │   └── CommandTimeoutError   ... or ran past its timeout
     ├── ImageError                pull/convert/cache failed (wraps the CommandError)
-    │   ├── RegistryError         registry unreachable, image missing, auth refused
-    │   └── PreflightError        not enough space, noexec temp dir, ... (names the variable)
+    │   ├── RegistryError         registry unreachable, throttling or failing after the
+    │   │                         retries, image missing, auth refused
+    │   ├── PreflightError        not enough space, noexec temp dir, ... (names the variable)
+    │   └── DiskFullError         a filesystem filled during the pull/conversion (names the
+    │                             variable: NSDF_HPC_CACHE, or the runtime's own directory)
     ├── RunError                  the run cannot be set up here (a mount point, the cwd bind)
     ├── SchedulerError            sbatch/sacct/scancel failed or the job cannot be tracked
     │   └── SubmitError           .transient is True when a retry may succeed
@@ -36,7 +39,7 @@ from typing import Optional, Sequence
 
 __all__ = [
     "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError", "BuilderNotFoundError",
-    "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError",
+    "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError", "DiskFullError",
     "RunError", "SchedulerError", "SubmitError", "UnexpectedOutputError",
     "ExecutorError", "InterpreterMismatchError", "WorkerDiedError", "RemoteError", "RemoteTraceback",
 ]
@@ -118,6 +121,17 @@ class RegistryError(ImageError):
 
 class PreflightError(ImageError):
     """A check before a pull failed (free space, noexec temp dir); names what to set."""
+
+
+class DiskFullError(ImageError):
+    """A filesystem filled up during a pull or conversion (ENOSPC, EDQUOT); nothing was
+    published and the private work directory is gone. ``path`` is the full directory and
+    ``variable`` the setting that moves it (``NSDF_HPC_CACHE`` for the cache)."""
+
+    def __init__(self, message: str, path: str = "", variable: str = "") -> None:
+        self.path = path
+        self.variable = variable
+        super().__init__(message)
 
 
 class RunError(NsdfError):

@@ -132,7 +132,7 @@ class Apptainer(Runtime):
             if insecure:
                 argv.append("--no-https")
             argv += [out, f"docker://{ref.by_digest()}"]
-            return ImagePlan((Step(tuple(argv), f"pull {ref} to SIF", tmp_env),), artifact=out)
+            return ImagePlan((Step(tuple(argv), f"pull {ref} to SIF", tmp_env, retry=True),), artifact=out)
         if source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
         prefix = source.transport

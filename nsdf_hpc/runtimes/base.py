@@ -49,6 +49,10 @@ class Step:
     #: (podman-hpc's migrate): without it the step failed. ``PREVIOUS`` stands for the
     #: previous step's output (stripped)
     expect: Optional[str] = None
+    #: the step pulls from a registry: a failure is tried again with backoff and jitter
+    #: (``registry_attempts``/``registry_backoff``), in an emptied work directory, unless a
+    #: filesystem is full
+    retry: bool = False
 
 
 @dataclass(frozen=True)

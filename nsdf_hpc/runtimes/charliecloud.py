@@ -99,7 +99,7 @@ class Charliecloud(Runtime):
                                  "configured as an insecure (plain HTTP) registry; use a TLS "
                                  "mirror or an offline archive (docker-archive:/oci-archive:)")
             steps.append(Step((self.ch_image(), "-s", STORAGE, "pull", ref.by_digest(), "nsdf"),
-                              f"pull {ref}", env))
+                              f"pull {ref}", env, retry=True))
             rootfs_src = f"{STORAGE}/img/nsdf"
             pre = None
         elif source.kind == "native":

@@ -102,7 +102,7 @@ class UDocker(Runtime):
             # was just resolved to the digest; the entry records the digest
             image = f"{ref.repository}:{ref.tag or 'latest'}"
             steps.append(Step(base + ("-q", "pull", f"--registry={scheme}://{ref.registry}", image),
-                              f"pull {ref}"))
+                              f"pull {ref}", retry=True))
         elif source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
         else:
