@@ -462,7 +462,7 @@ class ImageService:
                         registry = self.pull_ref(source.ref)[0].registry
                         where = (f" from registry {registry} ({attempt} attempt"
                                  f"{'s' if attempt != 1 else ''})")
-                    raise ImageError(f"{rt.name}: {step.description} failed{where} for "
+                    raise ImageError(f"{rt.name}: {step.description}{where} failed for "
                                      f"{source.text}:\n{err}") from err
                 except ToolNotFoundError as err:
                     self._undo(plan, env, work)

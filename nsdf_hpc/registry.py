@@ -174,7 +174,7 @@ class RegistryClient:
 
     def _gave_up(self, status: Optional[int], problem: str, timed_out: bool, attempts: int,
                  elapsed: float, retry_after: Optional[float]) -> str:
-        tries = f"{attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.0f} s"
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s"
         if retry_after is not None and retry_after > self.retry.max_retry_after:
             return (f"registry {self.registry} rate-limited the request (HTTP {status}) and asks to "
                     f"retry after {retry_after:.0f} s, longer than nsdf-run waits "
