@@ -65,6 +65,9 @@ class Settings(Model):
     registry_timeout: float = Field(default=30.0, gt=0)
     registry_attempts: int = Field(default=4, ge=1, le=20)
     registry_backoff: float = Field(default=1.0, ge=0)
+    #: a runtime's own pull (apptainer/ch-image/udocker pull) whose processes read and write
+    #: nothing for this many seconds is stopped (a registry that hangs mid-blob), then retried
+    pull_stall_timeout: float = Field(default=300.0, gt=0)
     sources: Dict[str, str] = Field(default_factory=dict)
     files: Tuple[str, ...] = ()
 
@@ -85,7 +88,8 @@ def _read_toml(path: str) -> Dict[str, Any]:
 
 _FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_registry",
               "mirrors", "insecure_registries", "pull_on_compute", "probe_timeout", "env",
-              "detect_cache", "tag_ttl", "registry_timeout", "registry_attempts", "registry_backoff"}
+              "detect_cache", "tag_ttl", "registry_timeout", "registry_attempts", "registry_backoff",
+              "pull_stall_timeout"}
 
 
 def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[str, Any],

@@ -13,7 +13,7 @@ message and an exit code (``exit_code``). A container's own non-zero exit status
     │   ├── RuntimeNotFoundError  no usable runtime, or the requested one is unusable
     │   └── BuilderNotFoundError  no usable image builder, or the requested one is unusable
     ├── CommandError              an external tool exited non-zero (.argv .returncode .stderr)
-    │   └── CommandTimeoutError   ... or ran past its timeout
+    │   └── CommandTimeoutError   ... or ran past its timeout, or stalled (no I/O; .stalled)
     ├── ImageError                pull/convert/cache failed (wraps the CommandError)
     │   ├── RegistryError         registry unreachable, throttling or failing after the
     │   │                         retries, image missing, auth refused
@@ -102,10 +102,18 @@ class CommandError(NsdfError):
 class CommandTimeoutError(CommandError):
     """An external tool ran past its timeout and was killed."""
 
-    def __init__(self, argv: Sequence[str], timeout: float, stdout: str = "", stderr: str = "") -> None:
+    def __init__(self, argv: Sequence[str], timeout: float, stdout: str = "", stderr: str = "",
+                 stalled: bool = False) -> None:
         self.timeout = timeout
+        #: True when it was stopped for making no progress (no I/O) for ``timeout`` s
+        self.stalled = stalled
         CommandError.__init__(self, argv, -9, stdout, stderr)
-        self.args = (f"`{shlex.join(self.argv)}` did not finish within {timeout:g} s and was killed",)
+        if stalled:
+            tail = _tail(stderr or stdout, 5)
+            self.args = (f"`{shlex.join(self.argv)}` made no progress (read and wrote nothing) for "
+                         f"{timeout:g} s and was killed" + (f":\n{tail}" if tail else ""),)
+        else:
+            self.args = (f"`{shlex.join(self.argv)}` did not finish within {timeout:g} s and was killed",)
 
     def __str__(self) -> str:
         return str(self.args[0])

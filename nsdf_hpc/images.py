@@ -21,7 +21,7 @@ from ._retry import RetryPolicy
 from ._launch import record_dir
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings
-from .errors import (CommandError, DiskFullError, ImageError, NsdfError, PreflightError, RegistryError, SpecError,
+from .errors import (CommandError, CommandTimeoutError, DiskFullError, ImageError, NsdfError, PreflightError, RegistryError, SpecError,
                      ToolNotFoundError, UnexpectedOutputError)
 from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
@@ -47,6 +47,9 @@ def disk_full_text(text: str) -> bool:
 
 
 def _last_line(err: CommandError) -> str:
+    if isinstance(err, CommandTimeoutError):
+        return (f"no progress for {err.timeout:g} s, stopped" if err.stalled
+                else f"still running after {err.timeout:g} s, stopped")
     lines = (err.stderr or err.stdout).strip().splitlines()
     return lines[-1][:300] if lines else "(no output)"
 
@@ -432,8 +435,13 @@ class ImageService:
                 attempt += 1
                 try:
                     overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
-                    last = self.runner.run(step.argv, check=step.check, env=env, env_overrides=overrides,
-                                           cwd=work, timeout=step.timeout)
+                    if step.retry:    # a registry that stops sending mid-blob: no hang
+                        last = self.runner.run(step.argv, check=step.check, env=env,
+                                               env_overrides=overrides, cwd=work, timeout=step.timeout,
+                                               stall_timeout=self.settings.pull_stall_timeout)
+                    else:
+                        last = self.runner.run(step.argv, check=step.check, env=env,
+                                               env_overrides=overrides, cwd=work, timeout=step.timeout)
                     expect = step.expect.replace(PREVIOUS, previous.strip()) if step.expect else None
                     if expect and expect not in last.stdout:
                         raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
@@ -445,6 +453,8 @@ class ImageService:
                     if disk_full_text(err.stderr + "\n" + err.stdout):
                         self._undo(plan, env, work)
                         raise self._disk_full(rt, step.description, source, err) from err
+                    if isinstance(err, CommandTimeoutError) and step.retry:
+                        self._remove_partial_downloads(rt)
                     wait = policy.delay(attempt) if step.retry else None
                     if wait is not None:
                         logger.info("%s: %s failed (attempt %d of %d, exit %d: %s); trying again "
@@ -489,6 +499,19 @@ class ImageService:
             if os.path.lexists(p):
                 os.unlink(p)
         return str(plan.location)
+
+    def _remove_partial_downloads(self, rt: Runtime) -> None:
+        """After a pull was killed: remove the partial blobs it left in the runtime's layer
+        cache. Only files nothing wrote to for ``pull_stall_timeout`` s: another process's
+        pull that is still downloading keeps its own."""
+        limit = time.time() - self.settings.pull_stall_timeout
+        for path in rt.partial_downloads(rt.runtime_env(self.env, self.cache.root)):
+            try:
+                if os.stat(path).st_mtime <= limit:
+                    os.unlink(path)
+                    logger.debug("removed the partial download %s", path)
+            except OSError:
+                pass
 
     def _undo(self, plan: ImagePlan, env: Optional[Mapping[str, str]], work: str) -> None:
         """Best effort: remove what a failed plan left in the runtime's store (a tag that no

@@ -240,6 +240,12 @@ class Runtime(abc.ABC):
         exist for the entry to be usable, and its size counts), or None."""
         return None
 
+    def partial_downloads(self, runtime_env: Mapping[str, str]) -> List[str]:
+        """Files a killed pull of this runtime may leave in its own layer cache (partial
+        blobs under a temporary name); the image service removes the ones nothing wrote to
+        lately after it stopped a stalled pull. Default: none."""
+        return []
+
     def remove_argv(self, location: str) -> Optional[List[str]]:
         """How to remove an entry's image from the runtime's own store (None: nothing to do)."""
         return None

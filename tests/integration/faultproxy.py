@@ -5,6 +5,8 @@ forwards to the registry, and injects the faults a test asks for:
 
 * ``cut_after=N``: a connection that has sent N bytes to the client is cut (a TCP reset) and
   the proxy then behaves as a registry that went away (``down``);
+* ``stall_after=N``: a connection that has sent N bytes to the client sends nothing more
+  and stays open (a registry that hangs mid-blob);
 * ``down``: every new connection is accepted and reset at once (connection refused/reset);
 * ``silent``: connections are accepted and read, and nothing is ever sent back;
 * ``inject``: statuses the proxy answers itself, one per request, before forwarding again
@@ -46,6 +48,7 @@ class FaultProxy:
         self.upstream = upstream
         self.http = http
         self.cut_after: Optional[int] = None
+        self.stall_after: Optional[int] = None
         self.down = False
         self.silent = False
         self.reset_next = 0
@@ -79,6 +82,7 @@ class FaultProxy:
         """Back to a healthy registry (the restart after an outage)."""
         with self._lock:
             self.cut_after = None
+            self.stall_after = None
             self.down = self.silent = False
             self.reset_next = 0
             self.inject = []
@@ -197,6 +201,11 @@ class FaultProxy:
                     if s is up:
                         with self._lock:
                             limit = self.cut_after
+                            stall = self.stall_after
+                        if stall is not None and sent + len(data) > stall:
+                            client.sendall(data[:max(0, stall - sent)])
+                            self._stop.wait()     # hold it open, silent, until the proxy closes
+                            return
                         if limit is not None and sent + len(data) > limit:
                             client.sendall(data[:max(0, limit - sent)])
                             with self._lock:

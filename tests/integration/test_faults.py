@@ -139,6 +139,30 @@ def test_registry_going_away_mid_pull(runtime: str, big_image: str, tmp_path: Pa
     print(f"\n{runtime}: registry went away after 8 MB; error after {took:.1f} s; the next pull worked")
 
 
+@pytest.mark.apptainer
+def test_a_registry_that_stops_sending_mid_blob_is_not_a_hang(big_image: str, tmp_path: Path) -> None:
+    """The proxy stops forwarding 5 MB into each blob connection and keeps it open: Apptainer
+    would wait forever (Go's client has no read timeout); the stall watchdog stops it after
+    pull_stall_timeout s without I/O, the step is retried, then a clear error."""
+    cache = tmp_path / "cache"
+    conf = _config(tmp_path, attempts=2)
+    with open(conf["NSDF_HPC_CONFIG"], "a") as fh:
+        fh.write("pull_stall_timeout = 3\n")
+    with FaultProxy(TLS) as proxy:
+        proxy.stall_after = 5_000_000
+        t0 = time.monotonic()
+        r = nsdf_root(["-v", "pull", "--runtime", "apptainer", f"{proxy.address}/{big_image}"], cache,
+                      timeout=120, **conf)
+        took = time.monotonic() - t0
+    _no_traceback(r.stderr)
+    assert r.returncode == 1, r.stderr
+    assert f"from registry {proxy.address} (2 attempts) failed" in r.stderr, r.stderr
+    assert "made no progress (read and wrote nothing) for 3 s and was killed" in r.stderr
+    assert "attempt 1 of 2, exit -9: no progress for 3 s, stopped" in r.stderr, r.stderr
+    assert took < 40, took
+    _assert_nothing_left(cache, "apptainer")
+
+
 # ---------------------------------------------------------------- item 1: statuses and resets
 def _http_pull(tmp_path: Path, proxy: FaultProxy, attempts: int = 4,
                timeout: float = 5) -> "Tuple[subprocess.CompletedProcess[str], float]":

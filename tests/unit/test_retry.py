@@ -190,3 +190,23 @@ def test_registry_pull_steps_are_retried_and_conversions_are_not() -> None:
     src = parse_source("reg.example:5000/hpc/busybox:latest")
     plan = rt.image_plan(src, REF.pinned("sha256:" + "a" * 64), "a" * 64)
     assert [s.retry for s in plan.steps] == [True]
+
+
+# ---------------------------------------------------------------- the stall watchdog
+def test_a_command_that_does_no_io_is_stopped_as_stalled() -> None:
+    import time
+
+    from nsdf_hpc._exec import SubprocessRunner
+    from nsdf_hpc.errors import CommandTimeoutError
+    t0 = time.monotonic()
+    with pytest.raises(CommandTimeoutError) as exc:
+        SubprocessRunner().run(["sleep", "30"], stall_timeout=0.5)
+    assert exc.value.stalled and "made no progress" in str(exc.value)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_command_that_keeps_writing_is_not_stalled() -> None:
+    from nsdf_hpc._exec import SubprocessRunner
+    res = SubprocessRunner().run(["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do echo x; sleep 0.15; done"],
+                                 stall_timeout=0.5)
+    assert res.stdout.count("x") == 8
