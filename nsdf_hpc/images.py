@@ -56,8 +56,12 @@ def _last_line(err: CommandError) -> str:
 
 def _full_line(err: CommandError) -> str:
     """The line of a tool's output that says the disk is full (else its last line)."""
-    for line in (err.stderr + "\n" + err.stdout).splitlines():
+    lines = (err.stderr + "\n" + err.stdout).splitlines()
+    for line in lines:
         if disk_full_text(line):
+            return line.strip()[-240:]
+    for line in lines:
+        if line.lower().startswith("error"):
             return line.strip()[-240:]
     return _last_line(err)
 
@@ -332,6 +336,19 @@ class ImageService:
             rmtree(work)
             raise
 
+    def _a_filesystem_is_full(self, rt: Runtime) -> bool:
+        """Whether the cache's or one of the runtime's own directories' filesystem has less
+        than 1 MiB left right after a step failed (for tools that do not say ENOSPC)."""
+        paths = [self.cache.root, *(p for p in rt.runtime_env(self.env, self.cache.root).values()
+                                    if p.startswith("/"))]
+        for p in paths:
+            while p and not os.path.exists(p):
+                p = os.path.dirname(p)
+            free = free_bytes(p) if p else None
+            if free is not None and free < (1 << 20):
+                return True
+        return False
+
     def _disk_full(self, rt: Runtime, what: str, source: ImageSource,
                    err: BaseException) -> DiskFullError:
         """The clear error for a filesystem that filled during a conversion: the cache
@@ -447,10 +464,13 @@ class ImageService:
                         raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
                                          f"`{' '.join(step.argv)}` does not list {expect} "
                                          "(an earlier step exited 0 without doing its job)")
+                    if step.fail_if and any(ln.startswith(step.fail_if) for ln in
+                                            (last.stderr + "\n" + last.stdout).splitlines()):
+                        raise CommandError(step.argv, last.returncode, last.stdout, last.stderr)
                     previous = last.stdout
                     break
                 except CommandError as err:
-                    if disk_full_text(err.stderr + "\n" + err.stdout):
+                    if disk_full_text(err.stderr + "\n" + err.stdout) or self._a_filesystem_is_full(rt):
                         self._undo(plan, env, work)
                         raise self._disk_full(rt, step.description, source, err) from err
                     if isinstance(err, CommandTimeoutError) and step.retry:

@@ -282,7 +282,8 @@ def _snapshot(root: Path) -> Dict[str, str]:
 
 
 @pytest.mark.parametrize("runtime", [pytest.param("apptainer", marks=pytest.mark.apptainer),
-                                     pytest.param("charliecloud", marks=pytest.mark.charliecloud)])
+                                     pytest.param("charliecloud", marks=pytest.mark.charliecloud),
+                                     pytest.param("udocker", marks=pytest.mark.udocker)])
 def test_a_cache_that_fills_during_the_conversion(runtime: str, zeros_image: str, small_fs: Path,
                                                   tmp_path: Path) -> None:
     cache = small_fs / "cache"
@@ -315,3 +316,23 @@ def test_a_cache_that_fills_during_the_conversion(runtime: str, zeros_image: str
     assert r.returncode == 0, r.stderr
     ran = nsdf_root(["run", "--runtime", runtime, ref, "--", "wc", "-c", "/zeros.bin"], big)
     assert ran.returncode == 0 and ran.stdout.split()[0] == "150000000", ran.stderr
+
+
+@pytest.mark.udocker
+def test_a_full_runtime_directory_is_named(zeros_image: str, small_fs: Path, tmp_path: Path) -> None:
+    """UDOCKER_DIR (the runtime's own store) on the small filesystem, the cache elsewhere:
+    udocker 1.3.17 exits 0 with a truncated container ("Error: while extracting image
+    layer"); nsdf-run must not publish it, and must name UDOCKER_DIR, not the cache."""
+    cache = tmp_path / "cache"
+    store = small_fs / "udocker"
+    ref = f"{TLS[0]}:{TLS[1]}/{zeros_image}"
+    r = nsdf_root(["pull", "--runtime", "udocker", ref], cache, timeout=300, UDOCKER_DIR=str(store))
+    _no_traceback(r.stderr)
+    assert r.returncode == 1, r.stderr
+    assert f"UDOCKER_DIR={store}" in r.stderr and "not the cache" in r.stderr, r.stderr
+    assert not (cache / "entries" / "udocker").exists() or not list((cache / "entries" / "udocker").iterdir())
+    assert not list((cache / "tmp").iterdir())
+    left = list((store / "containers").iterdir()) if (store / "containers").exists() else []
+    assert left == [], f"the truncated container was left in the store: {left}"
+    r = nsdf_root(["pull", "--runtime", "udocker", ref], cache, timeout=300)     # default store: fits
+    assert r.returncode == 0, r.stderr
