@@ -452,7 +452,7 @@ class ImageService:
                 attempt += 1
                 try:
                     overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
-                    if step.retry:    # a registry that stops sending mid-blob: no hang
+                    if step.retry or step.registry:    # a registry that stops sending mid-blob
                         last = self.runner.run(step.argv, check=step.check, env=env,
                                                env_overrides=overrides, cwd=work, timeout=step.timeout,
                                                stall_timeout=self.settings.pull_stall_timeout)
@@ -473,7 +473,7 @@ class ImageService:
                     if disk_full_text(err.stderr + "\n" + err.stdout) or self._a_filesystem_is_full(rt):
                         self._undo(plan, env, work)
                         raise self._disk_full(rt, step.description, source, err) from err
-                    if isinstance(err, CommandTimeoutError) and step.retry:
+                    if isinstance(err, CommandTimeoutError) and (step.retry or step.registry):
                         self._remove_partial_downloads(rt)
                     wait = policy.delay(attempt) if step.retry else None
                     if wait is not None:
@@ -488,10 +488,10 @@ class ImageService:
                         continue
                     self._undo(plan, env, work)
                     where = ""
-                    if step.retry and source.ref is not None:
+                    if (step.retry or step.registry) and source.ref is not None:
                         registry = self.pull_ref(source.ref)[0].registry
-                        where = (f" from registry {registry} ({attempt} attempt"
-                                 f"{'s' if attempt != 1 else ''})")
+                        where = f" from registry {registry}" + (
+                            f" ({attempt} attempt{'s' if attempt != 1 else ''})" if step.retry else "")
                     raise ImageError(f"{rt.name}: {step.description}{where} failed for "
                                      f"{source.text}:\n{err}") from err
                 except ToolNotFoundError as err:

@@ -53,6 +53,9 @@ class Step:
     #: (``registry_attempts``/``registry_backoff``), in an emptied work directory, unless a
     #: filesystem is full
     retry: bool = False
+    #: the step talks to a registry (``retry`` implies it): its error names the registry, and
+    #: it is stopped when its processes do no I/O for ``pull_stall_timeout`` s
+    registry: bool = False
     #: the start of an output line that means the step failed although the tool exited 0
     #: (udocker 1.3.17's create prints "Error: while extracting image layer" on a full disk)
     fail_if: Optional[str] = None
