@@ -126,10 +126,13 @@ class RegistryClient:
             return f"connection dropped ({type(reason).__name__}: {reason or 'no response'})", False
         return str(reason), False
 
-    def _request(self, method: str, url: str, headers: Dict[str, str]) -> Tuple[int, Dict[str, str], bytes]:
+    def _request(self, method: str, url: str, headers: Dict[str, str], *,
+                 use_auth: bool = True) -> Tuple[int, Dict[str, str], bytes]:
         """One HTTP request, tried again with backoff and jitter (:mod:`._retry`) on a
         transient status (429, 5xx) or a network failure (reset, refused, timeout); logs each
-        failed attempt at INFO (``nsdf-run -v``); a clear RegistryError when none is left."""
+        failed attempt at INFO (``nsdf-run -v``); a clear RegistryError when none is left.
+        ``use_auth=False`` (the token request itself): no session credentials, a 401 is
+        returned as it is."""
         attempt = 0
         authenticated = False
         started = time.monotonic()
@@ -138,7 +141,7 @@ class RegistryClient:
             attempt += 1
             self.attempts = attempt
             h = dict(headers)
-            if self._auth:
+            if self._auth and use_auth:
                 h["Authorization"] = self._auth
             req = urllib.request.Request(url, method=method, headers=h)
             retry_after: Optional[float] = None
@@ -150,7 +153,7 @@ class RegistryClient:
                     return int(resp.status), {k.lower(): v for k, v in resp.headers.items()}, body
             except urllib.error.HTTPError as err:
                 hdrs = {k.lower(): v for k, v in (err.headers or {}).items()}
-                if err.code == 401 and not authenticated:
+                if err.code == 401 and use_auth and not authenticated:
                     authenticated = True
                     attempt -= 1
                     self._authenticate(hdrs.get("www-authenticate", ""))
@@ -209,15 +212,19 @@ class RegistryClient:
         h = {}
         if creds:
             h["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-        req = urllib.request.Request(url, headers=h)
+        try:   # retried like every request (a token service throttles or fails too)
+            status, _, body = self._request("GET", url, h, use_auth=False)
+        except RegistryError as err:
+            raise RegistryError(f"registry {self.registry}: its token service "
+                                f"{urllib.parse.urlsplit(url).netloc} failed: {err}") from None
+        if status != 200:
+            raise RegistryError(f"registry {self.registry}: token request refused (HTTP {status})")
         try:
-            with self._open(req) as resp:
-                data = json.loads(resp.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            raise RegistryError(f"registry {self.registry}: token request refused (HTTP {err.code})") from None
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            raise RegistryError(f"registry {self.registry}: token service unreachable: "
-                                f"{getattr(err, 'reason', err)}") from None
+            data = json.loads(body or b"{}")
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise RegistryError(f"registry {self.registry}: token service returned no token") from None
         token = data.get("token") or data.get("access_token")
         if not token:
             raise RegistryError(f"registry {self.registry}: token service returned no token")

@@ -83,7 +83,7 @@ class _Resp:
         pass
 
 
-Script = Sequence[Union[int, BaseException, "tuple[int, dict]"]]
+Script = Sequence[Union[int, BaseException, tuple]]
 
 
 def _client(script: Script, attempts: int = 4) -> "tuple[RegistryClient, List[float]]":
@@ -97,13 +97,13 @@ def _client(script: Script, attempts: int = 4) -> "tuple[RegistryClient, List[fl
         item = answers.pop(0)
         if isinstance(item, BaseException):
             raise item
-        status, headers = item if isinstance(item, tuple) else (item, {})
+        status, headers, body = (item + (b"",))[:3] if isinstance(item, tuple) else (item, {}, b"")
         if status >= 400:
             msg = Message()
             for k, v in headers.items():
                 msg[k] = v
             raise urllib.error.HTTPError(req.full_url, status, "x", msg, io.BytesIO(b""))
-        return _Resp(status, {"Docker-Content-Digest": "sha256:" + "a" * 64, **headers})
+        return _Resp(status, {"Docker-Content-Digest": "sha256:" + "a" * 64, **headers}, body)
 
     client._open = fake_open  # type: ignore[method-assign]
     return client, sleeps
@@ -165,6 +165,17 @@ def test_a_silent_registry_is_a_timeout_with_a_clear_error() -> None:
                                             r"\(2 attempts.*registry_timeout"):
         client.manifest(REF)
     assert len(sleeps) == 1
+
+
+def test_the_token_request_is_retried_too() -> None:
+    challenge = {"WWW-Authenticate": 'Bearer realm="http://auth.example/token",service="reg"'}
+    client, sleeps = _client([(401, challenge), 503, (200, {}, b'{"token": "t0k"}'), 200])
+    assert client.manifest(REF).digest == "sha256:" + "a" * 64
+    assert len(sleeps) == 1
+    client, _ = _client([(401, challenge), 503, 503, 503, 503])
+    with pytest.raises(RegistryError, match=r"registry reg.example:5000: its token service auth.example "
+                                            r"failed: .*HTTP 503 \(4 attempts"):
+        client.manifest(REF)
 
 
 def test_not_found_is_not_retried() -> None:
