@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
+from ._proctree import HOLD_LIMIT, still_starting
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -76,41 +77,6 @@ def _child_env(env: Optional[Mapping[str, str]],
         else:
             result[key] = value
     return result
-
-
-def _tree(pid: int) -> List[int]:
-    """``pid`` and its descendants (Linux ``/proc/PID/task/TID/children``)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children", encoding="ascii") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-        except (OSError, ValueError):
-            pass
-    return found
-
-
-def _comm(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
-
-
-def still_starting(pid: int, names: Sequence[str]) -> bool:
-    """True while every process in ``pid``'s tree runs under one of the runtime's own
-    ``names`` (``Runtime.startup_names``): the command has not been started yet. Where
-    ``/proc`` says nothing, False (nothing is held)."""
-    comms = [_comm(p) for p in _tree(pid)]
-    return bool(comms) and comms[0] is not None and all(c is None or c in names for c in comms)
-
-
-#: the longest a signal is held for a runtime still setting up (then it is passed on anyway)
-HOLD_LIMIT = 10.0
 
 
 def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Sequence[str] = (),

@@ -39,7 +39,9 @@ from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 4   # 3: the orphan guard (podman); 4: held signals (apptainer)
+FORMAT = 5   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command
+#: stands for the command in the key of a record that any command after ``--`` reuses
+COMMAND_SLOT = "\x00command"
 #: stand-ins in a record's orphan guard for the name and path each run gets (``_exec.run_scratch``)
 GUARD_NAME = "{nsdf-run-name}"
 GUARD_PATH = "{nsdf-run-path}"
@@ -84,27 +86,34 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
 
 def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
          allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
-         exists: Sequence[str] = (), guard: Any = None, hold: Sequence[str] = ()) -> None:
+         exists: Sequence[str] = (), guard: Any = None, hold: Sequence[str] = (),
+         command_at: Optional[int] = None) -> None:
     """Write the record for a planned run (best effort: a read-only home just skips it).
 
     The record keeps the invocation in its parts (``runtimes.base.Invocation``) and the
     runtime's one environment encoding, so a later call re-encodes its own host variables.
     ``guard`` is the runtime's orphan guard made with ``GUARD_NAME`` and ``GUARD_PATH``;
     ``hold`` the runtime's ``startup_names`` (a signal is held while it starts, so this process
-    stays its parent rather than exec it).
+    stays its parent rather than exec it). ``command_at``: where the user's command starts in
+    the runtime argv's tail (None: unknown, the record is for this exact command only).
     """
+    tail = list(inv.tail) + list(inv.command)
+    i = _separator(args)
+    if command_at is not None and (i is None or tail[command_at:] != list(args[i + 1:])):
+        command_at = None   # the words after `--` are not exactly the command: this line only
     record = {
         "format": FORMAT, "encoding": inv.encoding.as_dict(), "head": list(inv.head),
-        "tail": list(inv.tail) + list(inv.command), "static_env": dict(inv.static_env),
+        "tail": tail, "static_env": dict(inv.static_env),
         "explicit": dict(inv.explicit_env), "allow": list(allow), "deny": list(deny),
         "mkdirs": list(inv.mkdirs), "mkfiles": list(inv.mkfiles), "expires": expires,
         "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
         "guard": None if guard is None else {"options": list(guard.options), "remove": list(guard.remove),
                                              "created": guard.created},
         "hold": list(hold),
+        "cmd_at": command_at,
     }
     d = record_dir(env)
-    path = os.path.join(d, launch_key(args, env, cwd) + ".json")
+    path = os.path.join(d, launch_key(_record_args(args, command_at), env, cwd) + ".json")
     try:
         atomic_write_json(path, record)
     except OSError:
@@ -115,7 +124,7 @@ def load(args: Sequence[str], env: Mapping[str, str], cwd: str
          ) -> Optional[Tuple[List[str], Dict[str, str], List[Tuple[str, bool]]]]:
     """The argv, environment and mount points (path, is a file) to exec, or None when the
     record is not valid."""
-    rec = _valid_record(args, env, cwd)
+    rec, _ = _valid_record(args, env, cwd)
     return None if rec is None else _command(rec, env)
 
 
@@ -129,8 +138,25 @@ def _command(rec: Dict[str, Any], env: Mapping[str, str], options: Sequence[str]
     return argv, penv, points
 
 
-def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(record_dir(env), launch_key(args, env, cwd) + ".json")
+def _separator(args: Sequence[str]) -> Optional[int]:
+    """Where ``--`` ends nsdf-run's own arguments, when a command follows it."""
+    try:
+        i = list(args).index("--")
+    except ValueError:
+        return None
+    return i if i + 1 < len(args) else None
+
+
+def _record_args(args: Sequence[str], command_at: Optional[int]) -> List[str]:
+    """What a record is keyed by: the whole command line, or, when the command's place in the
+    runtime argv is known, everything up to ``--`` (any command then reuses the record)."""
+    i = _separator(args)
+    if command_at is None or i is None:
+        return list(args)
+    return [*args[:i + 1], COMMAND_SLOT]
+
+
+def _load_valid(path: str) -> Optional[Dict[str, Any]]:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as fh:
             rec: Dict[str, Any] = json.load(fh)
@@ -145,6 +171,25 @@ def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str) -> Opti
     return rec
 
 
+def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str
+                  ) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The record for this command line and its path: the one of this exact line, else the
+    one of its arguments up to ``--`` with this call's command put in its place."""
+    d = record_dir(env)
+    path = os.path.join(d, launch_key(args, env, cwd) + ".json")
+    rec = _load_valid(path)
+    i = _separator(args)
+    if rec is None and i is not None:
+        path = os.path.join(d, launch_key(_record_args(args, 0), env, cwd) + ".json")
+        rec = _load_valid(path)
+        at = rec.get("cmd_at") if rec else None
+        if rec is not None and isinstance(at, int) and 0 <= at <= len(rec["tail"]):
+            rec["tail"] = [*rec["tail"][:at], *args[i + 1:]]
+        else:
+            rec = None
+    return rec, path
+
+
 def try_fast_run(args: Sequence[str]) -> Optional[int]:
     """Exec the recorded runtime command for ``nsdf-run run ...``; returns None if there is
     none, or the exit status of a guarded run (see the module docstring)."""
@@ -154,7 +199,7 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
         return None
     try:
         cwd = os.getcwd()
-        rec = _valid_record(args, os.environ, cwd)
+        rec, path = _valid_record(args, os.environ, cwd)
         if rec is None:
             return None
         argv, penv, mkdirs = _command(rec, os.environ)
@@ -168,19 +213,67 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
         hold = rec.get("hold") or []
     except Exception:   # any doubt: the planned path decides
         return None
-    if guard or hold:
-        status = _run_guarded(rec, guard or {}, hold)
+    if hold and not guard:
+        return _run_held(argv, penv, hold)
+    if guard:
+        status = _run_guarded(rec, guard, hold)
         if status is None:
             # the runtime failed before it created the container (podman 125: e.g. the image
             # was removed from its store behind the cache's back): this record is stale, and
             # the planned path checks the store, pulls again and runs the command once
             try:
-                os.unlink(os.path.join(record_dir(os.environ), launch_key(args, os.environ, cwd) + ".json"))
+                os.unlink(path)
             except OSError:
                 pass
         return status
     os.execve(argv[0], argv, penv)
     return None   # not reached
+
+
+def _run_held(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str]) -> Optional[int]:
+    """Start the runtime and wait for it, passing SIGTERM/SIGINT/SIGHUP on, but holding one
+    that arrives while the runtime still sets up (``Runtime.startup_names``) until the
+    command runs: what ``_exec._forward_signals`` does, without the executor's imports (this
+    is the start-up path). The hold re-checks on a 5 ms SIGALRM timer, so no thread is
+    needed. Returns the runtime's status (128+N when a signal ended it), or None when it could
+    not be started (the planned path then says why)."""
+    import signal   # noqa: PLC0415 (only on this path)
+    from ._proctree import HOLD_LIMIT, still_starting   # noqa: PLC0415
+    try:
+        pid = os.posix_spawn(argv[0], list(argv), dict(penv))
+    except OSError:
+        return None
+    pending: List[int] = []
+    since = [0.0]
+
+    def send(signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+    def release(signum: int = 0, frame: Any = None) -> None:
+        if still_starting(pid, hold) and time.monotonic() - since[0] < HOLD_LIMIT:
+            signal.setitimer(signal.ITIMER_REAL, 0.005)
+            return
+        while pending:
+            send(pending.pop(0))
+
+    def forward(signum: int, frame: Any) -> None:
+        if pending or still_starting(pid, hold):
+            if not pending:
+                since[0] = time.monotonic()
+                signal.setitimer(signal.ITIMER_REAL, 0.005)
+            pending.append(signum)
+            return
+        send(signum)
+    signal.signal(signal.SIGALRM, release)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    _, status = os.waitpid(pid, 0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
 
 
 def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str] = ()) -> Optional[int]:

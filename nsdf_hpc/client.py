@@ -328,9 +328,14 @@ class Client:
         if not args or args[0] != "run" or self.env.get("NSDF_HPC_NO_FAST_PATH"):
             return
         checks, exists, expires = self.launch_checks(spec, inv, native, rt)
+        # the user's command ends the runtime argv as given (after the /bin/sh start, if any):
+        # then the record serves any command after the same arguments (``_launch._record_args``)
+        n, tail = len(spec.command), [*inv.tail, *inv.command]
+        at = len(tail) - n if n and tuple(tail[len(tail) - n:]) == tuple(spec.command) else None
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,
                      self.settings.env_deny, checks, expires, exists,
-                     guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH), hold=rt.startup_names)
+                     guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH), hold=rt.startup_names,
+                     command_at=at)
 
     def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage, rt: Runtime
                       ) -> Tuple[List[str], List[str], float]:

@@ -207,8 +207,25 @@ def render_script(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = No
     env_words = " ".join(shlex.quote(f"{k}={v}") for k, v in inputs.fixed_env.items())
     head = " ".join(shlex.quote(a) for a in inputs.prefix[:inputs.fwd_index])
     tail = " ".join(shlex.quote(a) for a in inputs.prefix[inputs.fwd_index:])
-    L.append(f"  exec /usr/bin/env -i {env_words} \"${{fwd_env[@]}}\" \\")
-    L.append(f"    {head} \"${{fwd_arg[@]}}\" {tail} \"${{NSDF_CMD[@]}}\"")
+    run = [f"/usr/bin/env -i {env_words} \"${{fwd_env[@]}}\" \\",
+           f"    {head} \"${{fwd_arg[@]}}\" {tail} \"${{NSDF_CMD[@]}}\""]
+    if uses_srun(spec):
+        # one rank of several: not exec'd, so that it can leave its own exit status, the time
+        # it ended and whether a signal reached it (srun's --kill-on-bad-exit, scancel) in
+        # $NSDF_RANKS_DIR; the batch step then reports the first rank that failed by itself,
+        # not one killed because of it (srun alone reports 15 or the killed rank's 143)
+        L.append("  local rc nsdf_sig=0")
+        L.append("  trap 'nsdf_sig=1' TERM INT HUP")
+        L.append(f"  {run[0]}")
+        L.append(f"  {run[1]}")
+        L.append("  rc=$?")
+        L.append('  local f="$NSDF_RANKS_DIR/${SLURM_PROCID-0}"')
+        L.append('  printf \'%s %s %s\\n\' "$rc" "${EPOCHREALTIME//[.,]/}" "$nsdf_sig" > "$f.tmp" '
+                 '&& mv -f "$f.tmp" "$f"')
+        L.append('  exit "$rc"')
+    else:
+        L.append(f"  exec {run[0]}")
+        L.append(f"  {run[1]}")
     L.append("}")
     L.append('if [ "${1-}" = --nsdf-rank ]; then nsdf_rank; fi')
     L.append("")
@@ -235,10 +252,23 @@ def render_script(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = No
         srun = ["srun", "--export=ALL", "--kill-on-bad-exit=1"]
         if spec.mpi:
             srun.append(f"--mpi={spec.mpi}")
+        L.append('NSDF_RANKS_DIR="$NSDF_JOB_DIR/ranks/$SLURM_JOB_ID"')
+        L.append('rm -rf "$NSDF_RANKS_DIR" && mkdir -p "$NSDF_RANKS_DIR" && export NSDF_RANKS_DIR')
         L.append(" ".join(shlex.quote(a) for a in srun) + ' /bin/bash "$NSDF_SCRIPT" --nsdf-rank')
+        L += ["rc=$?",
+              # the first rank (by the time it ended) that failed without a signal reaching it
+              'if [ "$rc" -ne 0 ]; then',
+              '  nsdf_t=""',
+              '  for f in "$NSDF_RANKS_DIR"/*; do',
+              '    [ -f "$f" ] && read -r r t s < "$f" || continue',
+              '    if [ "$s" = 0 ] && [ "$r" != 0 ] && { [ -z "$nsdf_t" ] || [ "$t" -lt "$nsdf_t" ]; }; then',
+              '      rc=$r; nsdf_t=$t',
+              '    fi',
+              '  done',
+              'fi']
     else:
-        L.append("( nsdf_rank )")
-    L += ["rc=$?",
+        L += ["( nsdf_rank )", "rc=$?"]
+    L += [
           'mkdir -p "$NSDF_JOB_DIR/exit" && printf \'%s\\n\' "$rc" > "$NSDF_EXIT_FILE.tmp" '
           '&& mv -f "$NSDF_EXIT_FILE.tmp" "$NSDF_EXIT_FILE"',
           'exit "$rc"']

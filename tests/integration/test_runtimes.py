@@ -249,3 +249,10 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
     assert stamps[0] == [] and stamps[1] == stamps[2] == stamps[3], "later runs used the record as is"
     want = [(5, f"[{HOSTILE[4]}{HOSTILE[9]}][{p}][unset][{tmp_path}]") for p in ("0", "0", "1", "2")]
     assert outs == want
+    # another command after the same arguments reuses the record (issue 11 goal 1): no planning,
+    # no new record, the new command's own output and exit code, hostile words intact
+    other = [*args[:args.index("--") + 1], "sh", "-c", 'printf "<%s><%s>" "$H" "$1"; exit 6', "sh", HOSTILE[3]]
+    r = nsdf_root(other, shared_cache, cwd=str(tmp_path), XDG_CACHE_HOME=str(xdg), SLURM_PROCID="3")
+    assert (r.returncode, r.stdout) == (6, f"<{HOSTILE[4]}{HOSTILE[9]}><{HOSTILE[3]}>"), r.stderr
+    assert set(launch.glob("*.json")) - before == records
+    assert [p.stat().st_mtime_ns for p in records] == stamps[3], "the record was reused, not rewritten"

@@ -223,6 +223,36 @@ def test_cancel(client: Client, slurm: Slurm) -> None:
     assert st.state is JobState.CANCELED and st.native_state.startswith("CANCELLED")
 
 
+RANK_RACES = {
+    # every rank exits 3: the first to end makes srun kill the other (SIGTERM, 143); srun then
+    # exited 15 (4 of 6 jobs) or the job got 3, by timing (issue 12 item 8)
+    "every-rank-exits-3": ('exit 3', 3),
+    # rank 1 is still running when rank 0 fails: it is always the one killed
+    "rank-1-slower": ('if [ "$SLURM_PROCID" = 1 ]; then sleep 4; fi; exit 3', 3),
+    # only rank 0 fails by itself; rank 1 (killed, 143) would have exited 0
+    "only-rank-0-fails": ('if [ "$SLURM_PROCID" = 0 ]; then exit 3; fi; sleep 4', 3),
+    # rank 1 fails first with 5, rank 0 later with 3 (killed before): the first failure wins
+    "first-failure-wins": ('if [ "$SLURM_PROCID" = 1 ]; then exit 5; fi; sleep 4; exit 3', 5),
+}
+
+
+@pytest.mark.parametrize("case", list(RANK_RACES))
+def test_a_multi_rank_job_reports_the_exit_code_of_the_rank_that_failed_by_itself(
+        client: Client, slurm: Slurm, case: str) -> None:
+    """Issue 12 item 8: srun --kill-on-bad-exit kills the other ranks when one fails; the
+    job must report the command's own exit code, not srun's 15 or a killed rank's 143. The
+    racy case runs 6 times (it failed 4 of 6 before the fix), the others twice."""
+    cmd, want = RANK_RACES[case]
+    runs = 6 if case == "every-rank-exits-3" else 2
+    jobs = [client.submit(IMAGE, ["sh", "-c", cmd], runtime="apptainer", scheduler=slurm, nodes=2,
+                          ntasks_per_node=1, job_name=f"rank-race-{i}") for i in range(runs)]
+    got = []
+    for job in jobs:
+        st = job.wait(timeout=120)
+        got.append((st.native_state, st.exit_code, sacct_row(job.job_id)))
+    assert got == [("FAILED", want, f"FAILED|{want}:0")] * runs, got
+
+
 def test_failing_job(client: Client, slurm: Slurm) -> None:
     job = client.submit(IMAGE, ["sh", "-c", "echo bad >&2; exit 3"], runtime="apptainer",
                         scheduler=slurm, job_name="fails")

@@ -127,3 +127,28 @@ def test_a_guarded_record_whose_runtime_failed_before_a_container_existed_is_dro
     assert record.is_file()
     assert _launch.try_fast_run(ARGS) == expected
     assert record.exists() is creates
+
+
+def test_a_record_serves_any_command_after_the_same_arguments(env: dict, tmp_path: Path) -> None:
+    binary = tmp_path / "podman"
+    binary.write_text("#!/bin/sh\n")
+    (tmp_path / "user.toml").write_text("")
+    inv = _inv(binary)
+    _launch.save(ARGS, env, "/work", inv, DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)], 2e9,
+                 command_at=1)
+    other = [*ARGS[:ARGS.index("--") + 1], "echo", "$(x)", "--", "-e"]
+    argv, _, _ = _launch.load(other, env, "/work")
+    assert argv[-5:] == ["img", "echo", "$(x)", "--", "-e"]
+    assert _launch.load(ARGS[:ARGS.index("--") + 1], env, "/work") is None   # no command: plans
+    assert _launch.load([*ARGS[:2], "apptainer", *ARGS[3:]], env, "/work") is None
+
+
+def test_a_command_that_is_not_the_words_after_the_separator_keeps_an_exact_record(
+        env: dict, tmp_path: Path) -> None:
+    binary = tmp_path / "podman"
+    binary.write_text("#!/bin/sh\n")
+    (tmp_path / "user.toml").write_text("")
+    _launch.save(ARGS, env, "/work", _inv(binary), DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)],
+                 2e9, command_at=2)   # would say the command is ("%s", "a b"): not what follows --
+    assert _launch.load(ARGS, env, "/work") is not None
+    assert _launch.load([*ARGS[:-1], "other"], env, "/work") is None

@@ -337,3 +337,66 @@ def test_log_patterns_use_the_given_user_not_os_environ(tmp_path, monkeypatch) -
     s = Slurm(FakeRunner({}), SlurmSettings(work_dir=str(tmp_path)), env={"USER": "alice"})
     job = Job(s, ["9"], provenance={"output": "/x/%u-%j.out"}, user=s.user)
     assert job.log_path() == "/x/alice-9.out"
+
+
+# ------------------------------------------------------------------ exit-code files (issue 11 goal 5)
+def _watched_job(s: Slurm, tmp_path, job_id: str, end_at: float, clock: FakeClock, **prov: object) -> Job:
+    """A job with its nsdf-hpc directory whose exit-code file appears at ``end_at`` (fake time),
+    and an sacct that says COMPLETED from then on."""
+    d = tmp_path / f"job-{job_id}"
+    (d / "exit").mkdir(parents=True)
+    job = Job(s, [job_id], directory=str(d), provenance=prov)
+    real = clock.sleep
+
+    def sleep(dt: float) -> None:
+        real(dt)
+        if clock.now >= end_at:
+            names = [job_id] if not prov.get("indices") else [f"{job_id}_{i}" for i in prov["indices"]]  # type: ignore[union-attr]
+            for n in names:
+                (d / "exit" / n).write_text("0\n")
+    s._sleep = sleep
+    return job
+
+
+def _sacct_by_clock(clock: FakeClock, job_id: str, end_at: float, tasks: int = 0):
+    def answer(argv: Tuple[str, ...]) -> CompletedCommand:
+        state = "COMPLETED" if clock.now >= end_at + 0.05 else "RUNNING"
+        if not tasks:
+            return ok(f"{job_id}|{state}|0:0|None|c1|x\n")
+        return ok("".join(f"{job_id}_{i}|{state}|0:0|None|c1|x\n" for i in range(tasks)))
+    return answer
+
+
+@pytest.mark.parametrize("end_at", [2.0, 60.0, 3600.0])
+def test_the_end_is_noticed_from_the_exit_file_within_a_second_with_few_queries(tmp_path, end_at: float) -> None:
+    clock = FakeClock()
+    runner = FakeRunner({"sacct": [_sacct_by_clock(clock, "41", end_at)]})
+    s = backend(runner, tmp_path, clock)
+    job = _watched_job(s, tmp_path, "41", end_at, clock)
+    st = job.wait()
+    assert st.state is JobState.COMPLETED
+    assert clock.now - end_at <= 1.0                    # noticed within a second
+    minutes = max(1.0, clock.now / 60)
+    assert len(runner.calls) / minutes <= 6 + 1 / minutes   # the backstop, plus one confirmation
+
+
+def test_an_array_is_done_when_every_task_left_its_file(tmp_path) -> None:
+    clock = FakeClock()
+    runner = FakeRunner({"sacct": [_sacct_by_clock(clock, "42", 30.0, tasks=200)]})
+    s = backend(runner, tmp_path, clock)
+    job = _watched_job(s, tmp_path, "42", 30.0, clock, array=True, indices=list(range(200)))
+    st = job.wait()
+    assert st.state is JobState.COMPLETED and clock.now - 30.0 <= 1.0
+    assert len(runner.calls) <= 6
+
+
+def test_a_job_that_leaves_no_exit_file_is_still_noticed_by_the_queries(tmp_path) -> None:
+    # cancelled or timed out: no exit-code file; the backstop queries find the end
+    clock = FakeClock()
+    runner = FakeRunner({"sacct": [lambda argv: ok("43|CANCELLED by 0|0:15|None|c1|x\n" if clock.now >= 40
+                                                   else "43|RUNNING|0:0|None|c1|x\n")]})
+    s = backend(runner, tmp_path, clock)
+    d = tmp_path / "job-43"
+    (d / "exit").mkdir(parents=True)
+    st = Job(s, ["43"], directory=str(d)).wait()
+    assert st.state is JobState.CANCELED and 40 <= clock.now <= 40 + 15
