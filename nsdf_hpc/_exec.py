@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
-from ._proctree import HOLD_LIMIT, still_starting
+from ._proctree import HOLD_LIMIT, still_starting, tree_io
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -135,23 +135,6 @@ def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
-
-
-def tree_io(pid: int) -> Optional[int]:
-    """Bytes read and written so far by ``pid`` and its descendants (``rchar + wchar`` of
-    ``/proc/PID/io``, sockets included); None when ``/proc`` cannot tell (then nothing is
-    judged stalled)."""
-    total = 0
-    seen = False
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/io", encoding="ascii") as fh:
-                fields = dict(line.split(":", 1) for line in fh.read().splitlines() if ":" in line)
-            total += int(fields["rchar"]) + int(fields["wchar"])
-            seen = True
-        except (OSError, KeyError, ValueError):
-            continue
-    return total if seen else None
 
 
 def _communicate_watching(proc: "subprocess.Popen[bytes]", timeout: Optional[float], stall: float,
