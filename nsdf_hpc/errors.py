@@ -39,7 +39,8 @@ from typing import Optional, Sequence
 
 __all__ = [
     "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError", "BuilderNotFoundError",
-    "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError", "DiskFullError",
+    "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError",
+    "DiskFullError",
     "RunError", "SchedulerError", "SubmitError", "UnexpectedOutputError",
     "ExecutorError", "InterpreterMismatchError", "WorkerDiedError", "RemoteError", "RemoteTraceback",
 ]

@@ -17,12 +17,12 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._exec import CommandRunner
-from ._retry import RetryPolicy
 from ._launch import record_dir
+from ._retry import RetryPolicy
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings
-from .errors import (CommandError, CommandTimeoutError, DiskFullError, ImageError, NsdfError, PreflightError, RegistryError, SpecError,
-                     ToolNotFoundError, UnexpectedOutputError)
+from .errors import (CommandError, CommandTimeoutError, DiskFullError, ImageError, NsdfError,
+                     PreflightError, RegistryError, SpecError, ToolNotFoundError, UnexpectedOutputError)
 from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, parse_source
