@@ -221,3 +221,84 @@ def test_a_command_that_keeps_writing_is_not_stalled() -> None:
     res = SubprocessRunner().run(["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do echo x; sleep 0.15; done"],
                                  stall_timeout=0.5)
     assert res.stdout.count("x") == 8
+
+
+# ---------------------------------------------------------------- the image service's retry loop
+class _PullRunner:
+    """``apptainer pull`` fails ``failures`` times (leaving a partial file), then writes the SIF."""
+
+    def __init__(self, failures: int, stderr: str) -> None:
+        self.failures = failures
+        self.stderr = stderr
+        self.pulls: List[List[str]] = []     # what the work dir held when each pull started
+
+    def run(self, argv: Sequence[str], **kw: Any) -> Any:
+        import os
+
+        from nsdf_hpc._exec import CompletedCommand
+        from nsdf_hpc.errors import CommandError
+        if "pull" in argv:
+            cwd = str(kw["cwd"])
+            self.pulls.append(sorted(os.listdir(cwd)))
+            if len(self.pulls) <= self.failures:
+                open(os.path.join(cwd, "partial.tmp"), "w").close()
+                raise CommandError(tuple(argv), 255, "", self.stderr)
+            open(os.path.join(cwd, "image.sif"), "wb").write(b"SIF")
+        return CompletedCommand(tuple(argv), 0, "", "")
+
+
+def _service(tmp_path: Any, runner: Any, monkeypatch: pytest.MonkeyPatch) -> "tuple[Any, Any, List[float]]":
+    from nsdf_hpc import images
+    from nsdf_hpc.client import Client
+    from nsdf_hpc.config import load_settings
+    from nsdf_hpc.runtimes.apptainer import Apptainer
+    from nsdf_hpc.runtimes.base import RuntimeContext
+    env = {"PATH": "/usr/bin", "HOME": str(tmp_path), "NSDF_HPC_CACHE": str(tmp_path / "cache")}
+    settings = load_settings(env=env, files=[], registry_attempts=3, registry_backoff=0.5)
+    client = Client(settings=settings, runner=runner, env=env)
+    sleeps: List[float] = []
+    monkeypatch.setattr(images.time, "sleep", sleeps.append)
+    monkeypatch.setattr(client.images, "_image_size", lambda *a: None)
+    rt = Apptainer("/usr/bin/apptainer", "apptainer", "1.4.5",
+                   RuntimeContext(1000, 1000, "alice", which=lambda n: f"/usr/bin/{n}"))
+    return client, rt, sleeps
+
+
+PINNED = "reg.example:5000/hpc/busybox@sha256:" + "b" * 64
+
+
+def test_a_failed_registry_pull_step_is_run_again_in_an_emptied_work_dir(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    runner = _PullRunner(2, "read: connection reset by peer")
+    client, rt, sleeps = _service(tmp_path, runner, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="nsdf_hpc.images"):
+        native = client.images.pull(PINNED, rt)
+    assert native.location.endswith("image.sif") and not native.cached
+    assert runner.pulls == [[], [], []], "each attempt starts in an emptied work directory"
+    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0
+    assert "attempt 1 of 3, exit 255: read: connection reset by peer" in caplog.text
+
+
+def test_the_last_failure_names_the_registry_and_the_attempts(tmp_path: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    client, rt, sleeps = _service(tmp_path, _PullRunner(9, "unexpected EOF"), monkeypatch)
+    with pytest.raises(ImageError, match=r"from registry reg.example:5000 \(3 attempts\) failed") as exc:
+        client.images.pull(PINNED, rt)
+    assert "unexpected EOF" in str(exc.value) and len(sleeps) == 2
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+    assert not (tmp_path / "cache" / "entries" / "apptainer").exists() or \
+        not list((tmp_path / "cache" / "entries" / "apptainer").iterdir())
+
+
+def test_a_full_disk_is_not_retried_and_names_nsdf_hpc_cache(tmp_path: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from nsdf_hpc.errors import DiskFullError
+    runner = _PullRunner(9, "FATAL: write /x/tmp/layer: no space left on device")
+    client, rt, sleeps = _service(tmp_path, runner, monkeypatch)
+    with pytest.raises(DiskFullError) as exc:
+        client.images.pull(PINNED, rt)
+    err = exc.value
+    assert err.variable == "NSDF_HPC_CACHE" and err.path == str(tmp_path / "cache")
+    assert f"NSDF_HPC_CACHE={tmp_path / 'cache'}" in str(err) and "no space left on device" in str(err)
+    assert len(runner.pulls) == 1 and sleeps == []
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
