@@ -260,6 +260,13 @@ def test_a_retry_after_beyond_the_limit_fails_at_once(tmp_path: Path) -> None:
     assert r.returncode == 1 and seen == 1, r.stderr
     assert "asks to retry after 3600 s" in r.stderr and "mirror" in r.stderr
     assert took < 20
+    # `run` says nothing ran (125) for a registry error, with the same message
+    with FaultProxy(HTTP, http=True) as proxy:
+        proxy.always = (429, {"Retry-After": "3600"})
+        env = _config(tmp_path, insecure=proxy.address)
+        r = nsdf_root(["run", "--runtime", "apptainer", f"{proxy.address}/hpc/busybox:latest", "--", "true"],
+                      tmp_path / "cache", timeout=60, **env)
+    assert r.returncode == 125 and "asks to retry after 3600 s" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------- item 1: a silent registry
