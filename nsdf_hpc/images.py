@@ -471,8 +471,9 @@ class ImageService:
                     break
                 except CommandError as err:
                     if disk_full_text(err.stderr + "\n" + err.stdout) or self._a_filesystem_is_full(rt):
+                        full = self._disk_full(rt, step.description, source, err)  # before the undo frees it
                         self._undo(plan, env, work)
-                        raise self._disk_full(rt, step.description, source, err) from err
+                        raise full from err
                     if isinstance(err, CommandTimeoutError) and (step.retry or step.registry):
                         self._remove_partial_downloads(rt)
                     wait = policy.delay(attempt) if step.retry else None
