@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from .config import Settings, load_settings
     from .executor import CallFuture, Executor
     from .errors import (CommandError, CommandTimeoutError, ConfigError, ImageError, NsdfError,
-                         PreflightError, RegistryError, RuntimeNotFoundError, SchedulerError,
-                         SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError,
+                         PreflightError, DiskFullError, RegistryError, RuntimeNotFoundError,
+                         SchedulerError, SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError,
                          ExecutorError, InterpreterMismatchError, WorkerDiedError, RemoteError)
     from .models import (Bind, BuildResult, NativeImage, RunResult, RunSpec, RuntimeChoice,
                          RuntimeInfo)
@@ -39,8 +39,8 @@ _EXPORTS = {
     "NsdfError": "errors", "ConfigError": "errors", "SpecError": "errors",
     "ToolNotFoundError": "errors", "RuntimeNotFoundError": "errors", "CommandError": "errors",
     "CommandTimeoutError": "errors", "ImageError": "errors", "RegistryError": "errors",
-    "PreflightError": "errors", "SchedulerError": "errors", "SubmitError": "errors",
-    "UnexpectedOutputError": "errors",
+    "PreflightError": "errors", "DiskFullError": "errors", "SchedulerError": "errors",
+    "SubmitError": "errors", "UnexpectedOutputError": "errors",
     "Executor": "executor", "CallFuture": "executor", "ExecutorError": "errors",
     "InterpreterMismatchError": "errors", "WorkerDiedError": "errors", "RemoteError": "errors",
     "submit": "api", "submit_array": "api", "attach": "api", "wait_all": "api",

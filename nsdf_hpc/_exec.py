@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
-from ._proctree import HOLD_LIMIT, still_starting
+from ._proctree import HOLD_LIMIT, still_starting, tree_io
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ class CommandRunner(Protocol):
             env: Optional[Mapping[str, str]] = None,
             env_overrides: Optional[Mapping[str, Optional[str]]] = None,
             cwd: Optional[str] = None, capture: bool = True,
-            stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = ()) -> CompletedCommand: ...
+            stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = (),
+            stall_timeout: Optional[float] = None) -> CompletedCommand: ...
 
     def run_many(self, argvs: Sequence[Argv], *, timeout: float = 10.0,
                  envs: Optional[Sequence[Optional[Mapping[str, str]]]] = None
@@ -136,6 +137,30 @@ def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
         proc.kill()
 
 
+def _communicate_watching(proc: "subprocess.Popen[bytes]", timeout: Optional[float], stall: float,
+                          args: Tuple[str, ...]) -> Tuple[bytes, bytes]:
+    """``proc.communicate`` that also kills a process tree whose I/O stopped for ``stall`` s."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last, last_change = tree_io(proc.pid), time.monotonic()
+    tick = min(1.0, max(0.05, stall / 5))
+    while True:
+        wait = tick if deadline is None else max(0.0, min(tick, deadline - time.monotonic()))
+        try:
+            return proc.communicate(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise subprocess.TimeoutExpired(args, timeout or 0.0)
+        io = tree_io(proc.pid)
+        if io is None or io != last:
+            last, last_change = io, now
+        elif now - last_change >= stall:
+            _kill_group(proc)
+            out, err_out = proc.communicate()
+            raise CommandTimeoutError(args, stall, _decode(out), _decode(err_out), stalled=True)
+
+
 class SubprocessRunner:
     """Runs argv lists with :mod:`subprocess`: timeouts kill the whole process group.
 
@@ -147,7 +172,12 @@ class SubprocessRunner:
             env: Optional[Mapping[str, str]] = None,
             env_overrides: Optional[Mapping[str, Optional[str]]] = None,
             cwd: Optional[str] = None, capture: bool = True,
-            stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = ()) -> CompletedCommand:
+            stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = (),
+            stall_timeout: Optional[float] = None) -> CompletedCommand:
+        """``timeout`` bounds the whole run; ``stall_timeout`` (captured runs only) stops a
+        command whose process tree reads and writes nothing (``/proc/PID/io``) for that
+        long: a download from a server that stopped sending. Both kill the process group
+        and raise :class:`CommandTimeoutError` (``.stalled`` tells which)."""
         args = tuple(str(a) for a in argv)
         child_env = _child_env(env, env_overrides)
         if logger.isEnabledFor(logging.DEBUG):
@@ -157,7 +187,7 @@ class SubprocessRunner:
         try:
             proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, env=child_env, cwd=cwd,
                                     stdin=subprocess.DEVNULL if stdin is None and capture else stdin,
-                                    start_new_session=timeout is not None)
+                                    start_new_session=timeout is not None or stall_timeout is not None)
         except FileNotFoundError as err:
             raise ToolNotFoundError(args[0]) from err
         except PermissionError as err:
@@ -166,13 +196,16 @@ class SubprocessRunner:
         done = threading.Event()
         forwarded = _forward_signals(proc, seen, hold, done) if not capture and timeout is None else {}
         try:
-            out, err_out = proc.communicate(timeout=timeout)
+            if stall_timeout is not None and capture:
+                out, err_out = _communicate_watching(proc, timeout, stall_timeout, args)
+            else:
+                out, err_out = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             out, err_out = proc.communicate()
             raise CommandTimeoutError(args, timeout or 0.0, _decode(out), _decode(err_out)) from None
         except BaseException:  # KeyboardInterrupt: do not leave the child behind
-            _kill_group(proc) if timeout is not None else proc.kill()
+            _kill_group(proc) if timeout is not None or stall_timeout is not None else proc.kill()
             proc.wait()
             raise
         finally:

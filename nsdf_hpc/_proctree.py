@@ -1,6 +1,7 @@
 """A process and its descendants, read from ``/proc`` (Linux): whether a container runtime
 is still setting up, for the signal hold of the executor (``_exec._forward_signals``) and of
-the launch-record path (``_launch``). Imports nothing but ``os``: it is on the start-up path.
+the launch-record path (``_launch``), and how much I/O it did (the stall watchdog of
+``_exec``). Imports nothing but ``os``: it is on the start-up path.
 """
 from __future__ import annotations
 
@@ -43,3 +44,20 @@ def still_starting(pid: int, names: Sequence[str]) -> bool:
     ``/proc`` says nothing, False (nothing is held)."""
     comms = [_comm(p) for p in _tree(pid)]
     return bool(comms) and comms[0] is not None and all(c is None or c in names for c in comms)
+
+
+def tree_io(pid: int) -> Optional[int]:
+    """Bytes read and written so far by ``pid`` and its descendants (``rchar + wchar`` of
+    ``/proc/PID/io``, sockets included); None when ``/proc`` cannot tell (then nothing is
+    judged stalled)."""
+    total = 0
+    seen = False
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/io", encoding="ascii") as fh:
+                fields = dict(line.split(":", 1) for line in fh.read().splitlines() if ":" in line)
+            total += int(fields["rchar"]) + int(fields["wchar"])
+            seen = True
+        except (OSError, KeyError, ValueError):
+            continue
+    return total if seen else None

@@ -59,6 +59,15 @@ class Settings(Model):
     #: ``run`` reuses a tag's digest resolved less than this many seconds ago (no registry
     #: request); ``pull`` always asks the registry. 0 = always ask.
     tag_ttl: float = 300.0
+    #: a registry request (ours, not a runtime's pull) that gets no answer for this many
+    #: seconds fails; 429, 5xx, resets and timeouts are tried ``registry_attempts`` times in
+    #: all, waiting about ``registry_backoff`` * 2**n s (with jitter, at most 30 s) between
+    registry_timeout: float = Field(default=30.0, gt=0)
+    registry_attempts: int = Field(default=4, ge=1, le=20)
+    registry_backoff: float = Field(default=1.0, ge=0)
+    #: a runtime's own pull (apptainer/ch-image/udocker pull) whose processes read and write
+    #: nothing for this many seconds is stopped (a registry that hangs mid-blob), then retried
+    pull_stall_timeout: float = Field(default=300.0, gt=0)
     sources: Dict[str, str] = Field(default_factory=dict)
     files: Tuple[str, ...] = ()
 
@@ -79,7 +88,8 @@ def _read_toml(path: str) -> Dict[str, Any]:
 
 _FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_registry",
               "mirrors", "insecure_registries", "pull_on_compute", "probe_timeout", "env",
-              "detect_cache", "tag_ttl"}
+              "detect_cache", "tag_ttl", "registry_timeout", "registry_attempts", "registry_backoff",
+              "pull_stall_timeout"}
 
 
 def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[str, Any],

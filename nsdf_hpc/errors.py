@@ -13,10 +13,13 @@ message and an exit code (``exit_code``). A container's own non-zero exit status
     │   ├── RuntimeNotFoundError  no usable runtime, or the requested one is unusable
     │   └── BuilderNotFoundError  no usable image builder, or the requested one is unusable
     ├── CommandError              an external tool exited non-zero (.argv .returncode .stderr)
-    │   └── CommandTimeoutError   ... or ran past its timeout
+    │   └── CommandTimeoutError   ... or ran past its timeout, or stalled (no I/O; .stalled)
     ├── ImageError                pull/convert/cache failed (wraps the CommandError)
-    │   ├── RegistryError         registry unreachable, image missing, auth refused
-    │   └── PreflightError        not enough space, noexec temp dir, ... (names the variable)
+    │   ├── RegistryError         registry unreachable, throttling or failing after the
+    │   │                         retries, image missing, auth refused
+    │   ├── PreflightError        not enough space, noexec temp dir, ... (names the variable)
+    │   └── DiskFullError         a filesystem filled during the pull/conversion (names the
+    │                             variable: NSDF_HPC_CACHE, or the runtime's own directory)
     ├── RunError                  the run cannot be set up here (a mount point, the cwd bind)
     ├── SchedulerError            sbatch/sacct/scancel failed or the job cannot be tracked
     │   └── SubmitError           .transient is True when a retry may succeed
@@ -37,6 +40,7 @@ from typing import Optional, Sequence
 __all__ = [
     "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError", "BuilderNotFoundError",
     "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError",
+    "DiskFullError",
     "RunError", "SchedulerError", "SubmitError", "UnexpectedOutputError",
     "ExecutorError", "InterpreterMismatchError", "WorkerDiedError", "RemoteError", "RemoteTraceback",
 ]
@@ -99,10 +103,18 @@ class CommandError(NsdfError):
 class CommandTimeoutError(CommandError):
     """An external tool ran past its timeout and was killed."""
 
-    def __init__(self, argv: Sequence[str], timeout: float, stdout: str = "", stderr: str = "") -> None:
+    def __init__(self, argv: Sequence[str], timeout: float, stdout: str = "", stderr: str = "",
+                 stalled: bool = False) -> None:
         self.timeout = timeout
+        #: True when it was stopped for making no progress (no I/O) for ``timeout`` s
+        self.stalled = stalled
         CommandError.__init__(self, argv, -9, stdout, stderr)
-        self.args = (f"`{shlex.join(self.argv)}` did not finish within {timeout:g} s and was killed",)
+        if stalled:
+            tail = _tail(stderr or stdout, 5)
+            self.args = (f"`{shlex.join(self.argv)}` made no progress (read and wrote nothing) for "
+                         f"{timeout:g} s and was killed" + (f":\n{tail}" if tail else ""),)
+        else:
+            self.args = (f"`{shlex.join(self.argv)}` did not finish within {timeout:g} s and was killed",)
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -118,6 +130,17 @@ class RegistryError(ImageError):
 
 class PreflightError(ImageError):
     """A check before a pull failed (free space, noexec temp dir); names what to set."""
+
+
+class DiskFullError(ImageError):
+    """A filesystem filled up during a pull or conversion (ENOSPC, EDQUOT); nothing was
+    published and the private work directory is gone. ``path`` is the full directory and
+    ``variable`` the setting that moves it (``NSDF_HPC_CACHE`` for the cache)."""
+
+    def __init__(self, message: str, path: str = "", variable: str = "") -> None:
+        self.path = path
+        self.variable = variable
+        super().__init__(message)
 
 
 class RunError(NsdfError):

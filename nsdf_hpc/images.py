@@ -7,6 +7,7 @@ reference is parsed once (:meth:`ImageService.parse_image`) and the parsed sourc
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -17,10 +18,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._exec import CommandRunner
 from ._launch import record_dir
+from ._retry import RetryPolicy
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings
-from .errors import (CommandError, ImageError, NsdfError, PreflightError, RegistryError, SpecError,
-                     ToolNotFoundError, UnexpectedOutputError)
+from .errors import (CommandError, CommandTimeoutError, DiskFullError, ImageError, NsdfError,
+                     PreflightError, RegistryError, SpecError, ToolNotFoundError, UnexpectedOutputError)
 from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, parse_source
@@ -33,6 +35,58 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[Dict[str, Any]], None]
 #: the containers-auth.json a pull that logs in reads (in the private work directory)
 LOGIN_FILE = ".nsdf-login.json"
+
+
+_FULL_WORDS = ("no space left on device", "disk quota exceeded", "enospc", "edquot")
+
+
+def disk_full_text(text: str) -> bool:
+    """Whether a tool's output says a filesystem was full (ENOSPC or a quota)."""
+    low = text.lower()
+    return any(w in low for w in _FULL_WORDS)
+
+
+def _last_line(err: CommandError) -> str:
+    if isinstance(err, CommandTimeoutError):
+        return (f"no progress for {err.timeout:g} s, stopped" if err.stalled
+                else f"still running after {err.timeout:g} s, stopped")
+    lines = (err.stderr or err.stdout).strip().splitlines()
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def _full_line(err: CommandError) -> str:
+    """The line of a tool's output that says the disk is full (else its last line)."""
+    lines = (err.stderr + "\n" + err.stdout).splitlines()
+    for line in lines:
+        if disk_full_text(line):
+            return line.strip()[-240:]
+    for line in lines:
+        if line.lower().startswith("error"):
+            return line.strip()[-240:]
+    return _last_line(err)
+
+
+def _same_filesystem(path: str, other: str) -> bool:
+    """Whether ``path`` (or its nearest existing parent) is on ``other``'s filesystem."""
+    def dev(p: str) -> Optional[int]:
+        while p and p != "/":
+            try:
+                return os.stat(p).st_dev
+            except OSError:
+                p = os.path.dirname(p)
+        return os.stat("/").st_dev
+    return dev(path) == dev(other)
+
+
+def _empty_dir(path: str, keep: Sequence[str] = ()) -> None:
+    """Remove what a failed attempt left in a work directory, before the next attempt."""
+    for name in os.listdir(path):
+        if name not in keep:
+            p = os.path.join(path, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                rmtree(p)
+            else:
+                os.unlink(p)
 
 
 class ImageService:
@@ -64,8 +118,14 @@ class ImageService:
         """One registry client per registry, so a token is fetched once per session."""
         key = (registry, insecure)
         if key not in self._registries:
-            self._registries[key] = RegistryClient(registry, insecure=insecure, env=self.env)
+            self._registries[key] = RegistryClient(registry, insecure=insecure, env=self.env,
+                                                   timeout=self.settings.registry_timeout,
+                                                   retry=self.retry_policy())
         return self._registries[key]
+
+    def retry_policy(self) -> RetryPolicy:
+        s = self.settings
+        return RetryPolicy(attempts=s.registry_attempts, base=s.registry_backoff)
 
     def _offline_allocation(self) -> bool:
         return self._host().in_slurm_allocation and not self.settings.pull_on_compute
@@ -267,9 +327,58 @@ class ImageService:
                     "shell": self._has_shell(rt, os.path.join(work, location) if plan.artifact else location)}
             return self.cache.publish(work, rt.name, digest, data, main_file=main_file, dirs=dirs,
                                       extra_size=self._store_size(rt, location))
+        except OSError as err:
+            rmtree(work)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._disk_full(rt, "writing the cache entry", source, err) from err
+            raise
         except BaseException:
             rmtree(work)
             raise
+
+    def _a_filesystem_is_full(self, rt: Runtime) -> bool:
+        """Whether the cache's or one of the runtime's own directories' filesystem has less
+        than 1 MiB left right after a step failed (for tools that do not say ENOSPC)."""
+        paths = [self.cache.root, *(p for p in rt.runtime_env(self.env, self.cache.root).values()
+                                    if p.startswith("/"))]
+        for p in paths:
+            while p and not os.path.exists(p):
+                p = os.path.dirname(p)
+            free = free_bytes(p) if p else None
+            if free is not None and free < (1 << 20):
+                return True
+        return False
+
+    def _disk_full(self, rt: Runtime, what: str, source: ImageSource,
+                   err: BaseException) -> DiskFullError:
+        """The clear error for a filesystem that filled during a conversion: the cache
+        (NSDF_HPC_CACHE) unless one of the runtime's own directories (its store, TMPDIR) lives
+        on another filesystem and is the fuller one. Measured after the tool exited (it may
+        have removed its temp files already), so the filesystem decides, not the free space."""
+        root = self.cache.root
+        detail = _full_line(err) if isinstance(err, CommandError) else str(err)
+        others: List[Tuple[str, str]] = []
+        if isinstance(err, CommandError):
+            named = {**{"TMPDIR": self.env.get("TMPDIR", "/tmp")},
+                     **rt.runtime_env(self.env, root)}
+            for var, path in sorted(named.items()):
+                if path.startswith("/") and not _same_filesystem(path, root):
+                    others.append((var, path))
+        free = free_bytes(root)
+        outside = [(v, p) for v, p in others if free is not None and (free_bytes(p) or 0) < free]
+        if outside and free is not None and free >= (64 << 20):
+            dirs = ", ".join(f"{v}={p}" for v, p in outside)
+            return DiskFullError(
+                f"a filesystem filled up while converting {source.text} for {rt.name} ({what}: "
+                f"{detail}): not the cache (NSDF_HPC_CACHE={root}, {free >> 20} MiB free) but "
+                f"the runtime's own directory {dirs}; free space there or set it to a larger "
+                "filesystem; nothing was kept", path=outside[0][1], variable=outside[0][0])
+        return DiskFullError(
+            f"the cache filesystem filled up while converting {source.text} for {rt.name} "
+            f"({what}: {detail}): NSDF_HPC_CACHE={root} is too small for this image "
+            f"({'?' if free is None else free >> 20} MiB free now); nothing was kept. Set "
+            "NSDF_HPC_CACHE to a larger filesystem (e.g. $SCRATCH) or free space "
+            "(nsdf-run prune)", path=root, variable="NSDF_HPC_CACHE")
 
     def _has_shell(self, rt: Runtime, location: str) -> Optional[bool]:
         """Whether the converted image runs ``/bin/sh`` (one container start per conversion);
@@ -334,25 +443,61 @@ class ImageService:
             repack_for_udocker(source, os.path.join(work, "source.tar"))
         last = None
         previous = ""
+        policy = self.retry_policy()
         for i, step in enumerate(plan.steps, 1):
             self.progress({"event": "step", "step": step.description, "index": i,
                            "total": len(plan.steps), "image": source.text, "runtime": rt.name})
-            try:
-                overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
-                last = self.runner.run(step.argv, check=step.check, env=env, env_overrides=overrides,
-                                       cwd=work, timeout=step.timeout)
-                expect = step.expect.replace(PREVIOUS, previous.strip()) if step.expect else None
-                if expect and expect not in last.stdout:
-                    raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
-                                     f"`{' '.join(step.argv)}` does not list {expect} "
-                                     "(an earlier step exited 0 without doing its job)")
-                previous = last.stdout
-            except CommandError as err:
-                self._undo(plan, env, work)
-                raise ImageError(f"{rt.name}: {step.description} failed for {source.text}:\n{err}") from err
-            except ToolNotFoundError as err:
-                self._undo(plan, env, work)
-                raise ImageError(f"{rt.name}: {step.description}: {err}") from err
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
+                    if step.retry or step.registry:    # a registry that stops sending mid-blob
+                        last = self.runner.run(step.argv, check=step.check, env=env,
+                                               env_overrides=overrides, cwd=work, timeout=step.timeout,
+                                               stall_timeout=self.settings.pull_stall_timeout)
+                    else:
+                        last = self.runner.run(step.argv, check=step.check, env=env,
+                                               env_overrides=overrides, cwd=work, timeout=step.timeout)
+                    expect = step.expect.replace(PREVIOUS, previous.strip()) if step.expect else None
+                    if expect and expect not in last.stdout:
+                        raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
+                                         f"`{' '.join(step.argv)}` does not list {expect} "
+                                         "(an earlier step exited 0 without doing its job)")
+                    if step.fail_if and any(ln.startswith(step.fail_if) for ln in
+                                            (last.stderr + "\n" + last.stdout).splitlines()):
+                        raise CommandError(step.argv, last.returncode, last.stdout, last.stderr)
+                    previous = last.stdout
+                    break
+                except CommandError as err:
+                    if disk_full_text(err.stderr + "\n" + err.stdout) or self._a_filesystem_is_full(rt):
+                        full = self._disk_full(rt, step.description, source, err)  # before the undo frees it
+                        self._undo(plan, env, work)
+                        raise full from err
+                    if isinstance(err, CommandTimeoutError) and (step.retry or step.registry):
+                        self._remove_partial_downloads(rt)
+                    wait = policy.delay(attempt) if step.retry else None
+                    if wait is not None:
+                        logger.info("%s: %s failed (attempt %d of %d, exit %d: %s); trying again "
+                                    "in %.1f s", rt.name, step.description, attempt, policy.attempts,
+                                    err.returncode, _last_line(err), wait)
+                        self.progress({"event": "retry", "step": step.description, "attempt": attempt,
+                                       "attempts": policy.attempts, "wait": round(wait, 2),
+                                       "image": source.text})
+                        _empty_dir(work, keep=(LOGIN_FILE,))
+                        time.sleep(wait)
+                        continue
+                    self._undo(plan, env, work)
+                    where = ""
+                    if (step.retry or step.registry) and source.ref is not None:
+                        registry = self.pull_ref(source.ref)[0].registry
+                        where = f" from registry {registry}" + (
+                            f" ({attempt} attempt{'s' if attempt != 1 else ''})" if step.retry else "")
+                    raise ImageError(f"{rt.name}: {step.description}{where} failed for "
+                                     f"{source.text}:\n{err}") from err
+                except ToolNotFoundError as err:
+                    self._undo(plan, env, work)
+                    raise ImageError(f"{rt.name}: {step.description}: {err}") from err
         self._forget_login(work)
         if plan.location == "@stdout":
             try:
@@ -375,6 +520,19 @@ class ImageService:
             if os.path.lexists(p):
                 os.unlink(p)
         return str(plan.location)
+
+    def _remove_partial_downloads(self, rt: Runtime) -> None:
+        """After a pull was killed: remove the partial blobs it left in the runtime's layer
+        cache. Only files nothing wrote to for ``pull_stall_timeout`` s: another process's
+        pull that is still downloading keeps its own."""
+        limit = time.time() - self.settings.pull_stall_timeout
+        for path in rt.partial_downloads(rt.runtime_env(self.env, self.cache.root)):
+            try:
+                if os.stat(path).st_mtime <= limit:
+                    os.unlink(path)
+                    logger.debug("removed the partial download %s", path)
+            except OSError:
+                pass
 
     def _undo(self, plan: ImagePlan, env: Optional[Mapping[str, str]], work: str) -> None:
         """Best effort: remove what a failed plan left in the runtime's store (a tag that no

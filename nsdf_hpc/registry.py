@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import logging
 import os
 import re
+import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from ._retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
 from .errors import RegistryError
 from .reference import DOCKER_HUB, ImageRef
 
@@ -92,13 +96,18 @@ class RegistryClient:
     """Resolves references against one registry; keeps its bearer token for the session."""
 
     def __init__(self, registry: str, *, insecure: bool = False, timeout: float = 30.0,
-                 env: Optional[Mapping[str, str]] = None) -> None:
+                 env: Optional[Mapping[str, str]] = None, retry: Optional[RetryPolicy] = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.registry = registry
         self.scheme = "http" if insecure else "https"
         self.timeout = timeout
         self.env = os.environ if env is None else env
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
         self._auth: Optional[str] = None
         self.requests = 0
+        #: attempts made by the last request (1 = no retry was needed)
+        self.attempts = 0
 
     def _open(self, req: urllib.request.Request) -> Any:
         self.requests += 1
@@ -106,25 +115,85 @@ class RegistryClient:
             return urllib.request.urlopen(req, timeout=self.timeout, context=_ssl_context())  # noqa: S310
         return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - http only if insecure
 
-    def _request(self, method: str, url: str, headers: Dict[str, str]) -> Tuple[int, Dict[str, str], bytes]:
-        for attempt in range(2):
+    def _describe(self, err: BaseException) -> Tuple[str, bool]:
+        """A short text for a network failure, and whether it was a timeout."""
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            return f"no answer within {self.timeout:g} s", True
+        if isinstance(reason, ConnectionResetError):
+            return "connection reset by the registry", False
+        if isinstance(reason, http.client.HTTPException):
+            return f"connection dropped ({type(reason).__name__}: {reason or 'no response'})", False
+        return str(reason), False
+
+    def _request(self, method: str, url: str, headers: Dict[str, str], *,
+                 use_auth: bool = True) -> Tuple[int, Dict[str, str], bytes]:
+        """One HTTP request, tried again with backoff and jitter (:mod:`._retry`) on a
+        transient status (429, 5xx) or a network failure (reset, refused, timeout); logs each
+        failed attempt at INFO (``nsdf-run -v``); a clear RegistryError when none is left.
+        ``use_auth=False`` (the token request itself): no session credentials, a 401 is
+        returned as it is."""
+        attempt = 0
+        authenticated = False
+        started = time.monotonic()
+        path = urllib.parse.urlsplit(url).path
+        while True:
+            attempt += 1
+            self.attempts = attempt
             h = dict(headers)
-            if self._auth:
+            if self._auth and use_auth:
                 h["Authorization"] = self._auth
             req = urllib.request.Request(url, method=method, headers=h)
+            retry_after: Optional[float] = None
+            status: Optional[int] = None
+            timed_out = False
             try:
                 with self._open(req) as resp:
                     body = resp.read() if method == "GET" else b""
                     return int(resp.status), {k.lower(): v for k, v in resp.headers.items()}, body
             except urllib.error.HTTPError as err:
-                if err.code == 401 and attempt == 0:
-                    self._authenticate(err.headers.get("WWW-Authenticate", ""))
+                hdrs = {k.lower(): v for k, v in (err.headers or {}).items()}
+                if err.code == 401 and use_auth and not authenticated:
+                    authenticated = True
+                    attempt -= 1
+                    self._authenticate(hdrs.get("www-authenticate", ""))
                     continue
-                return err.code, {k.lower(): v for k, v in (err.headers or {}).items()}, b""
-            except (urllib.error.URLError, OSError) as err:
-                reason = getattr(err, "reason", err)
-                raise RegistryError(f"cannot reach registry {self.registry} ({self.scheme}): {reason}") from None
-        raise RegistryError(f"registry {self.registry} refused access (authentication failed)")
+                if err.code not in TRANSIENT_STATUSES:
+                    return err.code, hdrs, b""
+                status = err.code
+                problem = f"HTTP {err.code}"
+                retry_after = parse_retry_after(hdrs.get("retry-after"), time.time())
+                if retry_after is not None:
+                    problem += f" (Retry-After: {retry_after:g} s)"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                problem, timed_out = self._describe(err)
+            wait = self.retry.delay(attempt, retry_after)
+            if wait is None:
+                raise RegistryError(self._gave_up(status, problem, timed_out, attempt,
+                                                  time.monotonic() - started, retry_after))
+            logger.info("registry %s: %s for %s %s (attempt %d of %d); trying again in %.1f s",
+                        self.registry, problem, method, path, attempt, self.retry.attempts, wait)
+            self._sleep(wait)
+
+    def _gave_up(self, status: Optional[int], problem: str, timed_out: bool, attempts: int,
+                 elapsed: float, retry_after: Optional[float]) -> str:
+        tries = f"{attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s"
+        if retry_after is not None and retry_after > self.retry.max_retry_after:
+            return (f"registry {self.registry} rate-limited the request (HTTP {status}) and asks to "
+                    f"retry after {retry_after:.0f} s, longer than nsdf-run waits "
+                    f"({self.retry.max_retry_after:g} s); retry later or configure a site mirror "
+                    "([mirrors] in the config)")
+        if status == 429:
+            return (f"registry {self.registry} rate-limited the request: HTTP 429 ({tries}); "
+                    "retry later or configure a site mirror ([mirrors] in the config)")
+        if status is not None:
+            return (f"registry {self.registry} failed: {problem} ({tries}); the registry has a "
+                    "problem, retry later")
+        if timed_out:
+            return (f"registry {self.registry} ({self.scheme}) accepted the connection but sent "
+                    f"nothing within {self.timeout:g} s ({tries}); it hangs or a firewall drops "
+                    "the traffic (registry_timeout in the config sets the limit)")
+        return f"cannot reach registry {self.registry} ({self.scheme}): {problem} ({tries})"
 
     def _authenticate(self, challenge: str) -> None:
         scheme, params = _parse_challenge(challenge)
@@ -143,15 +212,19 @@ class RegistryClient:
         h = {}
         if creds:
             h["Authorization"] = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-        req = urllib.request.Request(url, headers=h)
+        try:   # retried like every request (a token service throttles or fails too)
+            status, _, body = self._request("GET", url, h, use_auth=False)
+        except RegistryError as err:
+            raise RegistryError(f"registry {self.registry}: its token service "
+                                f"{urllib.parse.urlsplit(url).netloc} failed: {err}") from None
+        if status != 200:
+            raise RegistryError(f"registry {self.registry}: token request refused (HTTP {status})")
         try:
-            with self._open(req) as resp:
-                data = json.loads(resp.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            raise RegistryError(f"registry {self.registry}: token request refused (HTTP {err.code})") from None
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            raise RegistryError(f"registry {self.registry}: token service unreachable: "
-                                f"{getattr(err, 'reason', err)}") from None
+            data = json.loads(body or b"{}")
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise RegistryError(f"registry {self.registry}: token service returned no token") from None
         token = data.get("token") or data.get("access_token")
         if not token:
             raise RegistryError(f"registry {self.registry}: token service returned no token")

@@ -40,6 +40,13 @@ def classify_singularity_output(text: str) -> Tuple[str, str]:
                                 expected="'apptainer version X' or 'singularity-ce version X'")
 
 
+def _listdir(d: str) -> List[str]:
+    try:
+        return os.listdir(d)
+    except OSError:
+        return []
+
+
 class Apptainer(Runtime):
     """Apptainer (formerly Singularity); NSDF's preferred runtime."""
 
@@ -121,6 +128,22 @@ class Apptainer(Runtime):
         var = f"{self.env_prefix}_CACHEDIR"
         return {var: env.get(var) or f"{cache_root}/{self.name}/cache"}
 
+    def partial_downloads(self, runtime_env: Mapping[str, str]) -> List[str]:
+        # containers/image writes a blob as "<sha256 hex><random digits>" beside the finished
+        # ones and renames it when complete; SIGKILL leaves it (Apptainer 1.4.5, seen in
+        # tests/integration/test_faults.py)
+        cache = runtime_env.get(f"{self.env_prefix}_CACHEDIR")
+        if not cache:
+            return []
+        found: List[str] = []
+        d = os.path.join(cache, "cache", "blob", "blobs", "sha256")
+        found += [os.path.join(d, n) for n in _listdir(d)
+                  if len(n) > 64 and all(c in "0123456789abcdef" for c in n[:64]) and n[64:].isdigit()]
+        # ... and its temporary "oci-tmp/tmp_<digits>" files
+        d = os.path.join(cache, "cache", "oci-tmp")
+        found += [os.path.join(d, n) for n in _listdir(d) if n.startswith("tmp_") and n[4:].isdigit()]
+        return found
+
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
                    insecure: bool = False) -> ImagePlan:
         out = "image.sif"
@@ -132,7 +155,7 @@ class Apptainer(Runtime):
             if insecure:
                 argv.append("--no-https")
             argv += [out, f"docker://{ref.by_digest()}"]
-            return ImagePlan((Step(tuple(argv), f"pull {ref} to SIF", tmp_env),), artifact=out)
+            return ImagePlan((Step(tuple(argv), f"pull {ref} to SIF", tmp_env, retry=True),), artifact=out)
         if source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
         prefix = source.transport

@@ -49,6 +49,16 @@ class Step:
     #: (podman-hpc's migrate): without it the step failed. ``PREVIOUS`` stands for the
     #: previous step's output (stripped)
     expect: Optional[str] = None
+    #: the step pulls from a registry: a failure is tried again with backoff and jitter
+    #: (``registry_attempts``/``registry_backoff``), in an emptied work directory, unless a
+    #: filesystem is full
+    retry: bool = False
+    #: the step talks to a registry (``retry`` implies it): its error names the registry, and
+    #: it is stopped when its processes do no I/O for ``pull_stall_timeout`` s
+    registry: bool = False
+    #: the start of an output line that means the step failed although the tool exited 0
+    #: (udocker 1.3.17's create prints "Error: while extracting image layer" on a full disk)
+    fail_if: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -235,6 +245,12 @@ class Runtime(abc.ABC):
         """The directory that a store runtime keeps for an entry outside the cache (it must
         exist for the entry to be usable, and its size counts), or None."""
         return None
+
+    def partial_downloads(self, runtime_env: Mapping[str, str]) -> List[str]:
+        """Files a killed pull of this runtime may leave in its own layer cache (partial
+        blobs under a temporary name); the image service removes the ones nothing wrote to
+        lately after it stopped a stalled pull. Default: none."""
+        return []
 
     def remove_argv(self, location: str) -> Optional[List[str]]:
         """How to remove an entry's image from the runtime's own store (None: nothing to do)."""

@@ -10,7 +10,7 @@ from ..errors import ImageError, RunError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import Bind, NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
-from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, parse_first_version
+from .base import Assessment, ImagePlan, Invocation, Runtime, Step, WORKDIR, effective_binds, parse_first_version
 
 STORAGE = "storage"
 ROOTFS = "rootfs"
@@ -99,7 +99,7 @@ class Charliecloud(Runtime):
                                  "configured as an insecure (plain HTTP) registry; use a TLS "
                                  "mirror or an offline archive (docker-archive:/oci-archive:)")
             steps.append(Step((self.ch_image(), "-s", STORAGE, "pull", ref.by_digest(), "nsdf"),
-                              f"pull {ref}", env))
+                              f"pull {ref}", env, retry=True))
             rootfs_src = f"{STORAGE}/img/nsdf"
             pre = None
         elif source.kind == "native":
@@ -108,8 +108,10 @@ class Charliecloud(Runtime):
             # ch-image 0.31 cannot import docker-archive or OCI: nsdf_hpc unpacks the layers
             rootfs_src = ROOTFS
             pre = "rootfs"
+        # ch-convert 0.31 makes its temp dir in $TMPDIR (else /var/tmp) and leaves it when it
+        # fails or is killed (no trap): in the private work dir it goes with the work dir
         steps.append(Step((self.ch_convert(), "--no-clobber", "-i", "dir", "-o", "squash",
-                           rootfs_src, SQUASH), "convert to SquashFS", env))
+                           rootfs_src, SQUASH), "convert to SquashFS", {**env, "TMPDIR": WORKDIR}))
         return ImagePlan(tuple(steps), artifact=ROOTFS, pre_extract=pre, checksum=SQUASH,
                          location=rootfs_src if rootfs_src != ROOTFS else None)
 

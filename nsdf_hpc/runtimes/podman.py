@@ -51,7 +51,9 @@ class Podman(Runtime):
             argv.append(ref.by_digest())
             # runs by digest so a moved tag never changes what runs
             loc = ref.by_digest()
-            return ImagePlan((Step(tuple(argv), f"pull {ref}"),), location=loc)
+            # no retry=: containers/image tries a failed pull 3 times itself (podman 4.3:
+            # "Failed, retrying in 1s ... (1/3)")
+            return ImagePlan((Step(tuple(argv), f"pull {ref}", registry=True),), location=loc)
         if source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
         transport = source.transport

@@ -102,7 +102,7 @@ class UDocker(Runtime):
             # was just resolved to the digest; the entry records the digest
             image = f"{ref.repository}:{ref.tag or 'latest'}"
             steps.append(Step(base + ("-q", "pull", f"--registry={scheme}://{ref.registry}", image),
-                              f"pull {ref}"))
+                              f"pull {ref}", retry=True))
         elif source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")
         else:
@@ -115,12 +115,17 @@ class UDocker(Runtime):
                               f"load {source.text}"))
         # --force: a container left by a killed conversion may hold the name (its directory
         # is replaced); saves a separate `udocker rm` (~0.2 s of udocker start-up)
+        # udocker 1.3.17 exits 0 when a layer cannot be extracted (a full UDOCKER_DIR): it
+        # prints "Error: while extracting image layer" and leaves a truncated container
         steps.append(Step(base + ("-q", "create", "--force", f"--name={container}", image),
-                          "create container"))
-        # a failed load or create must not leave the tag behind: no cache entry owns it, so
-        # prune would never remove it (a registry pull's tag is the registry's name: kept)
-        undo = () if source.kind == "registry" else (
-            Step(base + ("-q", "rmi", "-f", image), f"remove {image}", check=False),)
+                          "create container", fail_if="Error:"))
+        # a failed create must not leave a (truncated) container behind, and a failed load or
+        # create not the tag: no cache entry owns them, so prune would never remove them (a
+        # registry pull's tag is the registry's name: kept)
+        undo: Tuple[Step, ...] = (Step(base + ("-q", "rm", "-f", container), f"remove container {container}",
+                                       check=False),)
+        if source.kind != "registry":
+            undo += (Step(base + ("-q", "rmi", "-f", image), f"remove {image}", check=False),)
         return ImagePlan(tuple(steps), location=container,
                          pre_extract="repack" if source.kind != "registry" else None, undo=undo)
 
