@@ -25,7 +25,7 @@ from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, parse_source
 from .registry import RegistryClient, _credentials
-from .runtimes.base import PREVIOUS, WORKDIR, ImagePlan, Runtime, process_env
+from .runtimes.base import IMPORTED, PREVIOUS, WORKDIR, ImagePlan, Runtime, process_env
 from .unpack import flatten, repack_for_udocker, source_digest, write_charliecloud_metadata
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class ImageService:
             except NsdfError as err:
                 logger.debug("cannot ask %s about %s: %s", rt.name, entry.location, err)
                 return True
-            return res.returncode != 1
+            return rt.parse_holds(res.returncode, res.stdout) is not False
         return holds
 
     def verify(self, entry: Entry, runtime_for: Callable[[str], Optional[Runtime]],
@@ -334,19 +334,28 @@ class ImageService:
             repack_for_udocker(source, os.path.join(work, "source.tar"))
         last = None
         previous = ""
+        imported: Optional[str] = None
         for i, step in enumerate(plan.steps, 1):
             self.progress({"event": "step", "step": step.description, "index": i,
                            "total": len(plan.steps), "image": source.text, "runtime": rt.name})
             try:
                 overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
-                last = self.runner.run(step.argv, check=step.check, env=env, env_overrides=overrides,
+                argv = [a.replace(IMPORTED, imported) if imported else a for a in step.argv]
+                last = self.runner.run(argv, check=step.check, env=env, env_overrides=overrides,
                                        cwd=work, timeout=step.timeout)
                 expect = step.expect.replace(PREVIOUS, previous.strip()) if step.expect else None
+                if expect and imported:
+                    expect = expect.replace(IMPORTED, imported)
                 if expect and expect not in last.stdout:
                     raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
                                      f"`{' '.join(step.argv)}` does not list {expect} "
                                      "(an earlier step exited 0 without doing its job)")
                 previous = last.stdout
+                if step.names_import:
+                    imported = rt.parse_import_output(last.stdout)
+            except UnexpectedOutputError:
+                self._undo(plan, env, work)
+                raise ImageError(f"{rt.name}: could not tell which image was imported from {source.text}") from None
             except CommandError as err:
                 self._undo(plan, env, work)
                 raise ImageError(f"{rt.name}: {step.description} failed for {source.text}:\n{err}") from err
@@ -355,6 +364,8 @@ class ImageService:
                 raise ImageError(f"{rt.name}: {step.description}: {err}") from err
         self._forget_login(work)
         if plan.location == "@stdout":
+            if imported:
+                return imported
             try:
                 return rt.parse_import_output(last.stdout if last else "")
             except UnexpectedOutputError:

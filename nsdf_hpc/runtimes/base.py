@@ -34,6 +34,9 @@ from ..environment import PROCESS_ENV_KEEP, EnvEncoding
 WORKDIR = "{workdir}"
 #: placeholder in a Step's ``expect``: the previous step's output
 PREVIOUS = "{previous}"
+#: placeholder in a Step's argv and ``expect``: the store name that the plan's import step
+#: (``Step.names_import``) printed, read by ``Runtime.parse_import_output``
+IMPORTED = "{imported}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class Step:
     #: (podman-hpc's migrate): without it the step failed. ``PREVIOUS`` stands for the
     #: previous step's output (stripped)
     expect: Optional[str] = None
+    #: this step's output names the imported image (``Runtime.parse_import_output``): later
+    #: steps may use ``IMPORTED``, and a plan located at ``"@stdout"`` is located there
+    #: (without such a step: the last step's output)
+    names_import: bool = False
 
 
 @dataclass(frozen=True)
@@ -253,8 +260,14 @@ class Runtime(abc.ABC):
 
     def holds_argv(self, location: str) -> Optional[List[str]]:
         """How to ask the runtime's store whether it still holds an entry's image: exit 0 yes,
-        exit 1 no, anything else cannot tell (None: nothing to ask; see ``store_path``)."""
+        exit 1 no, anything else cannot tell (None: nothing to ask; see ``store_path``).
+        ``parse_holds`` reads the answer."""
         return None
+
+    def parse_holds(self, returncode: int, stdout: str) -> Optional[bool]:
+        """What ``holds_argv``'s result says: True (held), False (gone) or None (cannot tell,
+        the entry is kept and the run reports the runtime's own error)."""
+        return {0: True, 1: False}.get(returncode)
 
     def store_size_argv(self, location: str) -> Optional[List[str]]:
         """How to ask the runtime's store for the bytes an entry's image takes there (read by

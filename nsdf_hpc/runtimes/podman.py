@@ -10,7 +10,7 @@ from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
-from .base import (PREVIOUS, Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
+from .base import (IMPORTED, PREVIOUS, Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
                    parse_first_version, process_env, require_paths)
 
 #: every store name an NSDF cache entry owns lives under this repository (``podman images``)
@@ -205,19 +205,51 @@ class PodmanHPC(Podman):
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
                    insecure: bool = False) -> ImagePlan:
         plan = super().image_plan(source, ref, key, insecure)
-        if source.kind != "registry":
-            return plan
-        assert ref is not None
-        loc = ref.by_digest()
         # `podman-hpc pull` migrates by itself, and an explicit migrate makes the squash also
         # where a site turned that off; both exit 0 when squashing failed ("Squash Failed" in
         # the log only), so the squash store (the read-only images) must list the image id
+        check = Step(self._squashed_argv(), "check the squash", expect=PREVIOUS)
+        if source.kind != "registry":
+            # an archive or layout: the pull's own migrate looks the image up by the source's
+            # name ("docker-archive:..."), finds nothing and exits 0 without a squash (1.2.2),
+            # so the image would run only where this node's writable store has it: migrate
+            # the imported image by its id
+            pull = replace(plan.steps[0], names_import=True)
+            return ImagePlan((
+                pull,
+                Step((self.path, "migrate", IMPORTED), "migrate to the squash store"),
+                replace(check, expect=IMPORTED),
+            ), location="@stdout")
+        assert ref is not None
+        loc = ref.by_digest()
         return ImagePlan(plan.steps + (
             Step((self.path, "migrate", loc), "migrate to the squash store"),
             Step((self.path, "image", "inspect", "--format", "sha256:{{.Id}}", loc), "read the image id"),
-            Step((self.path, "images", "--filter", "readonly=true", "--no-trunc", "--format", "{{.ID}}"),
-                 "check the squash", expect=PREVIOUS),
+            check,
         ), location=plan.location)
+
+    def _squashed_argv(self, location: Optional[str] = None) -> Tuple[str, ...]:
+        # `images` is the one listing podman-hpc gives the squash store (additionalimagestore);
+        # `image exists` and `image inspect` see only this node's writable store
+        fmt = ("--no-trunc", "--format", "{{.ID}} {{.ReadOnly}}")
+        if location is None:
+            return (self.path, "images", "--filter", "readonly=true", "--no-trunc", "--format", "{{.ID}}")
+        if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", location):
+            # podman lists no image for a bare id given as a reference: filter by id instead
+            return (self.path, "images", "--filter", "id=" + location.rpartition(":")[2], *fmt)
+        return (self.path, "images", *fmt, location)
+
+    def holds_argv(self, location: str) -> Optional[List[str]]:
+        # a node runs an entry from the squash store (on a shared filesystem), not from its own
+        # writable store (node-local at NERSC, and emptied by `podman-hpc rmi`): ask the
+        # squash store, or every node without the writable copy would drop the entry
+        return list(self._squashed_argv(location))
+
+    def parse_holds(self, returncode: int, stdout: str) -> Optional[bool]:
+        if returncode != 0:
+            return None
+        # one "ID READONLY" line per name of the image; "true" only for the squash store's copy
+        return any(line.split()[-1:] == ["true"] for line in stdout.splitlines())
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:

@@ -8,10 +8,11 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import pytest
 
@@ -34,22 +35,35 @@ def _sources(images: Path) -> List[str]:
     ]
 
 
+def node_env(runtime: str, where: Path) -> Dict[str, str]:
+    """podman-hpc's per-node writable store (node-local at NERSC: only the squash store, on a
+    shared filesystem, is what another node sees), kept under ``where``; {} for the others."""
+    if runtime != "podman-hpc":
+        return {}
+    run_root = tempfile.mkdtemp(prefix="nsdf-ph-", dir="/tmp")   # podman: at most 50 characters
+    return {"PODMANHPC_GRAPH_ROOT": str(where / "storage"), "PODMANHPC_RUN_ROOT": run_root}
+
+
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
 def test_conversion_matrix(runtime: str, images_dir: Path, tmp_path: Path) -> None:
-    """Each source format converts to the runtime's native form and runs."""
+    """Each source format converts to the runtime's native form and runs; podman-hpc's run is
+    a compute node's (an empty writable store of its own: the squash alone must do), and
+    inside an allocation, where nothing may be pulled again."""
     conf = tmp_path / "config.toml"
     conf.write_text('nsdf_registry = "127.0.0.1:5443"\n')
     failures = []
+    login, compute = node_env(runtime, tmp_path / "login"), node_env(runtime, tmp_path / "compute")
     for src in _sources(images_dir):
         cache = tmp_path / f"cache-{abs(hash(src))}"
-        pulled = nsdf_root(["pull", "--json", "--runtime", runtime, src], cache, NSDF_HPC_CONFIG=str(conf))
+        pulled = nsdf_root(["pull", "--json", "--runtime", runtime, src], cache, NSDF_HPC_CONFIG=str(conf), **login)
         if pulled.returncode != 0:
             failures.append(f"{src}: pull rc={pulled.returncode}: {pulled.stderr[-500:]}")
             continue
         native = json.loads(pulled.stdout)
         assert native["cached"] is False and native["digest"].startswith("sha256:")
+        on_node = {"SLURM_JOB_ID": "1", **compute} if compute else {}
         ran = nsdf_root(["run", "--runtime", runtime, src, "--", "cat", "/etc/hello.txt"], cache,
-                        NSDF_HPC_CONFIG=str(conf))
+                        NSDF_HPC_CONFIG=str(conf), **on_node)
         if ran.returncode != 0 or ran.stdout.strip() != HELLO:
             failures.append(f"{src}: run rc={ran.returncode}: {ran.stdout[-200:]} {ran.stderr[-500:]}")
     assert not failures, "\n".join(failures)
@@ -59,7 +73,7 @@ def test_conversion_matrix(runtime: str, images_dir: Path, tmp_path: Path) -> No
 def test_32_concurrent_pulls_convert_once(runtime: str, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     argv = [sys.executable, "-m", "nsdf_hpc", "pull", "--json", "--runtime", runtime, BUSYBOX]
-    env = root_env(cache)
+    env = root_env(cache, **node_env(runtime, tmp_path / "login"))   # podman-hpc: a cold store
 
     def one(_: int) -> "subprocess.CompletedProcess[str]":
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -71,8 +85,9 @@ def test_32_concurrent_pulls_convert_once(runtime: str, tmp_path: Path) -> None:
     natives = [json.loads(r.stdout) for r in results]
     assert sum(1 for n in natives if not n["cached"]) == 1, "exactly one process converts"
     assert len({n["location"] for n in natives}) == 1
-    ran = nsdf_root(["run", "--runtime", runtime, BUSYBOX, "--", "cat", "/etc/hello.txt"], cache)
-    assert ran.stdout.strip() == HELLO
+    ran = nsdf_root(["run", "--runtime", runtime, BUSYBOX, "--", "cat", "/etc/hello.txt"], cache,
+                    **node_env(runtime, tmp_path / "compute"))
+    assert ran.stdout.strip() == HELLO, ran.stderr
 
 
 @pytest.mark.slow

@@ -117,12 +117,15 @@ def test_podman_hpc_refuses_its_own_usage_error_as_a_version():
     assert rt.parse_version("podman version 4.3.1\n") == ("podman-hpc", "4.3.1")
 
 
-def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tmp_path):
+def test_podman_hpc_offline_import_reads_the_image_id_and_migrates_it_by_id(tmp_path):
     """`podman-hpc pull` prints the image id, then "INFO: Migrating image to <dir>" on stdout
-    (NERSC/podman-hpc podman_hpc.py, pull)."""
+    (NERSC/podman-hpc podman_hpc.py, pull). Its own migrate looks the image up by the source's
+    name ("docker-archive:...") and makes no squash (1.2.2, checked on the testbed): the plan
+    migrates the imported id and checks that the squash store lists it."""
     archive = tmp_path / "img.tar"
     archive.write_bytes(b"")
     image_id = "f" * 64
+    # (the fake answers every call alike: the squash listing shows the id too)
     runner = FakeRunner({"podman-hpc": (0, f"{image_id}\nINFO: Migrating image to /pscratch/alice/storage\n", "")})
     env = {"HOME": str(tmp_path), "NSDF_HPC_SITE_CONFIG": str(tmp_path / "none.toml"), "PATH": "/usr/bin"}
     client = Client(settings=load_settings(env=env), runner=runner, env=env)
@@ -132,7 +135,22 @@ def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tm
     work = tmp_path / "work"
     work.mkdir()
     assert client.images._execute_plan(rt, plan, source, str(work)) == image_id
-    assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}")]
+    assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}"),
+                            ("podman-hpc", "migrate", image_id),
+                            ("podman-hpc", "images", "--filter", "readonly=true", "--no-trunc", "--format", "{{.ID}}")]
+
+
+def test_podman_hpc_asks_the_squash_store_whether_it_holds_an_entry():
+    """`podman-hpc image exists` sees only the node's writable store (node-local at NERSC);
+    the squash store is listed only by `images` (podman-hpc 1.2.2 siteconfig)."""
+    rt = _rt("podman-hpc")
+    assert rt.holds_argv(D) == [rt.path, "images", "--no-trunc", "--format", "{{.ID}} {{.ReadOnly}}", D]
+    assert rt.holds_argv("f" * 64)[2:4] == ["--filter", "id=" + "f" * 64]
+    assert rt.holds_argv("sha256:" + "f" * 64)[3] == "id=" + "f" * 64
+    assert rt.parse_holds(0, "sha256:" + "f" * 64 + " false\nsha256:" + "f" * 64 + " true\n") is True
+    assert rt.parse_holds(0, "sha256:" + "f" * 64 + " false\n") is False   # writable copy only
+    assert rt.parse_holds(0, "") is False
+    assert rt.parse_holds(125, "") is None
 
 
 # ---------------------------------------------------------------- issue 14 item 2: a shared store
@@ -165,7 +183,8 @@ def test_podman_removes_only_names_an_entry_owns():
 def test_only_store_runtimes_ask_their_store(name):
     rt = _rt(name)
     if name in ("podman", "podman-hpc"):
-        assert rt.holds_argv("x") == [rt.path, "image", "exists", "x"]
+        assert rt.holds_argv("x")[-1] == "x"
+        assert rt.parse_holds(125, "") is None
         assert rt.store_size_argv("x")[-1] == "x"
         assert rt.parse_store_size("2134391\n") == 2134391
         guard = rt.orphan_guard("nsdf-run-1", "/tmp/x/run")
