@@ -206,7 +206,12 @@ class ImageService:
             except NsdfError as err:
                 logger.debug("cannot ask %s about %s: %s", rt.name, entry.location, err)
                 return True
-            return rt.parse_holds(res.returncode, res.stdout) is not False
+            if rt.parse_holds(res.returncode, res.stdout) is False:
+                return False
+            broken = rt.store_image_problem(entry.location, env)
+            if broken is not None:
+                logger.warning("%s: %s", rt.name, broken[0])
+            return broken is None
         return holds
 
     def verify(self, entry: Entry, runtime_for: Callable[[str], Optional[Runtime]],
@@ -258,6 +263,7 @@ class ImageService:
         work = self.cache.workdir(rt.name, digest)
         try:
             location = self._execute_plan(rt, plan, source, work)
+            self._check_store(rt, location, source, work)
             location = self._claim(rt, location, source, digest, work)
             guard = plan.checksum or plan.artifact
             main_file = guard if guard and os.path.isfile(os.path.join(work, guard)) else None
@@ -270,6 +276,19 @@ class ImageService:
         except BaseException:
             rmtree(work)
             raise
+
+    def _check_store(self, rt: Runtime, location: str, source: ImageSource, work: str) -> None:
+        """The store files the plan made must be whole (``Runtime.store_image_problem``): a
+        tool that takes a half-written file from an interrupted run for a finished one
+        (podman-hpc's migrate: "Squash file already generated") gets it made once more."""
+        env = self._step_env(rt)
+        found = rt.store_image_problem(location, env)
+        if found is not None and found[1] is not None:
+            logger.warning("%s: %s; making it again", rt.name, found[0])
+            self._execute_plan(rt, found[1], source, work)
+            found = rt.store_image_problem(location, env)
+        if found is not None:
+            raise ImageError(f"{rt.name}: the converted image of {source.text} is broken: {found[0]}")
 
     def _has_shell(self, rt: Runtime, location: str) -> Optional[bool]:
         """Whether the converted image runs ``/bin/sh`` (one container start per conversion);

@@ -269,6 +269,14 @@ class Runtime(abc.ABC):
         the entry is kept and the run reports the runtime's own error)."""
         return {0: True, 1: False}.get(returncode)
 
+    def store_image_problem(self, location: str, env: Mapping[str, str]
+                            ) -> Optional[Tuple[str, Optional[ImagePlan]]]:
+        """What is wrong with the files that the runtime's store keeps for an image a plan made
+        (read from the store, never by starting a process), with a plan that makes them again
+        (None: cannot be repaired here); None when nothing is known to be wrong. ``env`` is
+        the runtime's process environment. Default: nothing to read."""
+        return None
+
     def store_size_argv(self, location: str) -> Optional[List[str]]:
         """How to ask the runtime's store for the bytes an entry's image takes there (read by
         ``parse_store_size``); None: the cache entry's own files are the whole size."""

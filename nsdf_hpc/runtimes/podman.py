@@ -1,7 +1,11 @@
 """Podman (rootful or rootless) and NERSC's podman-hpc wrapper."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
+import struct
 from dataclasses import replace
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
@@ -12,6 +16,8 @@ from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
 from .base import (IMPORTED, PREVIOUS, Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
                    parse_first_version, process_env, require_paths)
+
+logger = logging.getLogger(__name__)
 
 #: every store name an NSDF cache entry owns lives under this repository (``podman images``)
 PRIVATE_REPO = "localhost/nsdf-hpc"
@@ -143,6 +149,35 @@ class Podman(Runtime):
         return ["--device", "nvidia.com/gpu=all"]
 
 
+def squash_record(images: object, location: str) -> Optional[Dict[str, object]]:
+    """The record of ``location`` (a name, ``repo@digest`` or an image id) in a squash store's
+    ``images.json`` (pure)."""
+    if not isinstance(images, list):
+        return None
+    bare = location.rpartition(":")[2] if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", location) else None
+    digest = location.rpartition("@")[2] if "@" in location else None
+    for rec in images:
+        if not isinstance(rec, dict):
+            continue
+        names = rec.get("names") or []
+        if (bare and rec.get("id") == bare) or location in names or (digest and (
+                rec.get("digest") == digest or any(str(n).endswith("@" + digest) for n in names))):
+            return rec
+    return None
+
+
+def squashfs_problem(head: bytes, size: int) -> Optional[str]:
+    """Why a SquashFS file whose first bytes are ``head`` and whose size is ``size`` is not
+    whole (pure): the superblock (written last by mksquashfs) has the magic ``hsqs`` and, at
+    offset 40, the bytes the filesystem uses (the file is padded beyond them)."""
+    if len(head) < 48 or head[:4] != b"hsqs":
+        return "not a SquashFS file (no superblock: mksquashfs did not finish)"
+    used = struct.unpack_from("<Q", head, 40)[0]
+    if used > size:
+        return f"truncated ({size} of {used} bytes)"
+    return None
+
+
 class PodmanHPC(Podman):
     """podman-hpc (NERSC): podman with site hooks; a pull also *migrates* the image to a
     read-only SquashFS store (the squash dir) that runs and compute nodes use.
@@ -244,6 +279,44 @@ class PodmanHPC(Podman):
         # writable store (node-local at NERSC, and emptied by `podman-hpc rmi`): ask the
         # squash store, or every node without the writable copy would drop the entry
         return list(self._squashed_argv(location))
+
+    def store_image_problem(self, location: str, env: Mapping[str, str]
+                            ) -> Optional[Tuple[str, Optional[ImagePlan]]]:
+        # migrate's mksquashfs writes $SQUASH_DIR/overlay/l/<link>.squash and the image record
+        # last; a migrate that died while squashing (node crash, OOM, job killed) leaves a
+        # half-written file that the next migrate takes as done ("Squash file already
+        # generated", 1.2.2 migrate2scratch._mksq): the image is then listed, and every run
+        # from the squash fails ("catatonit: failed to exec pid1", exit 1). Read from the
+        # store's files (layout of podman-hpc's migrate2scratch.py)
+        squash_dir = env.get("SQUASH_DIR") or f"{env.get('SCRATCH') or '/tmp'}/storage"
+        try:
+            with open(os.path.join(squash_dir, "overlay-images", "images.json")) as fh:
+                record = squash_record(json.load(fh), location)
+        except (OSError, ValueError) as err:
+            logger.debug("cannot read the squash store %s: %s", squash_dir, err)
+            return None
+        if record is None:
+            return None              # not listed: holds_argv and the plan's check say so
+        try:
+            with open(os.path.join(squash_dir, "overlay", str(record.get("layer")), "link")) as fh:
+                link = fh.read().strip()
+            path = os.path.join(squash_dir, "overlay", "l", f"{link}.squash")
+            with open(path, "rb") as fh:
+                problem = squashfs_problem(fh.read(96), os.fstat(fh.fileno()).st_size)
+        except FileNotFoundError as err:
+            path, problem = str(err.filename), "missing"
+        except OSError as err:
+            logger.debug("cannot read the squash store %s: %s", squash_dir, err)
+            return None
+        if problem is None:
+            return None
+        image_id = str(record["id"])
+        return f"the squash {path} is {problem}", ImagePlan((
+            # by id: `rmsqi NAME` only drops the name while the image has others
+            Step((self.path, "rmsqi", image_id), "remove the broken squash"),
+            Step((self.path, "migrate", image_id), "migrate to the squash store again"),
+            Step(self._squashed_argv(), "check the squash", expect=image_id),
+        ), location=location)
 
     def parse_holds(self, returncode: int, stdout: str) -> Optional[bool]:
         if returncode != 0:

@@ -90,28 +90,47 @@ def test_32_concurrent_pulls_convert_once(runtime: str, tmp_path: Path) -> None:
     assert ran.stdout.strip() == HELLO, ran.stderr
 
 
+def _podman_hpc_cold(env: Dict[str, str], squash_dir: Path) -> None:
+    """Empty podman-hpc's private writable store and the cache's squash store, so that the
+    next pull pulls and squashes again (only stores this test owns: PODMANHPC_GRAPH_ROOT)."""
+    for argv in (["podman-hpc", "rm", "-af"], ["podman-hpc", "rmi", "-af"]):
+        subprocess.run(argv, env=env, capture_output=True, timeout=120, cwd="/tmp")
+    subprocess.run(["rm", "-rf", "--one-file-system", str(squash_dir)], check=True)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", [p for p in RUNTIME_PARAMS if p.values[0] in ("apptainer", "charliecloud", "udocker")])
+@pytest.mark.parametrize("runtime", [p for p in RUNTIME_PARAMS
+                                     if p.values[0] in ("apptainer", "charliecloud", "podman-hpc", "udocker")])
 def test_sigkill_during_conversion_never_leaves_a_used_entry(runtime: str, tmp_path: Path) -> None:
     """Kill the conversion (nsdf-run alone, or its whole process group as a node death would)
-    at random moments; a later run must never use a broken entry, and the next pull works."""
+    at random moments; a later run must never use a broken entry, and the next pull works.
+
+    podman-hpc: every trial starts cold (a private writable store, emptied with the squash
+    store), and the run after each kill is a compute node's (an empty writable store of its
+    own, inside an allocation): what the kill left in the squash store must not pass for a
+    squash (a half-written one would otherwise be taken as "already generated" by migrate)."""
     import nsdf_hpc
     cache = tmp_path / "cache"
-    env = root_env(cache)
+    login = node_env(runtime, tmp_path / "login")
+    env = root_env(cache, **login)
+    compute = {"SLURM_JOB_ID": "1", **node_env(runtime, tmp_path / "compute")} if login else {}
+    squash_dir = cache / "podman-hpc"      # SQUASH_DIR: nsdf-hpc's default, in the cache
     # how long a cold conversion takes here, to spread the kills over it
     t0 = time.monotonic()
-    first = nsdf_root(["pull", "--runtime", runtime, BUSYBOX], cache)
+    first = nsdf_root(["pull", "--runtime", runtime, BUSYBOX], cache, **login)
     assert first.returncode == 0, first.stderr
     cold = time.monotonic() - t0
     client = nsdf_hpc.Client(env=env)
     digest = client.resolve(client.parse_image(BUSYBOX))[0]
     rng = random.Random(20261126)
     outcomes = {"killed": 0, "finished first": 0}
-    trials = 20
+    trials = 12 if login else 20           # podman-hpc: about 8 s a trial
     for trial in range(trials):
         entry = client.cache.lookup(runtime, digest, touch=False)
         if entry is not None:
             client.remove(entry)
+        if login:
+            _podman_hpc_cold(env, squash_dir)
         proc = subprocess.Popen([sys.executable, "-m", "nsdf_hpc", "pull", "--runtime", runtime, BUSYBOX],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -133,7 +152,10 @@ def test_sigkill_during_conversion_never_leaves_a_used_entry(runtime: str, tmp_p
         if os.path.exists(published):
             entry = client.cache.lookup(runtime, digest, touch=False)
             assert entry is not None, f"trial {trial}: an invalid entry was left published"
-        ran = nsdf_root(["run", "--runtime", runtime, BUSYBOX, "--", "cat", "/etc/hello.txt"], cache)
+        if compute:
+            pulled = nsdf_root(["pull", "--runtime", runtime, BUSYBOX], cache, **login)
+            assert pulled.returncode == 0, f"trial {trial}: {pulled.stderr[-800:]}"
+        ran = nsdf_root(["run", "--runtime", runtime, BUSYBOX, "--", "cat", "/etc/hello.txt"], cache, **compute)
         assert ran.returncode == 0 and ran.stdout.strip() == HELLO, f"trial {trial}: {ran.stderr[-800:]}"
     print(f"\n{runtime}: {trials} trials, cold conversion {cold:.2f} s, {outcomes}")
     assert outcomes["killed"] >= trials // 2
@@ -288,3 +310,25 @@ def test_podman_hpc_squash_that_failed_is_an_error_and_publishes_nothing(tmp_pat
     assert not [p for p in (cache / "tmp").iterdir() if not p.name.startswith("trash-")]
     ok = nsdf_root(["run", "--runtime", "podman-hpc", "--no-bind-cwd", BUSYBOX, "--", "cat", "/etc/hello.txt"], cache)
     assert (ok.returncode, ok.stdout.strip()) == (0, HELLO), ok.stderr
+
+
+@pytest.mark.podman_hpc
+def test_podman_hpc_half_written_squash_is_made_again(tmp_path: Path) -> None:
+    """A migrate whose mksquashfs died (node crash, OOM, killed job) leaves its half-written
+    <link>.squash and no image record; podman-hpc's next migrate takes the file as done
+    ("Squash file already generated"), and every run from the squash failed with exit 1
+    ("catatonit: failed to exec pid1"). That state is made here from a real pull (the record
+    dropped, the file cut in half); the next pull must make the squash again."""
+    cache = tmp_path / "cache"
+    login, compute = node_env("podman-hpc", tmp_path / "login"), node_env("podman-hpc", tmp_path / "compute")
+    assert nsdf_root(["pull", "--runtime", "podman-hpc", BUSYBOX], cache, **login).returncode == 0
+    squash = cache / "podman-hpc"
+    (squash / "overlay-images" / "images.json").write_text("[]")
+    [half] = (squash / "overlay" / "l").glob("*.squash")
+    os.truncate(half, half.stat().st_size // 2)
+    subprocess.run(["rm", "-rf", str(cache / "entries")], check=True)
+    pulled = nsdf_root(["pull", "--runtime", "podman-hpc", BUSYBOX], cache, **login)
+    assert pulled.returncode == 0 and "making it again" in pulled.stderr, pulled.stderr
+    ran = nsdf_root(["run", "--runtime", "podman-hpc", BUSYBOX, "--", "cat", "/etc/hello.txt"], cache,
+                    SLURM_JOB_ID="1", **compute)
+    assert (ran.returncode, ran.stdout.strip()) == (0, HELLO), ran.stderr

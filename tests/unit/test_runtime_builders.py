@@ -258,3 +258,24 @@ def test_run_scratch_is_private_and_removed():
         assert os.path.isdir(d) and not os.path.exists(path) and (os.stat(d).st_mode & 0o077) == 0
         assert name.startswith("nsdf-") and name.replace("-", "").isalnum()
     assert not os.path.exists(d)
+
+
+def test_podman_hpc_reads_a_half_written_squash_as_broken():
+    """migrate2scratch._mksq (1.2.2) takes any existing <link>.squash as done; the superblock,
+    which mksquashfs writes last, tells a whole file from a half-written one."""
+    import struct
+    from nsdf_hpc.runtimes.podman import squash_record, squashfs_problem
+    head = b"hsqs" + bytes(36) + struct.pack("<Q", 1421810) + bytes(48)
+    assert squashfs_problem(head, 1425408) is None                 # padded to 4 KiB
+    assert squashfs_problem(head, 712704) == "truncated (712704 of 1421810 bytes)"
+    assert "no superblock" in squashfs_problem(bytes(96), 712704)
+    assert "no superblock" in squashfs_problem(b"", 0)
+    rec = {"id": "f" * 64, "digest": "sha256:" + "ab" * 32, "layer": "l1",
+           "names": ["127.0.0.1:5443/hpc/busybox@sha256:" + "cd" * 32, "127.0.0.1:5443/hpc/busybox:latest"]}
+    images = [{"id": "e" * 64, "names": []}, rec]
+    assert squash_record(images, D) is rec                        # by the record's digest
+    assert squash_record(images, "x/y@sha256:" + "cd" * 32) is rec   # by a digest name
+    assert squash_record(images, "sha256:" + "f" * 64) is rec and squash_record(images, "f" * 64) is rec
+    assert squash_record(images, "127.0.0.1:5443/hpc/busybox:latest") is rec
+    assert squash_record(images, "x/y@sha256:" + "00" * 32) is None
+    assert squash_record({"not": "a list"}, D) is None
