@@ -191,13 +191,21 @@ class ImageService:
     def _store_holds(self, rt: Runtime) -> Optional[Callable[[Entry], bool]]:
         """Asks the runtime's store (``Runtime.holds_argv``) whether it still holds an entry's
         image: another cache's prune, `podman rmi` or `podman system reset` may have removed
-        it. Only a clear "no" (exit 1) fails the entry; an error that says nothing about the
-        image keeps it (the run reports the runtime's own error)."""
+        it. Only a clear "no" (``Runtime.parse_holds``) fails the entry; an error that says
+        nothing about the image keeps it (the run reports the runtime's own error). What the
+        store's own files answer (``store_image_problem``: broken; ``store_holds``: whole)
+        needs no process."""
         if rt.holds_argv("probe") is None:
             return None
         env = self._step_env(rt)
 
         def holds(entry: Entry) -> bool:
+            broken = rt.store_image_problem(entry.location, env)
+            if broken is not None:
+                logger.warning("%s: %s", rt.name, broken[0])
+                return False
+            if rt.store_holds(entry.location, env):
+                return True
             argv = rt.holds_argv(entry.location)
             if not argv:
                 return True
@@ -206,12 +214,7 @@ class ImageService:
             except NsdfError as err:
                 logger.debug("cannot ask %s about %s: %s", rt.name, entry.location, err)
                 return True
-            if rt.parse_holds(res.returncode, res.stdout) is False:
-                return False
-            broken = rt.store_image_problem(entry.location, env)
-            if broken is not None:
-                logger.warning("%s: %s", rt.name, broken[0])
-            return broken is None
+            return rt.parse_holds(res.returncode, res.stdout) is not False
         return holds
 
     def verify(self, entry: Entry, runtime_for: Callable[[str], Optional[Runtime]],

@@ -277,6 +277,11 @@ class Runtime(abc.ABC):
         the runtime's process environment. Default: nothing to read."""
         return None
 
+    def store_holds(self, location: str, env: Mapping[str, str]) -> Optional[bool]:
+        """Whether the store holds an entry's image, read from the store's files without
+        starting a process; None: ask ``holds_argv``. Default: None."""
+        return None
+
     def store_size_argv(self, location: str) -> Optional[List[str]]:
         """How to ask the runtime's store for the bytes an entry's image takes there (read by
         ``parse_store_size``); None: the cache entry's own files are the whole size."""

@@ -280,23 +280,19 @@ class PodmanHPC(Podman):
         # squash store, or every node without the writable copy would drop the entry
         return list(self._squashed_argv(location))
 
-    def store_image_problem(self, location: str, env: Mapping[str, str]
-                            ) -> Optional[Tuple[str, Optional[ImagePlan]]]:
-        # migrate's mksquashfs writes $SQUASH_DIR/overlay/l/<link>.squash and the image record
-        # last; a migrate that died while squashing (node crash, OOM, job killed) leaves a
-        # half-written file that the next migrate takes as done ("Squash file already
-        # generated", 1.2.2 migrate2scratch._mksq): the image is then listed, and every run
-        # from the squash fails ("catatonit: failed to exec pid1", exit 1). Read from the
-        # store's files (layout of podman-hpc's migrate2scratch.py)
+    def _squash_state(self, location: str, env: Mapping[str, str]
+                      ) -> Tuple[Optional[bool], str, Optional[Dict[str, object]]]:
+        """``(whole, why, record)`` of an image's squash, read from the squash store's files
+        (layout of podman-hpc's migrate2scratch.py): whole None when the files cannot tell
+        (the image not listed under that name, the store unreadable)."""
         squash_dir = env.get("SQUASH_DIR") or f"{env.get('SCRATCH') or '/tmp'}/storage"
         try:
             with open(os.path.join(squash_dir, "overlay-images", "images.json")) as fh:
                 record = squash_record(json.load(fh), location)
         except (OSError, ValueError) as err:
-            logger.debug("cannot read the squash store %s: %s", squash_dir, err)
-            return None
+            return None, f"cannot read the squash store {squash_dir}: {err}", None
         if record is None:
-            return None              # not listed: holds_argv and the plan's check say so
+            return None, f"{location} is not listed in {squash_dir}", None
         try:
             with open(os.path.join(squash_dir, "overlay", str(record.get("layer")), "link")) as fh:
                 link = fh.read().strip()
@@ -306,17 +302,35 @@ class PodmanHPC(Podman):
         except FileNotFoundError as err:
             path, problem = str(err.filename), "missing"
         except OSError as err:
-            logger.debug("cannot read the squash store %s: %s", squash_dir, err)
-            return None
+            return None, f"cannot read the squash store {squash_dir}: {err}", record
         if problem is None:
-            return None
+            return True, "", record
+        return False, f"the squash {path} is {problem}", record
+
+    def store_image_problem(self, location: str, env: Mapping[str, str]
+                            ) -> Optional[Tuple[str, Optional[ImagePlan]]]:
+        # migrate's mksquashfs writes $SQUASH_DIR/overlay/l/<link>.squash and the image record
+        # last; a migrate that died while squashing (node crash, OOM, job killed) leaves a
+        # half-written file that the next migrate takes as done ("Squash file already
+        # generated", 1.2.2 migrate2scratch._mksq): the image is then listed, and every run
+        # from the squash fails ("catatonit: failed to exec pid1", exit 1)
+        whole, why, record = self._squash_state(location, env)
+        if whole is not False or record is None:
+            return None              # not listed: holds_argv and the plan's check say so
         image_id = str(record["id"])
-        return f"the squash {path} is {problem}", ImagePlan((
+        return why, ImagePlan((
             # by id: `rmsqi NAME` only drops the name while the image has others
             Step((self.path, "rmsqi", image_id), "remove the broken squash"),
             Step((self.path, "migrate", image_id), "migrate to the squash store again"),
             Step(self._squashed_argv(), "check the squash", expect=image_id),
         ), location=location)
+
+    def store_holds(self, location: str, env: Mapping[str, str]) -> Optional[bool]:
+        # a whole squash listed in the store's own files needs no podman-hpc call (each
+        # costs about 0.3 s here: it runs `podman --help` whenever it starts); anything else
+        # is asked of the tool (holds_argv), whose listing is the authority
+        whole, _why, _record = self._squash_state(location, env)
+        return True if whole else None
 
     def parse_holds(self, returncode: int, stdout: str) -> Optional[bool]:
         if returncode != 0:

@@ -279,3 +279,30 @@ def test_podman_hpc_reads_a_half_written_squash_as_broken():
     assert squash_record(images, "127.0.0.1:5443/hpc/busybox:latest") is rec
     assert squash_record(images, "x/y@sha256:" + "00" * 32) is None
     assert squash_record({"not": "a list"}, D) is None
+
+
+def test_podman_hpc_reads_its_squash_store_without_starting_a_process(tmp_path):
+    import json
+    import struct
+    rt = _rt("podman-hpc")
+    sq = tmp_path / "squash"
+    (sq / "overlay-images").mkdir(parents=True)
+    (sq / "overlay" / "L1").mkdir(parents=True)
+    (sq / "overlay" / "l").mkdir()
+    (sq / "overlay-images" / "images.json").write_text(json.dumps(
+        [{"id": "f" * 64, "digest": "sha256:" + "ab" * 32, "layer": "L1", "names": [D]}]))
+    (sq / "overlay" / "L1" / "link").write_text("LINK")
+    squash = sq / "overlay" / "l" / "LINK.squash"
+    squash.write_bytes(b"hsqs" + bytes(36) + struct.pack("<Q", 4000) + bytes(4048))
+    env = {"SQUASH_DIR": str(sq)}
+    assert rt.store_holds(D, env) is True and rt.store_image_problem(D, env) is None
+    assert rt.store_holds("x/y@sha256:" + "00" * 32, env) is None       # not listed: ask the tool
+    assert rt.store_holds(D, {"SQUASH_DIR": str(tmp_path / "none")}) is None
+    os.truncate(squash, 1000)
+    assert rt.store_holds(D, env) is None
+    why, repair = rt.store_image_problem(D, env)
+    assert "truncated (1000 of 4000 bytes)" in why
+    assert [s.argv[1] for s in repair.steps] == ["rmsqi", "migrate", "images"]
+    assert repair.steps[0].argv[2] == "f" * 64 and repair.steps[-1].expect == "f" * 64
+    squash.unlink()
+    assert "missing" in rt.store_image_problem(D, env)[0]
