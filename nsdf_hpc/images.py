@@ -370,7 +370,7 @@ class ImageService:
                     expect = expect.replace(IMPORTED, imported)
                 if expect and expect not in last.stdout:
                     raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
-                                     f"`{' '.join(step.argv)}` does not list {expect} "
+                                     f"`{' '.join(argv)}` does not list {expect} "
                                      "(an earlier step exited 0 without doing its job)")
                 previous = last.stdout
                 if step.names_import:
