@@ -125,38 +125,42 @@ def test_sigkill_during_conversion_never_leaves_a_used_entry(runtime: str, tmp_p
     rng = random.Random(20261126)
     outcomes = {"killed": 0, "finished first": 0}
     trials = 12 if login else 20           # podman-hpc: about 8 s a trial
-    for trial in range(trials):
-        entry = client.cache.lookup(runtime, digest, touch=False)
-        if entry is not None:
-            client.remove(entry)
-        if login:
-            _podman_hpc_cold(env, squash_dir)
-        proc = subprocess.Popen([sys.executable, "-m", "nsdf_hpc", "pull", "--runtime", runtime, BUSYBOX],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        started = time.monotonic()
-        time.sleep(rng.uniform(0.0, 0.9 * cold))
-        if proc.poll() is None:
-            if trial % 2:
-                os.killpg(proc.pid, signal.SIGKILL)    # the whole tree, like a node crash
-            else:
-                proc.send_signal(signal.SIGKILL)       # only nsdf-run; the runtime may linger
-            outcomes["killed"] += 1
-        else:
-            outcomes["finished first"] += 1
-            cold = min(cold, time.monotonic() - started)   # aim the next kills earlier
-        proc.wait()
-        time.sleep(0.05)
-        # whatever is published now must be complete and valid
-        published = client.cache.entry_dir(runtime, digest)
-        if os.path.exists(published):
+    try:
+        for trial in range(trials):
             entry = client.cache.lookup(runtime, digest, touch=False)
-            assert entry is not None, f"trial {trial}: an invalid entry was left published"
-        if compute:
-            pulled = nsdf_root(["pull", "--runtime", runtime, BUSYBOX], cache, **login)
-            assert pulled.returncode == 0, f"trial {trial}: {pulled.stderr[-800:]}"
-        ran = nsdf_root(["run", "--runtime", runtime, BUSYBOX, "--", "cat", "/etc/hello.txt"], cache, **compute)
-        assert ran.returncode == 0 and ran.stdout.strip() == HELLO, f"trial {trial}: {ran.stderr[-800:]}"
+            if entry is not None:
+                client.remove(entry)
+            if login:
+                _podman_hpc_cold(env, squash_dir)
+            proc = subprocess.Popen([sys.executable, "-m", "nsdf_hpc", "pull", "--runtime", runtime, BUSYBOX],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            started = time.monotonic()
+            time.sleep(rng.uniform(0.0, 0.9 * cold))
+            if proc.poll() is None:
+                if trial % 2:
+                    os.killpg(proc.pid, signal.SIGKILL)    # the whole tree, like a node crash
+                else:
+                    proc.send_signal(signal.SIGKILL)       # only nsdf-run; the runtime may linger
+                outcomes["killed"] += 1
+            else:
+                outcomes["finished first"] += 1
+                cold = min(cold, time.monotonic() - started)   # aim the next kills earlier
+            proc.wait()
+            time.sleep(0.05)
+            # whatever is published now must be complete and valid
+            published = client.cache.entry_dir(runtime, digest)
+            if os.path.exists(published):
+                entry = client.cache.lookup(runtime, digest, touch=False)
+                assert entry is not None, f"trial {trial}: an invalid entry was left published"
+            if compute:
+                pulled = nsdf_root(["pull", "--runtime", runtime, BUSYBOX], cache, **login)
+                assert pulled.returncode == 0, f"trial {trial}: {pulled.stderr[-800:]}"
+            ran = nsdf_root(["run", "--runtime", runtime, BUSYBOX, "--", "cat", "/etc/hello.txt"], cache, **compute)
+            assert ran.returncode == 0 and ran.stdout.strip() == HELLO, f"trial {trial}: {ran.stderr[-800:]}"
+    finally:
+        if login:   # migrate's container, left Created (and mounted) when its client was killed
+            _podman_hpc_cold(env, squash_dir)
     print(f"\n{runtime}: {trials} trials, cold conversion {cold:.2f} s, {outcomes}")
     assert outcomes["killed"] >= trials // 2
 
