@@ -23,7 +23,7 @@ from harness import Result, bench_venv
 
 REG = os.environ.get("NSDF_BENCH_REGISTRY", "127.0.0.1:5443")
 IMAGE = os.environ.get("NSDF_BENCH_IMAGE", f"{REG}/hpc/pydeb:latest")
-RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,udocker").split(",")
+RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,podman-hpc,udocker").split(",")
 RUNS = int(os.environ.get("NSDF_BENCH_RUNS", "3"))
 NSDF_RUN = os.path.join(bench_venv(), "bin", "nsdf-run")
 
@@ -47,13 +47,21 @@ def _direct(runtime: str, ref: str, work: str, env: Dict[str, str]) -> Callable[
         subprocess.run(["podman", "rmi", "-a", "-f"], env=env, capture_output=True)
         _sh(["podman", "pull", "-q", ref], env)
 
+    def podman_hpc() -> None:
+        # what nsdf-run's plan asks of it: `pull` (which migrates by itself) + an explicit
+        # `migrate`, into a squash dir of its own (the writable store is emptied by cold())
+        e = {**env, "SQUASH_DIR": f"{work}/squash", "USER": env.get("USER", "root")}
+        _sh(["podman-hpc", "pull", "-q", ref], e)
+        _sh(["podman-hpc", "migrate", ref], e)
+
     def udocker() -> None:
         e = {**env, "UDOCKER_DIR": f"{work}/ud"}
         base = ["udocker", "--allow-root"] if os.getuid() == 0 else ["udocker"]
         repo = ref.split("/", 1)[1]
         _sh([*base, "-q", "pull", f"--registry=https://{REG}", repo], e)
         _sh([*base, "-q", "create", "--name=x", repo], e)
-    return {"apptainer": apptainer, "charliecloud": charliecloud, "podman": podman, "udocker": udocker}[runtime]
+    return {"apptainer": apptainer, "charliecloud": charliecloud, "podman": podman, "podman-hpc": podman_hpc,
+            "udocker": udocker}[runtime]
 
 
 def _fresh(path: str) -> None:
@@ -64,15 +72,27 @@ def _fresh(path: str) -> None:
 def cold(runtime: str) -> Result:
     base = tempfile.mkdtemp(prefix="nsdf-bench-img-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    if runtime == "podman-hpc":
+        # a writable store of the bench's own (not the user's), emptied before each side;
+        # podman refuses a run root longer than 50 characters
+        env.update(PODMANHPC_GRAPH_ROOT=f"{base}/graph", PODMANHPC_RUN_ROOT=tempfile.mkdtemp(prefix="nsdf-ph-"),
+                   USER=env.get("USER", "root"))
+
+    def empty_store() -> None:
+        if runtime == "podman":   # cold means no layer in the store, under any name
+            subprocess.run(["podman", "rmi", "-a", "-f"], capture_output=True)
+        elif runtime == "podman-hpc":
+            for argv in (["podman-hpc", "rm", "-af"], ["podman-hpc", "rmi", "-af"]):
+                subprocess.run(argv, env=env, capture_output=True, cwd="/tmp")
     mine, theirs = [], []
     for _ in range(RUNS):
         _fresh(f"{base}/cache")
-        if runtime == "podman":   # cold means no layer in the store, under any name
-            subprocess.run(["podman", "rmi", "-a", "-f"], capture_output=True)
+        empty_store()
         t0 = time.perf_counter()
         _sh([NSDF_RUN, "-q", "pull", "--runtime", runtime, IMAGE], {**env, "NSDF_HPC_CACHE": f"{base}/cache"})
         mine.append(time.perf_counter() - t0)
         _fresh(f"{base}/direct")
+        empty_store()
         t0 = time.perf_counter()
         _direct(runtime, IMAGE, f"{base}/direct", env)()
         theirs.append(time.perf_counter() - t0)

@@ -17,7 +17,7 @@ import tempfile
 from harness import bench_venv, compare_calls, compare_commands
 
 IMAGE = os.environ.get("NSDF_BENCH_IMAGE", "127.0.0.1:5443/hpc/busybox:latest")
-RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,udocker").split(",")
+RUNTIMES = os.environ.get("NSDF_BENCH_RUNTIMES", "apptainer,charliecloud,podman,podman-hpc,udocker").split(",")
 
 
 def run(runs: int = 15) -> list:

@@ -27,7 +27,7 @@ from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, parse_source
 from .registry import RegistryClient, _credentials
-from .runtimes.base import PREVIOUS, WORKDIR, ImagePlan, Runtime, process_env
+from .runtimes.base import IMPORTED, PREVIOUS, WORKDIR, ImagePlan, Runtime, process_env
 from .unpack import flatten, repack_for_udocker, source_digest, write_charliecloud_metadata
 
 logger = logging.getLogger(__name__)
@@ -251,13 +251,21 @@ class ImageService:
     def _store_holds(self, rt: Runtime) -> Optional[Callable[[Entry], bool]]:
         """Asks the runtime's store (``Runtime.holds_argv``) whether it still holds an entry's
         image: another cache's prune, `podman rmi` or `podman system reset` may have removed
-        it. Only a clear "no" (exit 1) fails the entry; an error that says nothing about the
-        image keeps it (the run reports the runtime's own error)."""
+        it. Only a clear "no" (``Runtime.parse_holds``) fails the entry; an error that says
+        nothing about the image keeps it (the run reports the runtime's own error). What the
+        store's own files answer (``store_image_problem``: broken; ``store_holds``: whole)
+        needs no process."""
         if rt.holds_argv("probe") is None:
             return None
         env = self._step_env(rt)
 
         def holds(entry: Entry) -> bool:
+            broken = rt.store_image_problem(entry.location, env)
+            if broken is not None:
+                logger.warning("%s: %s", rt.name, broken[0])
+                return False
+            if rt.store_holds(entry.location, env):
+                return True
             argv = rt.holds_argv(entry.location)
             if not argv:
                 return True
@@ -266,7 +274,7 @@ class ImageService:
             except NsdfError as err:
                 logger.debug("cannot ask %s about %s: %s", rt.name, entry.location, err)
                 return True
-            return res.returncode != 1
+            return rt.parse_holds(res.returncode, res.stdout) is not False
         return holds
 
     def verify(self, entry: Entry, runtime_for: Callable[[str], Optional[Runtime]],
@@ -318,6 +326,7 @@ class ImageService:
         work = self.cache.workdir(rt.name, digest)
         try:
             location = self._execute_plan(rt, plan, source, work)
+            self._check_store(rt, location, source, work)
             location = self._claim(rt, location, source, digest, work)
             guard = plan.checksum or plan.artifact
             main_file = guard if guard and os.path.isfile(os.path.join(work, guard)) else None
@@ -379,6 +388,19 @@ class ImageService:
             f"({'?' if free is None else free >> 20} MiB free now); nothing was kept. Set "
             "NSDF_HPC_CACHE to a larger filesystem (e.g. $SCRATCH) or free space "
             "(nsdf-run prune)", path=root, variable="NSDF_HPC_CACHE")
+
+    def _check_store(self, rt: Runtime, location: str, source: ImageSource, work: str) -> None:
+        """The store files the plan made must be whole (``Runtime.store_image_problem``): a
+        tool that takes a half-written file from an interrupted run for a finished one
+        (podman-hpc's migrate: "Squash file already generated") gets it made once more."""
+        env = self._step_env(rt)
+        found = rt.store_image_problem(location, env)
+        if found is not None and found[1] is not None:
+            logger.warning("%s: %s; making it again", rt.name, found[0])
+            self._execute_plan(rt, found[1], source, work)
+            found = rt.store_image_problem(location, env)
+        if found is not None:
+            raise ImageError(f"{rt.name}: the converted image of {source.text} is broken: {found[0]}")
 
     def _has_shell(self, rt: Runtime, location: str) -> Optional[bool]:
         """Whether the converted image runs ``/bin/sh`` (one container start per conversion);
@@ -444,6 +466,7 @@ class ImageService:
         last = None
         previous = ""
         policy = self.retry_policy()
+        imported: Optional[str] = None
         for i, step in enumerate(plan.steps, 1):
             self.progress({"event": "step", "step": step.description, "index": i,
                            "total": len(plan.steps), "image": source.text, "runtime": rt.name})
@@ -452,23 +475,32 @@ class ImageService:
                 attempt += 1
                 try:
                     overrides = {k: (v.replace(WORKDIR, work) if v else v) for k, v in step.env.items()}
+                    argv = [a.replace(IMPORTED, imported) if imported else a for a in step.argv]
                     if step.retry or step.registry:    # a registry that stops sending mid-blob
-                        last = self.runner.run(step.argv, check=step.check, env=env,
+                        last = self.runner.run(argv, check=step.check, env=env,
                                                env_overrides=overrides, cwd=work, timeout=step.timeout,
                                                stall_timeout=self.settings.pull_stall_timeout)
                     else:
-                        last = self.runner.run(step.argv, check=step.check, env=env,
+                        last = self.runner.run(argv, check=step.check, env=env,
                                                env_overrides=overrides, cwd=work, timeout=step.timeout)
                     expect = step.expect.replace(PREVIOUS, previous.strip()) if step.expect else None
+                    if expect and imported:
+                        expect = expect.replace(IMPORTED, imported)
                     if expect and expect not in last.stdout:
                         raise ImageError(f"{rt.name}: {step.description} failed for {source.text}: "
-                                         f"`{' '.join(step.argv)}` does not list {expect} "
+                                         f"`{' '.join(argv)}` does not list {expect} "
                                          "(an earlier step exited 0 without doing its job)")
                     if step.fail_if and any(ln.startswith(step.fail_if) for ln in
                                             (last.stderr + "\n" + last.stdout).splitlines()):
                         raise CommandError(step.argv, last.returncode, last.stdout, last.stderr)
                     previous = last.stdout
+                    if step.names_import:
+                        imported = rt.parse_import_output(last.stdout)
                     break
+                except UnexpectedOutputError:
+                    self._undo(plan, env, work)
+                    raise ImageError(f"{rt.name}: could not tell which image was imported from "
+                                     f"{source.text}") from None
                 except CommandError as err:
                     if disk_full_text(err.stderr + "\n" + err.stdout) or self._a_filesystem_is_full(rt):
                         full = self._disk_full(rt, step.description, source, err)  # before the undo frees it
@@ -500,6 +532,8 @@ class ImageService:
                     raise ImageError(f"{rt.name}: {step.description}: {err}") from err
         self._forget_login(work)
         if plan.location == "@stdout":
+            if imported:
+                return imported
             try:
                 return rt.parse_import_output(last.stdout if last else "")
             except UnexpectedOutputError:

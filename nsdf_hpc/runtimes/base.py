@@ -34,6 +34,9 @@ from ..environment import PROCESS_ENV_KEEP, EnvEncoding
 WORKDIR = "{workdir}"
 #: placeholder in a Step's ``expect``: the previous step's output
 PREVIOUS = "{previous}"
+#: placeholder in a Step's argv and ``expect``: the store name that the plan's import step
+#: (``Step.names_import``) printed, read by ``Runtime.parse_import_output``
+IMPORTED = "{imported}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ class Step:
     #: the start of an output line that means the step failed although the tool exited 0
     #: (udocker 1.3.17's create prints "Error: while extracting image layer" on a full disk)
     fail_if: Optional[str] = None
+    #: this step's output names the imported image (``Runtime.parse_import_output``): later
+    #: steps may use ``IMPORTED``, and a plan located at ``"@stdout"`` is located there
+    #: (without such a step: the last step's output)
+    names_import: bool = False
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,26 @@ class Runtime(abc.ABC):
 
     def holds_argv(self, location: str) -> Optional[List[str]]:
         """How to ask the runtime's store whether it still holds an entry's image: exit 0 yes,
-        exit 1 no, anything else cannot tell (None: nothing to ask; see ``store_path``)."""
+        exit 1 no, anything else cannot tell (None: nothing to ask; see ``store_path``).
+        ``parse_holds`` reads the answer."""
+        return None
+
+    def parse_holds(self, returncode: int, stdout: str) -> Optional[bool]:
+        """What ``holds_argv``'s result says: True (held), False (gone) or None (cannot tell,
+        the entry is kept and the run reports the runtime's own error)."""
+        return {0: True, 1: False}.get(returncode)
+
+    def store_image_problem(self, location: str, env: Mapping[str, str]
+                            ) -> Optional[Tuple[str, Optional[ImagePlan]]]:
+        """What is wrong with the files that the runtime's store keeps for an image a plan made
+        (read from the store, never by starting a process), with a plan that makes them again
+        (None: cannot be repaired here); None when nothing is known to be wrong. ``env`` is
+        the runtime's process environment. Default: nothing to read."""
+        return None
+
+    def store_holds(self, location: str, env: Mapping[str, str]) -> Optional[bool]:
+        """Whether the store holds an entry's image, read from the store's files without
+        starting a process; None: ask ``holds_argv``. Default: None."""
         return None
 
     def store_size_argv(self, location: str) -> Optional[List[str]]:

@@ -1,7 +1,11 @@
 """Podman (rootful or rootless) and NERSC's podman-hpc wrapper."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
+import struct
 from dataclasses import replace
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
@@ -10,8 +14,10 @@ from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
 from ..reference import ImageRef, ImageSource
-from .base import (PREVIOUS, Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
+from .base import (IMPORTED, PREVIOUS, Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
                    parse_first_version, process_env, require_paths)
+
+logger = logging.getLogger(__name__)
 
 #: every store name an NSDF cache entry owns lives under this repository (``podman images``)
 PRIVATE_REPO = "localhost/nsdf-hpc"
@@ -145,6 +151,35 @@ class Podman(Runtime):
         return ["--device", "nvidia.com/gpu=all"]
 
 
+def squash_record(images: object, location: str) -> Optional[Dict[str, object]]:
+    """The record of ``location`` (a name, ``repo@digest`` or an image id) in a squash store's
+    ``images.json`` (pure)."""
+    if not isinstance(images, list):
+        return None
+    bare = location.rpartition(":")[2] if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", location) else None
+    digest = location.rpartition("@")[2] if "@" in location else None
+    for rec in images:
+        if not isinstance(rec, dict):
+            continue
+        names = rec.get("names") or []
+        if (bare and rec.get("id") == bare) or location in names or (digest and (
+                rec.get("digest") == digest or any(str(n).endswith("@" + digest) for n in names))):
+            return rec
+    return None
+
+
+def squashfs_problem(head: bytes, size: int) -> Optional[str]:
+    """Why a SquashFS file whose first bytes are ``head`` and whose size is ``size`` is not
+    whole (pure): the superblock (written last by mksquashfs) has the magic ``hsqs`` and, at
+    offset 40, the bytes the filesystem uses (the file is padded beyond them)."""
+    if len(head) < 48 or head[:4] != b"hsqs":
+        return "not a SquashFS file (no superblock: mksquashfs did not finish)"
+    used = struct.unpack_from("<Q", head, 40)[0]
+    if used > size:
+        return f"truncated ({size} of {used} bytes)"
+    return None
+
+
 class PodmanHPC(Podman):
     """podman-hpc (NERSC): podman with site hooks; a pull also *migrates* the image to a
     read-only SquashFS store (the squash dir) that runs and compute nodes use.
@@ -207,19 +242,104 @@ class PodmanHPC(Podman):
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
                    insecure: bool = False) -> ImagePlan:
         plan = super().image_plan(source, ref, key, insecure)
-        if source.kind != "registry":
-            return plan
-        assert ref is not None
-        loc = ref.by_digest()
         # `podman-hpc pull` migrates by itself, and an explicit migrate makes the squash also
         # where a site turned that off; both exit 0 when squashing failed ("Squash Failed" in
         # the log only), so the squash store (the read-only images) must list the image id
+        check = Step(self._squashed_argv(), "check the squash", expect=PREVIOUS)
+        if source.kind != "registry":
+            # an archive or layout: the pull's own migrate looks the image up by the source's
+            # name ("docker-archive:..."), finds nothing and exits 0 without a squash (1.2.2),
+            # so the image would run only where this node's writable store has it: migrate
+            # the imported image by its id
+            pull = replace(plan.steps[0], names_import=True)
+            return ImagePlan((
+                pull,
+                Step((self.path, "migrate", IMPORTED), "migrate to the squash store"),
+                replace(check, expect=IMPORTED),
+            ), location="@stdout")
+        assert ref is not None
+        loc = ref.by_digest()
         return ImagePlan(plan.steps + (
             Step((self.path, "migrate", loc), "migrate to the squash store"),
-            Step((self.path, "image", "inspect", "--format", "sha256:{{.Id}}", loc), "read the image id"),
-            Step((self.path, "images", "--filter", "readonly=true", "--no-trunc", "--format", "{{.ID}}"),
-                 "check the squash", expect=PREVIOUS),
+            # one "ID READONLY" line per name of the image under that reference: " true" only
+            # for the squash store's copy (one call: each podman-hpc call costs about 0.3 s)
+            Step(self._squashed_argv(loc), "check the squash", expect=" true"),
         ), location=plan.location)
+
+    def _squashed_argv(self, location: Optional[str] = None) -> Tuple[str, ...]:
+        # `images` is the one listing podman-hpc gives the squash store (additionalimagestore);
+        # `image exists` and `image inspect` see only this node's writable store
+        fmt = ("--no-trunc", "--format", "{{.ID}} {{.ReadOnly}}")
+        if location is None:
+            return (self.path, "images", "--filter", "readonly=true", "--no-trunc", "--format", "{{.ID}}")
+        if re.fullmatch(r"(sha256:)?[0-9a-f]{64}", location):
+            # podman lists no image for a bare id given as a reference: filter by id instead
+            return (self.path, "images", "--filter", "id=" + location.rpartition(":")[2], *fmt)
+        return (self.path, "images", *fmt, location)
+
+    def holds_argv(self, location: str) -> Optional[List[str]]:
+        # a node runs an entry from the squash store (on a shared filesystem), not from its own
+        # writable store (node-local at NERSC, and emptied by `podman-hpc rmi`): ask the
+        # squash store, or every node without the writable copy would drop the entry
+        return list(self._squashed_argv(location))
+
+    def _squash_state(self, location: str, env: Mapping[str, str]
+                      ) -> Tuple[Optional[bool], str, Optional[Dict[str, object]]]:
+        """``(whole, why, record)`` of an image's squash, read from the squash store's files
+        (layout of podman-hpc's migrate2scratch.py): whole None when the files cannot tell
+        (the image not listed under that name, the store unreadable)."""
+        squash_dir = env.get("SQUASH_DIR") or f"{env.get('SCRATCH') or '/tmp'}/storage"
+        try:
+            with open(os.path.join(squash_dir, "overlay-images", "images.json")) as fh:
+                record = squash_record(json.load(fh), location)
+        except (OSError, ValueError) as err:
+            return None, f"cannot read the squash store {squash_dir}: {err}", None
+        if record is None:
+            return None, f"{location} is not listed in {squash_dir}", None
+        try:
+            with open(os.path.join(squash_dir, "overlay", str(record.get("layer")), "link")) as fh:
+                link = fh.read().strip()
+            path = os.path.join(squash_dir, "overlay", "l", f"{link}.squash")
+            with open(path, "rb") as fh:
+                problem = squashfs_problem(fh.read(96), os.fstat(fh.fileno()).st_size)
+        except FileNotFoundError as err:
+            path, problem = str(err.filename), "missing"
+        except OSError as err:
+            return None, f"cannot read the squash store {squash_dir}: {err}", record
+        if problem is None:
+            return True, "", record
+        return False, f"the squash {path} is {problem}", record
+
+    def store_image_problem(self, location: str, env: Mapping[str, str]
+                            ) -> Optional[Tuple[str, Optional[ImagePlan]]]:
+        # migrate's mksquashfs writes $SQUASH_DIR/overlay/l/<link>.squash and the image record
+        # last; a migrate that died while squashing (node crash, OOM, job killed) leaves a
+        # half-written file that the next migrate takes as done ("Squash file already
+        # generated", 1.2.2 migrate2scratch._mksq): the image is then listed, and every run
+        # from the squash fails ("catatonit: failed to exec pid1", exit 1)
+        whole, why, record = self._squash_state(location, env)
+        if whole is not False or record is None:
+            return None              # not listed: holds_argv and the plan's check say so
+        image_id = str(record["id"])
+        return why, ImagePlan((
+            # by id: `rmsqi NAME` only drops the name while the image has others
+            Step((self.path, "rmsqi", image_id), "remove the broken squash"),
+            Step((self.path, "migrate", image_id), "migrate to the squash store again"),
+            Step(self._squashed_argv(), "check the squash", expect=image_id),
+        ), location=location)
+
+    def store_holds(self, location: str, env: Mapping[str, str]) -> Optional[bool]:
+        # a whole squash listed in the store's own files needs no podman-hpc call (each
+        # costs about 0.3 s here: it runs `podman --help` whenever it starts); anything else
+        # is asked of the tool (holds_argv), whose listing is the authority
+        whole, _why, _record = self._squash_state(location, env)
+        return True if whole else None
+
+    def parse_holds(self, returncode: int, stdout: str) -> Optional[bool]:
+        if returncode != 0:
+            return None
+        # one "ID READONLY" line per name of the image; "true" only for the squash store's copy
+        return any(line.split()[-1:] == ["true"] for line in stdout.splitlines())
 
     def run_invocation(self, spec: RunSpec, native: NativeImage, container_env: Mapping[str, str],
                        host_env: Mapping[str, str]) -> Invocation:

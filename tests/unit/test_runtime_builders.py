@@ -117,12 +117,15 @@ def test_podman_hpc_refuses_its_own_usage_error_as_a_version():
     assert rt.parse_version("podman version 4.3.1\n") == ("podman-hpc", "4.3.1")
 
 
-def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tmp_path):
+def test_podman_hpc_offline_import_reads_the_image_id_and_migrates_it_by_id(tmp_path):
     """`podman-hpc pull` prints the image id, then "INFO: Migrating image to <dir>" on stdout
-    (NERSC/podman-hpc podman_hpc.py, pull)."""
+    (NERSC/podman-hpc podman_hpc.py, pull). Its own migrate looks the image up by the source's
+    name ("docker-archive:...") and makes no squash (1.2.2, checked on the testbed): the plan
+    migrates the imported id and checks that the squash store lists it."""
     archive = tmp_path / "img.tar"
     archive.write_bytes(b"")
     image_id = "f" * 64
+    # (the fake answers every call alike: the squash listing shows the id too)
     runner = FakeRunner({"podman-hpc": (0, f"{image_id}\nINFO: Migrating image to /pscratch/alice/storage\n", "")})
     env = {"HOME": str(tmp_path), "NSDF_HPC_SITE_CONFIG": str(tmp_path / "none.toml"), "PATH": "/usr/bin"}
     client = Client(settings=load_settings(env=env), runner=runner, env=env)
@@ -132,7 +135,22 @@ def test_podman_hpc_offline_import_reads_the_image_id_not_the_migrate_message(tm
     work = tmp_path / "work"
     work.mkdir()
     assert client.images._execute_plan(rt, plan, source, str(work)) == image_id
-    assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}")]
+    assert runner.calls == [("podman-hpc", "pull", "-q", f"docker-archive:{archive}"),
+                            ("podman-hpc", "migrate", image_id),
+                            ("podman-hpc", "images", "--filter", "readonly=true", "--no-trunc", "--format", "{{.ID}}")]
+
+
+def test_podman_hpc_asks_the_squash_store_whether_it_holds_an_entry():
+    """`podman-hpc image exists` sees only the node's writable store (node-local at NERSC);
+    the squash store is listed only by `images` (podman-hpc 1.2.2 siteconfig)."""
+    rt = _rt("podman-hpc")
+    assert rt.holds_argv(D) == [rt.path, "images", "--no-trunc", "--format", "{{.ID}} {{.ReadOnly}}", D]
+    assert rt.holds_argv("f" * 64)[2:4] == ["--filter", "id=" + "f" * 64]
+    assert rt.holds_argv("sha256:" + "f" * 64)[3] == "id=" + "f" * 64
+    assert rt.parse_holds(0, "sha256:" + "f" * 64 + " false\nsha256:" + "f" * 64 + " true\n") is True
+    assert rt.parse_holds(0, "sha256:" + "f" * 64 + " false\n") is False   # writable copy only
+    assert rt.parse_holds(0, "") is False
+    assert rt.parse_holds(125, "") is None
 
 
 # ---------------------------------------------------------------- issue 14 item 2: a shared store
@@ -165,7 +183,8 @@ def test_podman_removes_only_names_an_entry_owns():
 def test_only_store_runtimes_ask_their_store(name):
     rt = _rt(name)
     if name in ("podman", "podman-hpc"):
-        assert rt.holds_argv("x") == [rt.path, "image", "exists", "x"]
+        assert rt.holds_argv("x")[-1] == "x"
+        assert rt.parse_holds(125, "") is None
         assert rt.store_size_argv("x")[-1] == "x"
         assert rt.parse_store_size("2134391\n") == 2134391
         guard = rt.orphan_guard("nsdf-run-1", "/tmp/x/run")
@@ -239,3 +258,51 @@ def test_run_scratch_is_private_and_removed():
         assert os.path.isdir(d) and not os.path.exists(path) and (os.stat(d).st_mode & 0o077) == 0
         assert name.startswith("nsdf-") and name.replace("-", "").isalnum()
     assert not os.path.exists(d)
+
+
+def test_podman_hpc_reads_a_half_written_squash_as_broken():
+    """migrate2scratch._mksq (1.2.2) takes any existing <link>.squash as done; the superblock,
+    which mksquashfs writes last, tells a whole file from a half-written one."""
+    import struct
+    from nsdf_hpc.runtimes.podman import squash_record, squashfs_problem
+    head = b"hsqs" + bytes(36) + struct.pack("<Q", 1421810) + bytes(48)
+    assert squashfs_problem(head, 1425408) is None                 # padded to 4 KiB
+    assert squashfs_problem(head, 712704) == "truncated (712704 of 1421810 bytes)"
+    assert "no superblock" in squashfs_problem(bytes(96), 712704)
+    assert "no superblock" in squashfs_problem(b"", 0)
+    rec = {"id": "f" * 64, "digest": "sha256:" + "ab" * 32, "layer": "l1",
+           "names": ["127.0.0.1:5443/hpc/busybox@sha256:" + "cd" * 32, "127.0.0.1:5443/hpc/busybox:latest"]}
+    images = [{"id": "e" * 64, "names": []}, rec]
+    assert squash_record(images, D) is rec                        # by the record's digest
+    assert squash_record(images, "x/y@sha256:" + "cd" * 32) is rec   # by a digest name
+    assert squash_record(images, "sha256:" + "f" * 64) is rec and squash_record(images, "f" * 64) is rec
+    assert squash_record(images, "127.0.0.1:5443/hpc/busybox:latest") is rec
+    assert squash_record(images, "x/y@sha256:" + "00" * 32) is None
+    assert squash_record({"not": "a list"}, D) is None
+
+
+def test_podman_hpc_reads_its_squash_store_without_starting_a_process(tmp_path):
+    import json
+    import struct
+    rt = _rt("podman-hpc")
+    sq = tmp_path / "squash"
+    (sq / "overlay-images").mkdir(parents=True)
+    (sq / "overlay" / "L1").mkdir(parents=True)
+    (sq / "overlay" / "l").mkdir()
+    (sq / "overlay-images" / "images.json").write_text(json.dumps(
+        [{"id": "f" * 64, "digest": "sha256:" + "ab" * 32, "layer": "L1", "names": [D]}]))
+    (sq / "overlay" / "L1" / "link").write_text("LINK")
+    squash = sq / "overlay" / "l" / "LINK.squash"
+    squash.write_bytes(b"hsqs" + bytes(36) + struct.pack("<Q", 4000) + bytes(4048))
+    env = {"SQUASH_DIR": str(sq)}
+    assert rt.store_holds(D, env) is True and rt.store_image_problem(D, env) is None
+    assert rt.store_holds("x/y@sha256:" + "00" * 32, env) is None       # not listed: ask the tool
+    assert rt.store_holds(D, {"SQUASH_DIR": str(tmp_path / "none")}) is None
+    os.truncate(squash, 1000)
+    assert rt.store_holds(D, env) is None
+    why, repair = rt.store_image_problem(D, env)
+    assert "truncated (1000 of 4000 bytes)" in why
+    assert [s.argv[1] for s in repair.steps] == ["rmsqi", "migrate", "images"]
+    assert repair.steps[0].argv[2] == "f" * 64 and repair.steps[-1].expect == "f" * 64
+    squash.unlink()
+    assert "missing" in rt.store_image_problem(D, env)[0]
