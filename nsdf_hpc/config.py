@@ -133,7 +133,8 @@ def config_files(env: Mapping[str, str]) -> List[str]:
     """The config files that apply, site first, user last (existing ones only)."""
     files = [p for p in candidate_config_files(env) if p and os.path.isfile(p)]
     if env.get("NSDF_HPC_CONFIG") and not os.path.isfile(env["NSDF_HPC_CONFIG"]):
-        raise ConfigError(f"NSDF_HPC_CONFIG={env['NSDF_HPC_CONFIG']} does not exist")
+        what = "is not a file" if os.path.exists(env["NSDF_HPC_CONFIG"]) else "does not exist"
+        raise ConfigError(f"NSDF_HPC_CONFIG={env['NSDF_HPC_CONFIG']} {what}")
     return files
 
 

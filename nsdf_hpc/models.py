@@ -60,7 +60,7 @@ class Bind(Model):
         try:
             return cls(source=source, target=target, read_only=mode == "ro")
         except ValueError as err:
-            raise SpecError(f"invalid --bind {text!r}: {err}") from None
+            raise SpecError(f"invalid --bind {text!r}: {first_error(err)}") from None
 
     def __str__(self) -> str:
         return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
