@@ -14,7 +14,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import SpecError
-from ..models import Model, RunSpec, first_error
+from ..models import Model, RunSpec, first_error, unencodable
 
 __all__ = ["JobSpec", "Dependency", "ArraySpec", "parse_array_indices", "compress_indices",
            "parse_dependencies", "as_job_ids", "task_covered", "check_job_id", "JOB_ID", "TASK_INDEX"]
@@ -219,8 +219,9 @@ class JobSpec(RunSpec):
                 raise ValueError(f"{len(self.commands)} commands for "
                                  f"{len(self.array.indices)} array indices")  # type: ignore[union-attr]
             for c in self.commands:
-                if not c or any("\0" in a for a in c):
-                    raise ValueError("an array command is empty or contains a NUL byte")
+                if not c or any("\0" in a or unencodable(a) for a in c):
+                    raise ValueError("an array command is empty or contains a NUL byte "
+                                     "or a lone surrogate")
         return self
 
     def run_spec(self, command: Optional[Sequence[str]] = None) -> RunSpec:

@@ -202,6 +202,7 @@ def test_every_runtime_carries_any_argv_env_and_bind_byte_for_byte(name: str, da
         assert list(argv[-len(command):]) == command
     for k, v in env.items():
         assert _env_carried(inv, k, v), (k, v, argv, inv.env)
+    assert all(isinstance(os.fsencode(a), bytes) for a in argv)   # every word can reach exec
     joined = "\0".join(argv)
     for b in binds:
         for p in (b.source, b.target):
