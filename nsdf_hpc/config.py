@@ -240,7 +240,8 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
     known = set(SlurmSettings.model_fields) - {"sources"}
     unknown = set(values) - known
     if unknown:
-        raise ConfigError(f"unknown [slurm] setting(s) {_key_names(unknown)}; "
+        files_named = sorted({sources.get(k, "argument").replace("config:", "") for k in unknown})
+        raise ConfigError(f"unknown [slurm] setting(s) {_key_names(unknown)} (in {', '.join(files_named)}); "
                           f"known: {', '.join(sorted(known))}")
     if isinstance(values.get("extra_directives"), list):
         values["extra_directives"] = tuple(values["extra_directives"])

@@ -219,7 +219,10 @@ def first_error(err: Exception) -> str:
         try:
             e = errors()[0]
             loc = ".".join(str(x) for x in e.get("loc", ()))
-            return f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+            msg = str(e.get("msg"))
+            # pydantic prefixes our validators' own messages with "Value error, ": noise here
+            msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+            return f"{loc}: {msg}" if loc else msg
         except (IndexError, TypeError, KeyError):
             pass
     return str(err)

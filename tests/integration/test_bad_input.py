@@ -112,7 +112,7 @@ CLI_CASES = [
     ("config-not-toml", ["images"], "[env\n", 2, "is not valid TOML"),
     ("config-bad-value", ["images"], 'probe_timeout = "soon"\n', 2, "invalid setting probe_timeout"),
     ("config-slurm-key", ["submit", "--dry-run", BUSYBOX, "--", "true"], "[slurm]\npoll_kap = 3\n", 2,
-     "unknown [slurm] setting(s) poll_kap"),
+     "unknown [slurm] setting(s) poll_kap (in "),
     ("config-missing", ["images"], "<missing>", 2, "does not exist"),
     ("config-directory", ["images"], "<directory>", 2, "config.toml is not a file"),
 ]
