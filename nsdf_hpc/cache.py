@@ -26,7 +26,9 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import stat
 import threading
@@ -186,7 +188,11 @@ class ImageCache:
         except (OSError, ValueError) as err:
             logger.warning("unreadable cache entry %s: %s", d, err)
             return Entry(d, {"broken": str(err)}, tier)
-        return Entry(d, data if isinstance(data, dict) else {"broken": "not an object"}, tier)
+        why = _malformed(data)
+        if why:
+            logger.warning("unreadable cache entry %s: %s", d, why)
+            return Entry(d, {"broken": why}, tier)
+        return Entry(d, data, tier)
 
     def check(self, entry: Entry) -> bool:
         """Cheap check (stat): every recorded file has its size and mtime; on a mismatch,
@@ -402,14 +408,22 @@ class ImageCache:
             logger.debug("cannot record %s: %s", p, err)
 
     def known_ref(self, slug: str) -> Optional[Dict[str, Any]]:
+        """What the tag was last resolved to; a damaged record (not JSON, a digest that is not
+        ``alg:hex``, a time that is not a number) counts as none: the tag is resolved again."""
         for root in [*self.site_tiers, self.root]:
+            p = os.path.join(root, "refs", slug + ".json")
             try:
-                with open(os.path.join(root, "refs", slug + ".json")) as fh:
+                with open(p) as fh:
                     data = json.load(fh)
-                if isinstance(data, dict) and data.get("digest"):
-                    return data
             except (OSError, ValueError):
                 continue
+            if not isinstance(data, dict) or not data.get("digest"):
+                continue
+            if not (isinstance(data["digest"], str) and _DIGEST.fullmatch(data["digest"])
+                    and _number(data.get("resolved", 0)) and _number(data.get("size") or 0)):
+                logger.warning("ignoring the damaged tag record %s", p)
+                continue
+            return data
         return None
 
     # ---------------------------------------------------------------- listing / pruning
@@ -447,6 +461,29 @@ class ImageCache:
                 return False
         rmtree(trash)
         return True
+
+
+_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
+#: the types entry.json's fields must have (a hand-edited or damaged file is a broken entry)
+_ENTRY_TYPES: Dict[str, Any] = {"runtime": str, "digest": str, "location": str, "size": int,
+                                "files": dict, "dirs": list, "trees": dict, "source": (str, type(None))}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _malformed(data: Any) -> str:
+    """Why a parsed entry.json cannot be used as one ("" when it can)."""
+    if not isinstance(data, dict):
+        return "not an object"
+    for key, types in _ENTRY_TYPES.items():
+        if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
+            return f"field {key!r} has the wrong type"
+    if not all(isinstance(r, dict) for r in (data.get("files") or {}).values()) \
+            or not all(isinstance(r, str) for r in data.get("dirs") or []):
+        return "malformed file records"
+    return ""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -234,12 +234,12 @@ class Client:
         ``env`` is the host environment the container variables come from (default: the
         client's; a batch script passes the submit host's minus the job-time variables).
         """
-        rt = runtime if isinstance(runtime, Runtime) else self.runtime(runtime)
-        native = native or self.images.pull(self._source(spec), rt, max_age=self.settings.tag_ttl)
-        for b in spec.binds:
+        for b in spec.binds:    # before any pull: bad input costs nothing and leaves nothing
             if not os.path.exists(b.source):
                 raise SpecError(f"bind source {b.source} does not exist")
+        rt = runtime if isinstance(runtime, Runtime) else self.runtime(runtime)
         rt.check_binds(spec)
+        native = native or self.images.pull(self._source(spec), rt, max_age=self.settings.tag_ttl)
         listing = rt.listing_argv(native, [b.target for b in effective_binds(spec)[0]])
         if listing:
             res = self.runner.run(listing, check=False, env=process_env(self.env))

@@ -84,6 +84,9 @@ def _read_toml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:   # tomllib decodes the bytes itself, before parsing
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): "
+                          "save it as UTF-8") from err
 
 
 _FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_registry",
@@ -92,11 +95,18 @@ _FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_
               "pull_stall_timeout"}
 
 
+def _key_names(keys: Any) -> str:
+    """Keys for a one-line message: bare keys as written, any other (a quoted TOML key with a
+    newline or a space) as a Python literal."""
+    return ", ".join(k if k.replace("_", "").replace("-", "").isalnum() and k.isascii() else repr(k)
+                     for k in sorted(keys))
+
+
 def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[str, Any],
                 path: str) -> None:
     unknown = set(data) - _FILE_KEYS - {"slurm"}
     if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; "
+        raise ConfigError(f"{path}: unknown setting(s) {_key_names(unknown)}; "
                           f"known: {', '.join(sorted(_FILE_KEYS))}")
     for key, value in data.items():
         if key == "slurm":
@@ -133,7 +143,8 @@ def config_files(env: Mapping[str, str]) -> List[str]:
     """The config files that apply, site first, user last (existing ones only)."""
     files = [p for p in candidate_config_files(env) if p and os.path.isfile(p)]
     if env.get("NSDF_HPC_CONFIG") and not os.path.isfile(env["NSDF_HPC_CONFIG"]):
-        raise ConfigError(f"NSDF_HPC_CONFIG={env['NSDF_HPC_CONFIG']} does not exist")
+        what = "is not a file" if os.path.exists(env["NSDF_HPC_CONFIG"]) else "does not exist"
+        raise ConfigError(f"NSDF_HPC_CONFIG={env['NSDF_HPC_CONFIG']} {what}")
     return files
 
 
@@ -163,7 +174,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, files: Optional[List[
         return Settings(**values, sources=sources, files=tuple(files))
     except ValidationError as err:   # one line naming the key and where its value came from
         e = err.errors()[0]
-        key = ".".join(str(x) for x in e.get("loc", ())) or "?"
+        key = ".".join(_key_names([str(x)]) for x in e.get("loc", ())) or "?"
         where = sources.get(key.split(".")[0], "default")
         raise ConfigError(f"invalid setting {key} ({where}): {e.get('msg')}") from None
 
@@ -239,7 +250,8 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
     known = set(SlurmSettings.model_fields) - {"sources"}
     unknown = set(values) - known
     if unknown:
-        raise ConfigError(f"unknown [slurm] setting(s) {', '.join(sorted(unknown))}; "
+        files_named = sorted({sources.get(k, "argument").replace("config:", "") for k in unknown})
+        raise ConfigError(f"unknown [slurm] setting(s) {_key_names(unknown)} (in {', '.join(files_named)}); "
                           f"known: {', '.join(sorted(known))}")
     if isinstance(values.get("extra_directives"), list):
         values["extra_directives"] = tuple(values["extra_directives"])
@@ -252,7 +264,7 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
         return SlurmSettings(**values, sources=sources)
     except ValidationError as err:
         e = err.errors()[0]
-        key = ".".join(str(x) for x in e.get("loc", ())) or "?"
+        key = ".".join(_key_names([str(x)]) for x in e.get("loc", ())) or "?"
         where = sources.get(key.split(".")[0], "default")
         raise ConfigError(f"invalid Slurm setting {key}={values.get(key.split('.')[0])!r} "
                           f"(from {where}): {e.get('msg')}") from None

@@ -13,6 +13,16 @@ from .reference import ImageSource
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def unencodable(value: str) -> bool:
+    """Whether ``value`` cannot be passed to a process: a lone surrogate that is not one of
+    the ``surrogateescape`` bytes a non-UTF-8 argv or path decodes to (``'\\ud800'``)."""
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class Model(BaseModel):
     """Base of every nsdf_hpc model: frozen, unknown fields rejected."""
 
@@ -33,6 +43,8 @@ class Bind(Model):
             raise ValueError("a bind path must be a non-empty string without NUL bytes")
         if not value.startswith("/"):
             raise ValueError(f"bind path {value!r} is not absolute")
+        if unencodable(value):
+            raise ValueError(f"bind path {value!r} is not valid text (a lone surrogate)")
         return os.path.normpath(value) if value != "/" else value
 
     @classmethod
@@ -60,7 +72,7 @@ class Bind(Model):
         try:
             return cls(source=source, target=target, read_only=mode == "ro")
         except ValueError as err:
-            raise SpecError(f"invalid --bind {text!r}: {err}") from None
+            raise SpecError(f"invalid --bind {text!r}: {first_error(err)}") from None
 
     def __str__(self) -> str:
         return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
@@ -115,6 +127,8 @@ class RunSpec(Model):
             raise ValueError("the command is empty")
         if any("\0" in a for a in value):
             raise ValueError("a command argument contains a NUL byte")
+        if any(unencodable(a) for a in value):
+            raise ValueError("a command argument is not valid text (a lone surrogate)")
         return value
 
     @field_validator("env")
@@ -124,6 +138,8 @@ class RunSpec(Model):
             check_env_name(k)
             if "\0" in v:
                 raise ValueError(f"environment value of {k} contains a NUL byte")
+            if unencodable(v):
+                raise ValueError(f"environment value of {k} is not valid text (a lone surrogate)")
         return dict(value)
 
     @field_validator("workdir")
@@ -131,6 +147,8 @@ class RunSpec(Model):
     def _workdir(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and not value.startswith("/"):
             raise ValueError(f"workdir {value!r} must be an absolute path in the container")
+        if value is not None and ("\0" in value or unencodable(value)):
+            raise ValueError(f"workdir {value!r} contains a NUL byte or a lone surrogate")
         return value
 
 
@@ -201,7 +219,10 @@ def first_error(err: Exception) -> str:
         try:
             e = errors()[0]
             loc = ".".join(str(x) for x in e.get("loc", ()))
-            return f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+            msg = str(e.get("msg"))
+            # pydantic prefixes our validators' own messages with "Value error, ": noise here
+            msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+            return f"{loc}: {msg}" if loc else msg
         except (IndexError, TypeError, KeyError):
             pass
     return str(err)

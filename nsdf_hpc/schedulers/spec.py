@@ -14,7 +14,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import SpecError
-from ..models import Model, RunSpec
+from ..models import Model, RunSpec, first_error, unencodable
 
 __all__ = ["JobSpec", "Dependency", "ArraySpec", "parse_array_indices", "compress_indices",
            "parse_dependencies", "as_job_ids", "task_covered", "check_job_id", "JOB_ID", "TASK_INDEX"]
@@ -24,6 +24,10 @@ TASK_INDEX = "{index}"
 
 #: a Slurm job id, or one task of an array (``1349_10``), as sacct/scancel/squeue take them
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
+
+#: the most tasks one array may have: Slurm's own ceiling for MaxArraySize (slurm.conf(5)); a
+#: larger range ("0-99999999999") would only exhaust memory while its indices are listed
+MAX_ARRAY_TASKS = 4_000_001
 
 _NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -81,11 +85,14 @@ class ArraySpec(Model):
     def parse(cls, text: str) -> "ArraySpec":
         """``0-99``, ``1,3,5-9:2``, ``0-999%10`` (sbatch's --array syntax)."""
         body, _, thr = text.partition("%")
+        if thr and not thr.isdigit():
+            raise SpecError(f"invalid --array {text!r}: the limit after '%' must be a number "
+                            "(e.g. 0-99%10)")
         try:
             return cls(indices=tuple(parse_array_indices(body)),
                        throttle=int(thr) if thr else None)
-        except ValueError as err:
-            raise SpecError(f"invalid --array {text!r}: {err}") from None
+        except ValueError as err:   # first_error: one line, also for pydantic's errors
+            raise SpecError(f"invalid --array {text!r}: {first_error(err)}") from None
 
 
 def parse_array_indices(text: str) -> List[int]:
@@ -100,7 +107,11 @@ def parse_array_indices(text: str) -> List[int]:
         step = int(m.group(3)) if m.group(3) else 1
         if hi < lo or step < 1:
             raise ValueError(f"empty range {part!r}")
-        out.extend(range(lo, hi + 1, step))
+        span = range(lo, hi + 1, step)
+        if len(out) + len(span) > MAX_ARRAY_TASKS:   # checked before the list is built
+            raise ValueError(f"more than {MAX_ARRAY_TASKS} tasks (Slurm's largest MaxArraySize); "
+                             "split the work into several arrays")
+        out.extend(span)
     return out
 
 
@@ -208,8 +219,9 @@ class JobSpec(RunSpec):
                 raise ValueError(f"{len(self.commands)} commands for "
                                  f"{len(self.array.indices)} array indices")  # type: ignore[union-attr]
             for c in self.commands:
-                if not c or any("\0" in a for a in c):
-                    raise ValueError("an array command is empty or contains a NUL byte")
+                if not c or any("\0" in a or unencodable(a) for a in c):
+                    raise ValueError("an array command is empty or contains a NUL byte "
+                                     "or a lone surrogate")
         return self
 
     def run_spec(self, command: Optional[Sequence[str]] = None) -> RunSpec:
@@ -264,4 +276,4 @@ def parse_dependencies(value: Any) -> Tuple[Dependency, ...]:
             return tuple(Dependency(kind=k, job_ids=as_job_ids(v)) for k, v in value.items())
         return tuple(d if isinstance(d, Dependency) else Dependency(**d) for d in value)
     except ValueError as err:
-        raise SpecError(f"invalid dependency {value!r}: {err}") from None
+        raise SpecError(f"invalid dependency {value!r}: {first_error(err)}") from None

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -233,7 +234,9 @@ def submit_prepared(slurm: Slurm, prep: Prepared) -> Job:
             fh.write(prep.script)
         os.chmod(prep.inputs.script_path, 0o755)
     except OSError as err:
-        # a race, a full disk, a read-only mount: still one line naming the setting
+        # a race, a full disk, a read-only mount: still one line naming the setting, and no
+        # half-written job directory left behind (nothing was submitted)
+        shutil.rmtree(job_dir, ignore_errors=True)
         raise ConfigError(f"cannot write the job directory {job_dir} "
                           f"(work_dir from {slurm.settings.source('work_dir')}): "
                           f"{err.strerror or err}") from err
