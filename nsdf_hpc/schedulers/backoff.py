@@ -30,6 +30,21 @@ class Backoff:
         self.rng = rng or random.Random()
         self._next = initial
 
+    def derive(self, initial: float, factor: float, jitter: Optional[float] = None) -> "Backoff":
+        """Another schedule with the same cap, clock, sleep and random source."""
+        return Backoff(initial=min(self.cap, initial), factor=factor, cap=self.cap,
+                       jitter=self.jitter if jitter is None else jitter, clock=self.clock,
+                       sleep=self._sleep, rng=self.rng)
+
+    @property
+    def at_cap(self) -> bool:
+        """The next interval is the cap."""
+        return self._next >= self.cap
+
+    def pause(self, dt: float) -> None:
+        """Sleep ``dt`` s on this schedule's sleep (for a caller that slices an interval)."""
+        self._sleep(dt)
+
     def reset(self) -> None:
         """Back to the initial interval (something happened: poll soon again)."""
         self._next = self.initial

@@ -43,15 +43,13 @@ def _watch_schedule(backoff: Backoff) -> Backoff:
     job ended, so the queries only back them up (a job cancelled, timed out, or whose node
     died writes none): 10 s, then x1.5 up to the cap, with the settings' jitter (defaults: the
     first query after 8-10 s, then every 12-15 s: at most 5 a minute, plus the confirmation)."""
-    return Backoff(initial=min(backoff.cap, 10.0), factor=1.5, cap=backoff.cap,
-                   jitter=backoff.jitter, clock=backoff.clock, sleep=backoff._sleep, rng=backoff.rng)
+    return backoff.derive(initial=10.0, factor=1.5)
 
 
 def _confirm_schedule(backoff: Backoff) -> Backoff:
     """Once every exit-code file is there: query 0.1 s later (slurmctld and the accounting
     need a moment to record the end), then 0.2, 0.4, ... up to the cap."""
-    return Backoff(initial=0.1, factor=2.0, cap=backoff.cap, jitter=0.0, clock=backoff.clock,
-                   sleep=backoff._sleep, rng=backoff.rng)
+    return backoff.derive(initial=0.1, factor=2.0, jitter=0.0)
 
 
 def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
@@ -113,7 +111,7 @@ def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
             backoff.sleep(deadline)
         else:
             schedule.sleep(deadline)
-            if schedule._next >= schedule.cap:      # confirmed nothing for long: back to the
+            if schedule.at_cap:      # confirmed nothing for long: back to the
                 schedule = backoff                  # watch (a requeued job runs again)
 
 
@@ -130,7 +128,7 @@ def _sleep_watching(jobs: Sequence["Job"], backoff: Backoff, deadline: Optional[
         left = end - clock()
         if left <= 0:
             return False
-        backoff._sleep(min(WATCH_INTERVAL, left))
+        backoff.pause(min(WATCH_INTERVAL, left))
 
 
 class Job:
@@ -147,6 +145,7 @@ class Job:
         self.user = user                    # for %u in log patterns (never read from os.environ)
         self.last: Optional[JobStatus] = None
         self.tasks: Dict[str, JobStatus] = {}
+        self._files_done = False
 
     def __repr__(self) -> str:
         state = self.last.state.value if self.last else "?"
@@ -201,6 +200,8 @@ class Job:
         (a job without its nsdf-hpc directory)."""
         if not self.directory:
             return None
+        if self._files_done:      # files are never removed: one look per tick for the others only
+            return True
         try:
             names = [n for n in os.listdir(os.path.join(self.directory, "exit")) if not n.endswith(".tmp")]
         except OSError:
@@ -208,9 +209,11 @@ class Job:
         expected = len(self.provenance.get("indices") or ())
         if self.is_array and expected:
             prefixes = tuple(f"{j}_" for j in self.job_ids)
-            return sum(1 for n in names if n.startswith(prefixes)) >= expected
-        have = set(names)
-        return all(j in have for j in self.job_ids)
+            self._files_done = sum(1 for n in names if n.startswith(prefixes)) >= expected
+        else:
+            have = set(names)
+            self._files_done = all(j in have for j in self.job_ids)
+        return self._files_done
 
     def status(self) -> JobStatus:
         """Ask the scheduler now (one call)."""
