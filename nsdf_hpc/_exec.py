@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
-from ._proctree import HOLD_LIMIT, still_starting, tree_io
+from ._proctree import HOLD_LIMIT, innermost, still_starting, tree_io
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class CompletedCommand:
     env: Optional[Dict[str, str]] = field(default=None, repr=False, compare=False)
     #: the last signal passed on to a streamed command while it ran (``capture=False``)
     forwarded: Optional[int] = field(default=None, compare=False)
+    #: a signal still held (the runtime was still starting, see ``hold``) when the command
+    #: ended: it never reached the command
+    held: Optional[int] = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -55,7 +58,7 @@ class CommandRunner(Protocol):
             env_overrides: Optional[Mapping[str, Optional[str]]] = None,
             cwd: Optional[str] = None, capture: bool = True,
             stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = (),
-            stall_timeout: Optional[float] = None) -> CompletedCommand: ...
+            stall_timeout: Optional[float] = None, started: Optional[str] = None) -> CompletedCommand: ...
 
     def run_many(self, argvs: Sequence[Argv], *, timeout: float = 10.0,
                  envs: Optional[Sequence[Optional[Mapping[str, str]]]] = None
@@ -80,7 +83,8 @@ def _child_env(env: Optional[Mapping[str, str]],
 
 
 def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Sequence[str] = (),
-                     done: Optional[threading.Event] = None) -> Dict[int, Any]:
+                     done: Optional[threading.Event] = None, started: Optional[str] = None,
+                     pending: Optional[List[int]] = None) -> Dict[int, Any]:
     """While a streamed child runs, SIGTERM/SIGINT/SIGHUP sent to this process are passed on
     to it (and noted in ``seen``) and this process keeps waiting for it (so nothing keeps
     running after we return). Returns the previous handlers; only the main thread can
@@ -90,24 +94,36 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
     starter: measured, 6 of 60 SIGINTs sent in its first 0.12 s were lost and the container
     ran on). A signal that arrives while the child's process tree has no other process yet is
     held, and passed on by a small thread as soon as the command runs (or after HOLD_LIMIT s).
+    ``started``: ``OrphanGuard.started`` (a container that is not in the child's tree, see
+    ``_proctree.still_starting``); then a signal goes to the innermost process of the child's
+    own name (``_proctree.innermost``): rootless podman re-executes itself in its user
+    namespace, and its outer process, sent SIGTERM, exits 0 at once and leaves the inner one
+    and the container running (measured, podman 4.3.1, even 0.3 s after the container
+    started). A signal still held when the child ends stays in ``pending``: it never reached
+    the command.
     """
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous: Dict[int, Any] = {}
-    pending: List[int] = []
+    pending = [] if pending is None else pending
     done = done or threading.Event()
 
     def send(signum: int) -> None:
         try:
-            proc.send_signal(signum)
+            if started is not None and proc.poll() is None:
+                os.kill(innermost(proc.pid), signum)
+            else:
+                proc.send_signal(signum)
         except OSError:
             pass
 
     def release() -> None:
         deadline = time.monotonic() + HOLD_LIMIT
         while (not done.is_set() and proc.poll() is None and time.monotonic() < deadline
-               and still_starting(proc.pid, hold)):
+               and still_starting(proc.pid, hold, started)):
             done.wait(0.005)
+        if proc.poll() is not None:
+            return      # it ended while the signal was held: left in `pending` for the caller
         while pending:
             try:
                 signum = pending.pop(0)
@@ -119,7 +135,7 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
 
     def forward(signum: int, frame: Any) -> None:
         seen.append(signum)
-        if pending or (hold and still_starting(proc.pid, hold)):
+        if pending or (hold and still_starting(proc.pid, hold, started)):
             pending.append(signum)
             if len(pending) == 1:
                 threading.Thread(target=release, name="nsdf-signal-hold", daemon=True).start()
@@ -173,7 +189,7 @@ class SubprocessRunner:
             env_overrides: Optional[Mapping[str, Optional[str]]] = None,
             cwd: Optional[str] = None, capture: bool = True,
             stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = (),
-            stall_timeout: Optional[float] = None) -> CompletedCommand:
+            stall_timeout: Optional[float] = None, started: Optional[str] = None) -> CompletedCommand:
         """``timeout`` bounds the whole run; ``stall_timeout`` (captured runs only) stops a
         command whose process tree reads and writes nothing (``/proc/PID/io``) for that
         long: a download from a server that stopped sending. Both kill the process group
@@ -193,8 +209,10 @@ class SubprocessRunner:
         except PermissionError as err:
             raise ToolNotFoundError(args[0], f"not executable ({err.strerror})") from err
         seen: List[int] = []
+        pending: List[int] = []
         done = threading.Event()
-        forwarded = _forward_signals(proc, seen, hold, done) if not capture and timeout is None else {}
+        forwarded = (_forward_signals(proc, seen, hold, done, started, pending)
+                     if not capture and timeout is None else {})
         try:
             if stall_timeout is not None and capture:
                 out, err_out = _communicate_watching(proc, timeout, stall_timeout, args)
@@ -215,7 +233,8 @@ class SubprocessRunner:
         # a command killed by signal N exits 128+N, as in a shell (Popen reports -N)
         rc = 128 - proc.returncode if proc.returncode < 0 else proc.returncode
         result = CompletedCommand(args, rc, _decode(out), _decode(err_out),
-                                  time.perf_counter() - start, child_env, seen[-1] if seen else None)
+                                  time.perf_counter() - start, child_env, seen[-1] if seen else None,
+                                  pending[-1] if pending else None)
         logger.debug("rc=%s in %.1f ms", result.returncode, result.duration * 1000)
         if check and result.returncode != 0:
             raise CommandError(args, result.returncode, result.stdout, result.stderr)
@@ -270,17 +289,19 @@ def run_scratch() -> Iterator[Tuple[str, str]]:
 
 def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str, str]], capture: bool,
                 remove: Sequence[str] = (), created: Optional[str] = None,
-                hold: Sequence[str] = ()) -> CompletedCommand:
+                hold: Sequence[str] = (), started: Optional[str] = None) -> CompletedCommand:
     """Run a container's runtime; when a signal was passed on to it while it ran, make sure
     the container did not outlive it.
 
     ``remove`` (an orphan guard's argv) removes the run's container if it is still there and
     prints what it removed; ``created`` is a file the runtime writes once the container
-    exists. The run ended by the signal N (exit 128+N) when the container never existed or
-    had to be removed; otherwise the container got the signal and its own status stands (a
-    command that traps SIGTERM and exits 7 gives 7). ``hold``: ``Runtime.startup_names``.
+    exists. The run ended by the signal N (exit 128+N) when the container never existed, had
+    to be removed, or the runtime ended while the signal was still held (the command never
+    got it); otherwise the container got the signal and its own status stands (a command
+    that traps SIGTERM and exits 7 gives 7). ``hold``: ``Runtime.startup_names``;
+    ``started``: ``OrphanGuard.started``.
     """
-    res = runner.run(argv, check=False, env=env, capture=capture, hold=hold)
+    res = runner.run(argv, check=False, env=env, capture=capture, hold=hold, started=started)
     if res.forwarded is None or not remove:
         return res
     # its own session: a second Ctrl-C at the terminal does not interrupt the removal
@@ -290,8 +311,9 @@ def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str,
         existed = created is None or os.path.getsize(created) > 0
     except OSError:
         existed = False
-    if removed or not existed:
+    if removed or not existed or res.held is not None:
         logger.info("%s ended on signal %d before its container did (%s)", argv[0], res.forwarded,
-                    "removed it" if removed else "none was created")
+                    "removed it" if removed else "none was created" if not existed
+                    else "the command never got the signal")
         return replace(res, returncode=128 + res.forwarded)
     return res

@@ -39,7 +39,8 @@ from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 5   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command
+FORMAT = 6   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
+#            6: the guard's ``started`` file (podman: a signal held until the container runs)
 #: stands for the command in the key of a record that any command after ``--`` reuses
 COMMAND_SLOT = "\x00command"
 #: stand-ins in a record's orphan guard for the name and path each run gets (``_exec.run_scratch``)
@@ -108,7 +109,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "mkdirs": list(inv.mkdirs), "mkfiles": list(inv.mkfiles), "expires": expires,
         "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
         "guard": None if guard is None else {"options": list(guard.options), "remove": list(guard.remove),
-                                             "created": guard.created},
+                                             "created": guard.created, "started": guard.started},
         "hold": list(hold),
         "cmd_at": command_at,
     }
@@ -285,8 +286,10 @@ def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str]
             return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
         argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
         created = fill(guard["created"]) if guard.get("created") else None
+        started = fill(guard["started"]) if guard.get("started") else None
         res = run_guarded(SubprocessRunner(), argv, env=penv, capture=False,
-                          remove=[fill(w) for w in guard.get("remove", [])], created=created, hold=hold)
+                          remove=[fill(w) for w in guard.get("remove", [])], created=created, hold=hold,
+                          started=started)
         never_created = created is not None and not (os.path.isfile(created) and os.path.getsize(created))
     if res.returncode == 125 and res.forwarded is None and never_created:
         return None

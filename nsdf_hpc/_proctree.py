@@ -38,12 +38,46 @@ def _comm(pid: int) -> Optional[str]:
         return None
 
 
-def still_starting(pid: int, names: Sequence[str]) -> bool:
+def still_starting(pid: int, names: Sequence[str], started: Optional[str] = None) -> bool:
     """True while every process in ``pid``'s tree runs under one of the runtime's own
     ``names`` (``Runtime.startup_names``): the command has not been started yet. Where
-    ``/proc`` says nothing, False (nothing is held)."""
+    ``/proc`` says nothing, False (nothing is held).
+
+    With ``started`` (``OrphanGuard.started``: a file the runtime writes with the
+    container's process ID, for a container that is not in ``pid``'s tree), True while
+    ``pid`` runs and that file is empty, or names a process that still runs under one of
+    ``names``."""
+    if started is not None:
+        try:
+            with open(started, encoding="ascii") as fh:
+                text = fh.read().strip()
+        except OSError:
+            text = ""
+        if not text.isdigit():
+            return _comm(pid) is not None
+        comm = _comm(int(text))
+        return comm is not None and comm in names
     comms = [_comm(p) for p in _tree(pid)]
     return bool(comms) and comms[0] is not None and all(c is None or c in names for c in comms)
+
+
+def innermost(pid: int) -> int:
+    """The deepest process below ``pid`` that runs under ``pid``'s own name, following a
+    chain of such children (rootless podman re-executes itself inside its user namespace:
+    ``podman -> podman``); ``pid`` itself when there is none."""
+    name = _comm(pid)
+    while name is not None:
+        child = None
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
+                    child = next((int(c) for c in fh.read().split() if _comm(int(c)) == name), child)
+        except (OSError, ValueError):
+            pass
+        if child is None:
+            break
+        pid = child
+    return pid
 
 
 def tree_io(pid: int) -> Optional[int]:

@@ -122,11 +122,15 @@ class Invocation:
 class OrphanGuard:
     """Options that name one run's container, the argv that removes that container if it
     outlived the runtime's process (printing what it removed, nothing when nothing was left),
-    and a file the runtime writes once the container exists (None: cannot tell)."""
+    a file the runtime writes once the container exists (None: cannot tell), and a file it
+    writes with the container's process ID (``started``; None: none). With ``started``, a
+    signal is held while that file is empty or its process still runs under one of the
+    runtime's ``startup_names`` (the OCI runtime's own, before the command starts)."""
 
     options: Tuple[str, ...]
     remove: Tuple[str, ...]
     created: Optional[str] = None
+    started: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,9 @@ class Runtime(abc.ABC):
     bind_unsafe: ClassVar[str] = ""
     #: the names the runtime's own processes run under while it sets a container up, when a
     #: signal that reaches it then can be lost: the executor holds a signal until a process of
-    #: another name (the command) exists in its tree (``_exec._forward_signals``)
+    #: another name (the command) exists in its tree (``_exec._forward_signals``), or, for a
+    #: runtime whose container is not its child (``OrphanGuard.started``), until the
+    #: container's process runs under another name
     startup_names: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, path: Optional[str] = None, flavour: Optional[str] = None,

@@ -226,8 +226,22 @@ def test_no_bind_cwd_means_the_image_workdir_everywhere(runtime: str, where: str
 
 # ------------------------------------------------------------------ item 5: signals to nsdf-run
 def _procs_with(arg: str) -> List[str]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if arg in line and "ps -eo" not in line]
+    """``PID ARGS`` of the processes whose command line holds ARG (``sleep N``), as whole words.
+
+    Only the command line is matched, never the PID column: a bare number matched there once
+    SIGKILLed munged (its PID held the digits) and took the whole Slurm cluster down in CI."""
+    assert " " in arg.strip(), f"match a command ('sleep N'), not a bare word: {arg!r}"
+    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    want = arg.split()
+    found = []
+    for line in ps.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        words = args.split()
+        if "ps -eo" not in args and any(
+                words[i].rsplit("/", 1)[-1] == want[0] and words[i + 1:i + len(want)] == want[1:]
+                for i in range(len(words))):
+            found.append(f"{pid} {args.strip()}")
+    return found
 
 
 def _podman_leftovers(arg: str, tool: str = "podman") -> List[str]:
@@ -278,7 +292,7 @@ def test_signal_to_nsdf_run_ends_the_container(runtime: str, sig: int, moment: s
         except subprocess.TimeoutExpired:
             log.seek(0)
             pytest.fail(f"nsdf-run did not exit within 30 s of {signal.Signals(sig).name}; "
-                        f"its output: {log.read()[-2000:]!r}; processes: {_procs_with(arg)}")
+                        f"its output: {log.read()[-2000:]!r}; processes: {_procs_with('sleep ' + arg)}")
         log.seek(0)
         stderr = log.read()
         # a runtime orphaned while starting may start the command after nsdf-run is gone
@@ -295,7 +309,7 @@ def test_signal_to_nsdf_run_ends_the_container(runtime: str, sig: int, moment: s
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        _cleanup(arg)
+        _cleanup(f"sleep {arg}")
 
 
 @pytest.mark.parametrize("path", ["recorded", "planned"])
@@ -386,7 +400,7 @@ def test_signal_while_podman_starts_the_container_ends_it(sig: int, delay: float
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        _cleanup(arg)
+        _cleanup(f"sleep {arg}")
 
 
 def _descendant(pid: int, name: str, timeout: float = 60) -> Optional[int]:
@@ -503,7 +517,7 @@ def test_signal_while_podman_starts_on_the_launch_record_path(sig: int, delay: f
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        _cleanup(arg)
+        _cleanup(f"sleep {arg}")
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
@@ -530,7 +544,7 @@ def test_sigterm_to_nsdf_run_reaches_a_trapping_command(runtime: str, cache: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        _cleanup(arg)
+        _cleanup(f"sleep {arg}")
 
 
 # ------------------------------------------------------------------ item 3: charliecloud cache

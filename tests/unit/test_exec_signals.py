@@ -58,3 +58,50 @@ def test_a_signal_is_held_until_the_command_runs_then_passed_on() -> None:
         assert time.monotonic() - t0 < 10
     finally:
         proc.kill()
+
+
+def test_with_a_started_file_the_process_it_names_decides(tmp_path) -> None:
+    """``OrphanGuard.started`` (podman --pidfile): starting while the file is empty, or while
+    the process it names still runs under a startup name; not once that process is gone."""
+    started = tmp_path / "run.pid"
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while _comm(proc.pid) != "sleep" and time.monotonic() < deadline:   # until it exec'd
+            time.sleep(0.01)
+        assert still_starting(proc.pid, ("sleep",), str(started))          # no file yet
+        started.write_text("")
+        assert still_starting(proc.pid, ("sleep",), str(started))          # empty
+        started.write_text(f"{proc.pid}\n")
+        assert still_starting(proc.pid, ("sleep",), str(started))          # the pre-start name
+        assert not still_starting(proc.pid, ("runc:[2:INIT]",), str(started))   # the command
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not still_starting(proc.pid, ("sleep",), str(started))          # it ended
+
+
+def test_a_signal_still_held_when_the_runtime_ends_is_reported_as_held(tmp_path) -> None:
+    """A runtime that ends by itself while a signal is held (the container never started: the
+    started file stays empty) never passed the signal on: ``held`` says so, and
+    ``run_guarded`` reports 128+N, not the runtime's own 0."""
+    child = textwrap.dedent(f"""
+        import sys
+        from nsdf_hpc._exec import SubprocessRunner, run_guarded
+        sys.stdout.write("ready\\n")
+        sys.stdout.flush()
+        res = run_guarded(SubprocessRunner(), ["sh", "-c", "trap '' TERM; sleep 0.6"], env=None,
+                          capture=False, remove=["true"], created=None, hold=("x",),
+                          started={str(tmp_path / "never")!r})
+        sys.stdout.write(f"{{res.returncode}} {{res.forwarded}} {{res.held}}\\n")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        term = int(signal.SIGTERM)
+        assert out.split() == [str(128 + term), str(term), str(term)], out
+    finally:
+        proc.kill()

@@ -188,9 +188,11 @@ def test_only_store_runtimes_ask_their_store(name):
         assert rt.store_size_argv("x")[-1] == "x"
         assert rt.parse_store_size("2134391\n") == 2134391
         guard = rt.orphan_guard("nsdf-run-1", "/tmp/x/run")
-        assert guard is not None and guard.options == ("--name", "nsdf-run-1", "--cidfile", "/tmp/x/run")
+        assert guard is not None and guard.options == ("--name", "nsdf-run-1", "--cidfile", "/tmp/x/run",
+                                                       "--pidfile", "/tmp/x/run.pid")
         assert guard.remove[1:4] == ("rm", "-f", "--ignore") and guard.remove[-1] == "nsdf-run-1"
-        assert guard.created == "/tmp/x/run"
+        assert (guard.created, guard.started) == ("/tmp/x/run", "/tmp/x/run.pid")
+        assert "runc:[2:INIT]" in rt.startup_names
     else:
         assert rt.holds_argv("x") is None and rt.store_size_argv("x") is None
         assert rt.claim_plan("x", "o") is None and rt.orphan_guard("n", "/p") is None
