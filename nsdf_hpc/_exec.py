@@ -82,9 +82,21 @@ def _child_env(env: Optional[Mapping[str, str]],
     return result
 
 
+RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _note_early(early: List[int]) -> Dict[int, Any]:
+    """Until ``_forward_signals`` takes over, note TERM/INT/HUP in ``early`` instead of acting
+    on them: one that arrives just after the child started would otherwise end this process
+    (or raise in it) and leave the child running. Returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, lambda n, frame: early.append(n)) for signum in RELAYED}
+
+
 def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Sequence[str] = (),
                      done: Optional[threading.Event] = None, started: Optional[str] = None,
-                     pending: Optional[List[int]] = None) -> Dict[int, Any]:
+                     pending: Optional[List[int]] = None, early: Sequence[int] = ()) -> Dict[int, Any]:
     """While a streamed child runs, SIGTERM/SIGINT/SIGHUP sent to this process are passed on
     to it (and noted in ``seen``) and this process keeps waiting for it (so nothing keeps
     running after we return). Returns the previous handlers; only the main thread can
@@ -94,6 +106,8 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
     starter: measured, 6 of 60 SIGINTs sent in its first 0.12 s were lost and the container
     ran on). A signal that arrives while the child's process tree has no other process yet is
     held, and passed on by a small thread as soon as the command runs (or after HOLD_LIMIT s).
+    ``started``: ``OrphanGuard.started`` (a container that is not in the child's tree, see
+    ``early``: signals noted before (``_note_early``), handled now as if they came now.
     ``started``: ``OrphanGuard.started`` (a container that is not in the child's tree, see
     ``_proctree.still_starting``); then a signal goes to the innermost process of the child's
     own name (``_proctree.innermost``): rootless podman re-executes itself in its user
@@ -141,8 +155,10 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
                 threading.Thread(target=release, name="nsdf-signal-hold", daemon=True).start()
             return
         send(signum)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in RELAYED:
         previous[signum] = signal.signal(signum, forward)
+    for noted in early:
+        forward(noted, None)
     return previous
 
 
@@ -200,19 +216,29 @@ class SubprocessRunner:
             logger.debug("run: %s", shlex.join(args))
         pipe = subprocess.PIPE if capture else None
         start = time.perf_counter()
+        streamed = not capture and timeout is None
+        early: List[int] = []
+        original = _note_early(early) if streamed else {}
         try:
             proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, env=child_env, cwd=cwd,
                                     stdin=subprocess.DEVNULL if stdin is None and capture else stdin,
                                     start_new_session=timeout is not None or stall_timeout is not None)
-        except FileNotFoundError as err:
-            raise ToolNotFoundError(args[0]) from err
-        except PermissionError as err:
-            raise ToolNotFoundError(args[0], f"not executable ({err.strerror})") from err
+        except BaseException as err:   # OSError, ValueError, SubprocessError: nothing started
+            for signum, handler in original.items():
+                signal.signal(signum, handler)
+            if early:   # nothing started: the caller's own handler decides
+                signal.raise_signal(early[-1])
+            if isinstance(err, FileNotFoundError):
+                raise ToolNotFoundError(args[0]) from err
+            if isinstance(err, PermissionError):
+                raise ToolNotFoundError(args[0], f"not executable ({err.strerror})") from err
+            raise
         seen: List[int] = []
         pending: List[int] = []
         done = threading.Event()
-        forwarded = (_forward_signals(proc, seen, hold, done, started, pending)
-                     if not capture and timeout is None else {})
+        forwarded = _forward_signals(proc, seen, hold, done, started, pending, early) if streamed else {}
+        if original:
+            forwarded = original      # restored at the end, not the early notes
         try:
             if stall_timeout is not None and capture:
                 out, err_out = _communicate_watching(proc, timeout, stall_timeout, args)

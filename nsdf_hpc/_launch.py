@@ -240,9 +240,14 @@ def _run_held(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str])
     not be started (the planned path then says why)."""
     import signal   # noqa: PLC0415 (only on this path)
     from ._proctree import HOLD_LIMIT, still_starting   # noqa: PLC0415
+    # blocked from before the spawn until the handlers are in place: a signal in between
+    # would otherwise end this process (SIGTERM's default) and leave the runtime running
+    relayed = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
     try:
-        pid = os.posix_spawn(argv[0], list(argv), dict(penv))
+        pid = os.posix_spawn(argv[0], list(argv), dict(penv), setsigmask=mask)
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return None
     pending: List[int] = []
     since = [0.0]
@@ -269,8 +274,9 @@ def _run_held(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str])
             return
         send(signum)
     signal.signal(signal.SIGALRM, release)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in relayed:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # one that came meanwhile arrives now
     _, status = os.waitpid(pid, 0)
     signal.setitimer(signal.ITIMER_REAL, 0)
     code = os.waitstatus_to_exitcode(status)

@@ -347,10 +347,12 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
             try:
                 _, stderr = proc.communicate(timeout=20)
             except subprocess.TimeoutExpired:
-                hung.append(f"{sig.name} at {delay:.3f} s")
+                # nsdf-run hung, or exited while the orphaned container holds its stderr pipe
+                hung.append(f"{sig.name} at {delay:.3f} s: exit {proc.poll()}, "
+                            f"left {_procs_with(f'sleep {arg}')}")
                 proc.kill()
-                proc.communicate()
                 _cleanup(f"sleep {arg}")
+                proc.communicate(timeout=30)
                 continue
             startup = proc.returncode == 1 and b"Fatal Python error" in stderr
             codes.append(proc.returncode)

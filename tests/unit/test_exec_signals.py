@@ -105,3 +105,43 @@ def test_a_signal_still_held_when_the_runtime_ends_is_reported_as_held(tmp_path)
         assert out.split() == [str(128 + term), str(term), str(term)], out
     finally:
         proc.kill()
+
+
+def test_a_signal_right_after_the_child_started_reaches_it() -> None:
+    """The window between starting the child and installing the forwarding handlers: a
+    SIGTERM there used to end this process (or raise in it) and leave the child running (an
+    Apptainer container ran on in CI). Popen is wrapped to send the signal at exactly that
+    moment; the child must get it (143) and the parent must return normally."""
+    child = textwrap.dedent("""
+        import os, signal, subprocess, sys
+        from nsdf_hpc._exec import SubprocessRunner
+        real = subprocess.Popen
+        class Popen(real):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                os.kill(os.getpid(), signal.SIGTERM)      # lands before the handlers exist
+        subprocess.Popen = Popen
+        res = SubprocessRunner().run(["sleep", "30"], check=False, capture=False)
+        sys.stdout.write(f"{res.returncode} {res.forwarded}\\n")
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    term = int(signal.SIGTERM)
+    assert out.stdout.split() == [str(128 + term), str(term)], (out.stdout, out.stderr)
+
+
+def test_a_signal_right_after_the_launch_record_path_spawned_reaches_the_runtime() -> None:
+    """The same window on the launch-record path (``_launch._run_held``, posix_spawn): the
+    signals are blocked from before the spawn until the handlers are in place."""
+    child = textwrap.dedent("""
+        import os, signal, sys
+        from nsdf_hpc import _launch
+        real = os.posix_spawn
+        def spawn(*a, **kw):
+            pid = real(*a, **kw)
+            os.kill(os.getpid(), signal.SIGTERM)          # lands before the handlers exist
+            return pid
+        os.posix_spawn = spawn
+        sys.stdout.write(f"{_launch._run_held(['/bin/sleep', '30'], dict(os.environ), ('x',))}\\n")
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == [str(128 + int(signal.SIGTERM))], (out.stdout, out.stderr)
