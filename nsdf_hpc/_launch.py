@@ -88,7 +88,7 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
 def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
          allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
          exists: Sequence[str] = (), guard: Any = None, hold: Sequence[str] = (),
-         command_at: Optional[int] = None) -> None:
+         command_at: Optional[int] = None, use: Optional[Sequence[str]] = None) -> None:
     """Write the record for a planned run (best effort: a read-only home just skips it).
 
     The record keeps the invocation in its parts (``runtimes.base.Invocation``) and the
@@ -97,6 +97,8 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
     ``hold`` the runtime's ``startup_names`` (a signal is held while it starts, so this process
     stays its parent rather than exec it). ``command_at``: where the user's command starts in
     the runtime argv's tail (None: unknown, the record is for this exact command only).
+    ``use``: the cache entry's use lock and directory (``ImageCache.use_path``), held shared
+    by the run so that a prune keeps the entry.
     """
     tail = list(inv.tail) + list(inv.command)
     i = _separator(args)
@@ -112,6 +114,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
                                              "created": guard.created, "started": guard.started},
         "hold": list(hold),
         "cmd_at": command_at,
+        "use": None if use is None else list(use),
     }
     d = record_dir(env)
     path = os.path.join(d, launch_key(_record_args(args, command_at), env, cwd) + ".json")
@@ -212,6 +215,8 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
             return None
         guard = rec.get("guard")
         hold = rec.get("hold") or []
+        if rec.get("use") and not _hold_use(*rec["use"]):
+            return None
     except Exception:   # any doubt: the planned path decides
         return None
     if hold and not guard:
@@ -229,6 +234,29 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
         return status
     os.execve(argv[0], argv, penv)
     return None   # not reached
+
+
+def _hold_use(lock: str, entry: str) -> bool:
+    """Take the cache entry's use lock shared on a descriptor that this process keeps and its
+    runtime inherits (so a prune keeps the entry while the container runs: what
+    ``Client.using`` does on the planned path). False when the entry is gone (pruned): the
+    planned path then pulls it again. A lock that cannot be taken (a read-only cache) is
+    not needed."""
+    import fcntl   # noqa: PLC0415 (only on this path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return os.path.isdir(entry)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.set_inheritable(fd, True)
+    except OSError:
+        os.close(fd)
+        return os.path.isdir(entry)
+    if not os.path.isdir(entry):
+        os.close(fd)
+        return False
+    return True
 
 
 def _run_held(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str]) -> Optional[int]:

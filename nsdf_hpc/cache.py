@@ -148,6 +148,97 @@ class ImageCache:
     def lock_path(self, runtime: str, digest: str) -> str:
         return os.path.join(self.root, "locks", f"{runtime}-{key_for(digest)}.lock")
 
+    def use_path(self, runtime: str, digest: str) -> str:
+        """The entry's use lock: every run of it holds a shared ``flock`` on this file for as
+        long as its container runs (inherited by the runtime, so an exec'd runtime keeps it;
+        a batch script takes it with ``flock -s``); ``remove`` needs it exclusively."""
+        return os.path.join(self.root, "locks", f"{runtime}-{key_for(digest)}.use")
+
+    @staticmethod
+    def _names(entry: Entry) -> str:
+        """``<runtime>-<key>`` from the entry's directory (``entries/<runtime>/<key>``), which
+        a damaged entry.json cannot change."""
+        return f"{os.path.basename(os.path.dirname(entry.path))}-{os.path.basename(entry.path)}"
+
+    def hold_use(self, runtime: str, digest: str) -> Optional[int]:
+        """Take the entry's use lock shared and return its (non-inheritable) descriptor, which
+        releases it when closed; waits while a prune removes the entry (then the entry is gone,
+        which the caller checks). None when the lock cannot be taken (a read-only cache: its
+        entries are not pruned by this user)."""
+        try:
+            fd = os.open(self.use_path(runtime, digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    @contextmanager
+    def unused(self, entry: Entry) -> Iterator[bool]:
+        """Yields True, holding the entry's use lock exclusively, when no run holds it; False
+        when one does (a running container, or a Slurm job's task)."""
+        path = os.path.join(self.root, "locks", self._names(entry) + ".use")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:
+            try:   # a cache this user cannot write: a lock file that exists is still read
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                yield True      # no such lock file: no run holds it
+                return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ImageError(f"cannot lock {path}: {err.strerror}") from None
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def pin_dir(self, runtime: str, digest: str) -> str:
+        """One empty file per Slurm job submitted with the entry (``pin``): a prune asks the
+        scheduler about these jobs and keeps the entry while one is queued or running."""
+        return os.path.join(self.root, "pins", f"{runtime}-{key_for(digest)}")
+
+    def pin(self, runtime: str, digest: str, job_ids: Sequence[str]) -> bool:
+        """Record that these jobs will run the entry; False when that cannot be written."""
+        d = self.pin_dir(runtime, digest)
+        try:
+            os.makedirs(d, exist_ok=True)
+            for j in job_ids:
+                with open(os.path.join(d, os.path.basename(str(j))), "a"):
+                    pass
+        except OSError as err:
+            logger.warning("cannot record job %s as a user of its image in %s (%s): a prune "
+                           "may remove the image while the job is queued", ",".join(job_ids), d,
+                           err.strerror)
+            return False
+        return True
+
+    def pins(self, entry: Entry) -> List[str]:
+        try:
+            return sorted(os.listdir(os.path.join(self.root, "pins", self._names(entry))))
+        except OSError:
+            return []
+
+    def unpin(self, entry: Entry, job_ids: Sequence[str]) -> None:
+        d = os.path.join(self.root, "pins", self._names(entry))
+        for j in job_ids:
+            try:
+                os.unlink(os.path.join(d, j))
+            except OSError:
+                pass
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
     def ensure_dirs(self) -> None:
         for sub in ("entries", "locks", "tmp", "refs"):
             try:
@@ -447,20 +538,30 @@ class ImageCache:
         return out
 
     def remove(self, entry: Entry, runtime_cleanup: Optional[Callable[[Entry], None]] = None) -> bool:
-        """Remove an entry under its lock: a reader that already started keeps its open files;
-        a conversion in progress for the same key is never interrupted."""
+        """Remove an entry under its lock, unless a run uses it (its use lock, ``use_path``):
+        a running container or a Slurm task keeps its image; a conversion in progress for the
+        same key is never interrupted. False when the entry was kept."""
         if entry.tier != "user":
             return False
-        with self.locked(entry.runtime, entry.digest, timeout=30):
-            if runtime_cleanup is not None:
-                runtime_cleanup(entry)
-            trash = os.path.join(self.root, "tmp", f"trash-{_token(6)}")
-            try:
-                os.rename(entry.path, trash)
-            except OSError:
+        with self.unused(entry) as free:
+            if not free:
+                logger.info("kept %s %s: in use", entry.runtime, entry.digest)
                 return False
+            with self.locked(entry.runtime, entry.digest, timeout=30):
+                if runtime_cleanup is not None:
+                    runtime_cleanup(entry)
+                trash = os.path.join(self.root, "tmp", f"trash-{_token(6)}")
+                try:
+                    os.rename(entry.path, trash)
+                except OSError:
+                    return False
         rmtree(trash)
         return True
+
+    def in_use(self, entry: Entry) -> bool:
+        """Whether a run holds the entry's use lock now."""
+        with self.unused(entry) as free:
+            return not free
 
 
 _DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")

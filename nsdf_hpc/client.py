@@ -2,10 +2,12 @@
 Slurm submission, on one runner. It names no runtime: their differences live in their classes."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set,
+                    Tuple, Union)
 
 from . import _launch
 from ._exec import CommandRunner, SubprocessRunner, run_guarded, run_scratch
@@ -134,11 +136,24 @@ class Client:
         return self.images.entries()
 
     def prune(self, *, older_than: Optional[float] = None, max_size: Optional[int] = None,
-              dry_run: bool = False) -> List[Entry]:
+              dry_run: bool = False, on_kept: Optional[Callable[[Entry, str], None]] = None) -> List[Entry]:
         """Remove entries unused for ``older_than`` seconds, then the least recently used
-        until the cache holds at most ``max_size`` bytes; returns what was (or would be) removed."""
+        until the cache holds at most ``max_size`` bytes; returns what was (or would be) removed.
+        An entry that a run uses (a running container, a Slurm task) or that a queued or
+        running Slurm job was submitted with is kept and passed to ``on_kept`` with the reason."""
         return self.images.prune(self._runtime_for, older_than=older_than, max_size=max_size,
-                                 dry_run=dry_run)
+                                 dry_run=dry_run, on_kept=on_kept, jobs_alive=self._jobs_alive)
+
+    def _jobs_alive(self, job_ids: Sequence[str]) -> Optional[Set[str]]:
+        """Which of these Slurm jobs (or any task of these arrays) are not finished: one
+        status query; None when the scheduler cannot answer."""
+        try:
+            table = self.scheduler().status(job_ids)
+        except NsdfError as err:
+            logger.warning("cannot ask Slurm about jobs %s: %s", ",".join(job_ids), err)
+            return None
+        return {key.split("_")[0] for key, st in table.items()
+                if key.split("_")[0] in job_ids and not st.state.final}
 
     def verify(self, entry: Entry, full: bool = False) -> bool:
         """Whether a cache entry is usable: its files (``full``: re-hashed) and, for a store
@@ -285,7 +300,7 @@ class Client:
         """Run a planned invocation (mount points first); the exit code is data (a command
         killed by signal N gives 128+N)."""
         self.prepare(inv, rt)
-        with run_scratch() as (name, scratch):
+        with self.using(native, rt), run_scratch() as (name, scratch):
             # a runtime whose container can outlive its process (podman) names each run's
             # container, so that a signal passed on too early still ends the container
             guard = rt.orphan_guard(name, scratch)
@@ -295,6 +310,25 @@ class Client:
                               hold=rt.startup_names, started=guard.started if guard else None)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
                          argv=argv, runtime=rt.name, image=native)
+
+    @contextlib.contextmanager
+    def using(self, native: NativeImage, rt: Runtime) -> Iterator[None]:
+        """Hold the cache entry's use lock while its container runs, so that a prune keeps it
+        (``ImageCache.use_path``); raises RunError when a prune removed it meanwhile."""
+        if not native.digest:
+            yield
+            return
+        entry = self.cache.entry_dir(native.runtime, native.digest)
+        had = os.path.isdir(entry)
+        fd = self.cache.hold_use(native.runtime, native.digest)
+        try:
+            if had and not os.path.isdir(entry):
+                raise RunError(f"{rt.name}: the image {native.source} was removed from the cache "
+                               "(nsdf-run prune) just as this run started: run it again")
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def prepare(self, inv: Invocation, rt: Runtime) -> None:
         """Make what the invocation needs on the host first: the private copy of a directory
@@ -335,7 +369,9 @@ class Client:
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,
                      self.settings.env_deny, checks, expires, exists,
                      guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH), hold=rt.startup_names,
-                     command_at=at)
+                     command_at=at, use=(self.cache.use_path(native.runtime, native.digest),
+                                         self.cache.entry_dir(native.runtime, native.digest))
+                     if native.digest else None)
 
     def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage, rt: Runtime
                       ) -> Tuple[List[str], List[str], float]:

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from ._exec import CommandRunner
 from ._launch import record_dir
@@ -662,29 +662,57 @@ class ImageService:
 
     def prune(self, runtime_for: Callable[[str], Optional[Runtime]], *,
               older_than: Optional[float] = None, max_size: Optional[int] = None,
-              dry_run: bool = False) -> List[Entry]:
+              dry_run: bool = False, on_kept: Optional[Callable[[Entry, str], None]] = None,
+              jobs_alive: Optional[Callable[[Sequence[str]], Optional[Set[str]]]] = None) -> List[Entry]:
         """Remove entries unused for ``older_than`` seconds, then the least recently used
-        until the cache holds at most ``max_size`` bytes; returns what was (or would be) removed."""
+        until the cache holds at most ``max_size`` bytes; returns what was (or would be) removed.
+
+        Kept, and passed to ``on_kept`` with the reason: an entry in use (a run holds
+        ``ImageCache.use_path``), and one pinned by a Slurm job (``ImageCache.pin``) that
+        ``jobs_alive`` says is queued or running, or whose jobs it cannot tell about (None).
+        The size target is then met with the next least recently used ones."""
         entries = [e for e in self.cache.entries() if e.tier == "user"]
         entries.sort(key=lambda e: e.last_use())
         now = time.time()
-        doomed: List[Entry] = []
-        if older_than is not None:
-            doomed += [e for e in entries if now - e.last_use() > older_than]
+        removed: List[Entry] = []
+
+        def kept(e: Entry, why: str) -> bool:
+            if on_kept is not None:
+                on_kept(e, why)
+            return False
+
+        def take(e: Entry) -> bool:
+            pins = self.cache.pins(e)
+            if pins:
+                alive = jobs_alive(pins) if jobs_alive is not None else None
+                if alive is None:
+                    return kept(e, f"Slurm job {', '.join(pins)} was submitted with it, and its state "
+                                   "cannot be read now")
+                if alive:
+                    return kept(e, f"Slurm job {', '.join(sorted(alive))} (queued or running) needs it")
+                if not dry_run:
+                    self.cache.unpin(e, pins)
+            if dry_run:
+                gone = not self.cache.in_use(e)
+            else:
+                gone = self.remove(e, runtime_for)
+            if gone:
+                removed.append(e)
+            elif self.cache.in_use(e):
+                kept(e, "in use by a running container or Slurm task")
+            return gone
+        old = [e for e in entries if older_than is not None and now - e.last_use() > older_than]
+        kept_old = [e for e in old if not take(e)]
         if max_size is not None:
-            keep = [e for e in entries if e not in doomed]
-            total = sum(e.size() for e in keep)
-            for e in keep:
+            rest = [e for e in entries if e not in old]
+            total = sum(e.size() for e in rest) + sum(e.size() for e in kept_old)
+            for e in rest:
                 if total <= max_size and max_size > 0:
                     break
-                doomed.append(e)
-                total -= e.size()
+                if take(e):
+                    total -= e.size()
         if dry_run:
-            return doomed
-        removed = []
-        for e in doomed:
-            if self.remove(e, runtime_for):
-                removed.append(e)
+            return removed
         self.cache.clean_tmp(older_than=24 * 3600)
         self._prune_launch_records(older_than if older_than is not None else 7 * 86400)
         return removed

@@ -18,6 +18,7 @@ import click
 from .._version import __version__
 from . import build, images, runtimes, slurm
 from . import run as _run
+from ._common import Interrupted as _Interrupted
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,16 +40,6 @@ for _command in (_run.run, images.pull, runtimes.runtimes, runtimes.doctor, imag
                  images.prune, slurm.submit, slurm.status, slurm.cancel, slurm.logs,
                  build.build, build.push, build.recipe):
     cli.add_command(_command)
-
-
-class _Interrupted(BaseException):
-    """SIGINT/SIGTERM/SIGHUP while nsdf-run itself works (planning, pulling, waiting): unwinds
-    like KeyboardInterrupt, so every ``finally`` removes its temporary files and kills its
-    child processes, but is not caught by click (whose "Aborted!" exits 1)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -47,6 +47,17 @@ def error_exit(err: "NsdfError", not_run: bool = False) -> NoReturn:
     sys.exit(EXIT_NOT_RUN if not_run else getattr(err, "exit_code", 1))
 
 
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP while nsdf-run itself works (planning, pulling, waiting): unwinds
+    like KeyboardInterrupt, so every ``finally`` removes its temporary files and kills its
+    child processes, but is not caught by click (whose "Aborted!" exits 1). Raised by the
+    handler that ``cli.main`` installs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def exit_on_errors(not_run: bool = False, say_interrupted: bool = True) -> Iterator[None]:
     """Inside the block, an NsdfError becomes one line and an exit code (:func:`error_exit`)

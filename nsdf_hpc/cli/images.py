@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import click
 
 from ._common import AGE, SIZE, cli_errors, make_client
+
+if TYPE_CHECKING:
+    from ..cache import Entry
 
 
 @click.command()
@@ -71,7 +74,10 @@ def prune(ctx: click.Context, older_than: Optional[float], max_size: Optional[in
     if older_than is None and max_size is None:
         raise SpecError("say what to prune: --older-than AGE and/or --max-size SIZE")
     client = make_client(ctx)
-    removed = client.prune(older_than=older_than, max_size=max_size, dry_run=dry_run)
+    def kept(e: "Entry", why: str) -> None:
+        click.echo(f"kept {e.runtime} {e.digest} ({_human(e.size())}) {e.data.get('source')}: {why}",
+                   err=True)
+    removed = client.prune(older_than=older_than, max_size=max_size, dry_run=dry_run, on_kept=kept)
     verb = "would remove" if dry_run else "removed"
     for e in removed:
         click.echo(f"{verb} {e.runtime} {e.digest} ({_human(e.size())}) {e.data.get('source')}")

@@ -15,7 +15,7 @@ import click
 
 from ..errors import SchedulerError
 
-from ._common import (JOB_ID, cli_errors, container_command, exit_on_errors, make_client,
+from ._common import (JOB_ID, Interrupted, cli_errors, container_command, exit_on_errors, make_client,
                       print_status, run_options, spec_options)
 
 if TYPE_CHECKING:
@@ -99,7 +99,14 @@ def submit(ctx: click.Context, image: str, command: Sequence[str], runtime: Opti
         click.echo(",".join(job.job_ids))
         if not wait_:
             return
-        st = job.wait()
+        try:
+            st = job.wait()
+        except (KeyboardInterrupt, Interrupted):
+            # only the waiting stops: the job goes on in Slurm, so say how to stop it too
+            ids = " ".join(job.job_ids)
+            click.echo(f"nsdf-run: stopped waiting; Slurm job {ids} goes on "
+                       f"(`nsdf-run cancel {ids}` ends it)", err=True)
+            raise
         print_status(st, waited=True)
     sys.exit(st.shell_exit_code())
 

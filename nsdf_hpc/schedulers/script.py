@@ -112,6 +112,7 @@ class ScriptInputs:
     output: str = ""
     error: str = ""
     requires: Tuple[str, ...] = ()          # paths the runtime reads (the cached image)
+    use_lock: str = ""                      # the cache entry's use lock (ImageCache.use_path)
     image: str = ""                         # what the user asked for, for the message
 
 
@@ -199,6 +200,11 @@ def render_script(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = No
             L.append(f"    fwd_arg+=({_dq_template(t)})")
         L.append("  done")
     L.append("  nsdf_task || exit $?")
+    if inputs.use_lock:
+        # held (shared) on fd 9 while the container runs, which the runtime inherits: a prune
+        # keeps the image; one that is removing it finishes first (then the check below fails)
+        L.append(f"  if {{ exec 9<>{shlex.quote(inputs.use_lock)}; }} 2>/dev/null; then "
+                 "command -v flock >/dev/null && flock -s 9; fi")
     for p in inputs.requires:
         # an image pruned while the job was queued: nothing runs, exit 125 as nsdf-run does
         msg = (f"nsdf-hpc: the image {inputs.image} is no longer in the cache ({p} is gone; "

@@ -103,7 +103,11 @@ def submit(client: "Client", image: str, command: Optional[Sequence[str]] = None
     prep = prepare(client, spec, slurm, runtime, dry_run=dry_run)
     if dry_run:
         return prep
-    return submit_prepared(slurm, prep)
+    job = submit_prepared(slurm, prep)
+    digest = prep.provenance.get("digest")
+    if digest:   # a prune keeps the image while the job is queued or running
+        client.cache.pin(str(prep.provenance["runtime"]), str(digest), job.job_ids)
+    return job
 
 
 def submit_array(client: "Client", image: str, commands: Optional[Sequence[Sequence[str]]] = None, *,
@@ -188,7 +192,8 @@ def prepare(client: "Client", spec: JobSpec, slurm: Slurm, runtime: Any = None,
         deny=tuple(client.settings.env_deny),
         array_indices=spec.array.indices if spec.array else (),
         remapped=bool(chunks and chunks[0].offset is not None),
-        header=header, output=out, error=err, requires=requires, image=spec.image)
+        header=header, output=out, error=err, requires=requires, image=spec.image,
+        use_lock=client.cache.use_path(native.runtime, native.digest) if native.digest and not dry_run else "")
     # one script for every chunk: the chunk's offset is the script's first argument
     script = render_script(spec, inputs, chunks[0].array if chunks else None)
     provenance = {

@@ -364,6 +364,36 @@ def test_cli_submit_wait_status_logs_cancel(cache: Path, work_dir: Path) -> None
     assert "CANCELED" in run("status", jid).stdout
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_to_submit_wait_stops_the_waiting_and_says_how_to_cancel(cache: Path, work_dir: Path,
+                                                                         sig: int) -> None:
+    """Ctrl-C (or kill) on `submit --wait` ends nsdf-run with 128+N; the job goes on in Slurm,
+    and the message names the command that ends it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env.update(NSDF_HPC_CACHE=str(cache), NSDF_HPC_SLURM_DIR=str(work_dir))
+    proc = subprocess.Popen([sys.executable, "-m", "nsdf_hpc", "submit", "--wait", "-r", FAST, IMAGE,
+                             "--", "sleep", "120"], env=env, cwd="/tmp", stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    jid = ""
+    try:
+        assert proc.stdout is not None
+        jid = proc.stdout.readline().strip()          # printed before the waiting starts
+        assert jid.isdigit(), jid
+        time.sleep(1)
+        proc.send_signal(sig)
+        _, err_text = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + sig, err_text
+        assert f"Slurm job {jid} goes on (`nsdf-run cancel {jid}` ends it)" in err_text, err_text
+        state = Slurm(settings=SlurmSettings(work_dir=str(work_dir))).attach(jid).status().state
+        assert state in (JobState.QUEUED, JobState.ACTIVE), state
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if jid.isdigit():
+            subprocess.run(["scancel", jid], check=False)
+
+
 def test_batch_wrapper_example_runs_nsdf_run_in_the_allocation(cache: Path, work_dir: Path) -> None:
     example = ROOT / "examples" / "slurm_batch_wrapper.sbatch"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NSDF_HPC_", "SLURM_", "SBATCH_"))}

@@ -226,3 +226,76 @@ def test_verify_full_notices_a_changed_directory_image(tmp_path):
     assert cache.verify_full(entry)
     os.makedirs(os.path.join(entry.path, "rootfs", "newdir"))
     assert not cache.verify_full(entry)
+
+
+def _hold_use(root: str, digest: str, ready, stop) -> None:
+    cache = ImageCache(root)
+    fd = cache.hold_use("apptainer", digest)
+    assert fd is not None
+    ready.set()
+    stop.wait(30)
+    os.close(fd)
+
+
+def _service(cache: ImageCache):
+    from nsdf_hpc.config import load_settings
+    from nsdf_hpc.images import ImageService
+    return ImageService(load_settings({}), {}, None, cache, lambda: None, lambda e: None)  # type: ignore[arg-type]
+
+
+def test_prune_keeps_an_entry_another_process_uses_and_meets_the_size_with_the_next(tmp_path):
+    """The use lock (ImageCache.use_path) held shared by another process keeps its entry; the
+    size target is met with the next least recently used one instead."""
+    cache = ImageCache(str(tmp_path / "c"))
+    cache.ensure_dirs()
+    digests = ["sha256:" + c * 64 for c in "abc"]
+    for i, d in enumerate(digests):
+        work = cache.workdir("apptainer", d)
+        with open(os.path.join(work, "image.sif"), "wb") as fh:
+            fh.write(b"x" * 4096)
+        cache.publish(work, "apptainer", d, {"source": f"img{i}", "location": "image.sif", "relative": True},
+                      main_file="image.sif")
+        os.utime(os.path.join(cache.entry_dir("apptainer", d), "entry.json"), (1000 + i, 1000 + i))
+    ctx = multiprocessing.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_use, args=(cache.root, digests[0], ready, stop))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        service = _service(cache)
+        kept = []
+        by_entry = {e.digest: e for e in cache.entries()}
+        assert cache.in_use(by_entry[digests[0]]) and not cache.in_use(by_entry[digests[1]])
+        # the oldest is in use: max 5000 bytes is met by removing the two others
+        removed = service.prune(lambda name: None, max_size=5000, on_kept=lambda e, why: kept.append((e.digest, why)))
+        assert [e.digest for e in removed] == digests[1:]
+        assert kept == [(digests[0], "in use by a running container or Slurm task")]
+        assert [e.digest for e in cache.entries()] == [digests[0]]
+    finally:
+        stop.set()
+        holder.join(10)
+    # released: it goes
+    assert [e.digest for e in _service(cache).prune(lambda name: None, max_size=0)] == [digests[0]]
+
+
+def test_prune_asks_about_the_jobs_that_pinned_an_entry(tmp_path):
+    cache = ImageCache(str(tmp_path / "c"))
+    cache.ensure_dirs()
+    _publish_one(cache)
+    (entry,) = cache.entries()
+    assert cache.pin("apptainer", D, ["41", "42"])
+    service = _service(cache)
+    kept = []
+    asked = []
+
+    def alive(ids):
+        asked.append(list(ids))
+        return {"42"}
+    assert service.prune(lambda n: None, max_size=0, jobs_alive=alive, on_kept=lambda e, w: kept.append(w)) == []
+    assert asked == [["41", "42"]] and kept == ["Slurm job 42 (queued or running) needs it"]
+    kept.clear()
+    assert service.prune(lambda n: None, max_size=0, jobs_alive=lambda ids: None,
+                         on_kept=lambda e, w: kept.append(w)) == []
+    assert "its state cannot be read now" in kept[0]
+    assert len(service.prune(lambda n: None, max_size=0, jobs_alive=lambda ids: set())) == 1
+    assert cache.entries() == [] and not os.path.exists(cache.pin_dir("apptainer", D))
