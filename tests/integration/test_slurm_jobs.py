@@ -336,6 +336,28 @@ def test_slurmctld_restarted_while_wait_runs(client: Client, work_dir: Path) -> 
         assert st.state is JobState.FAILED and st.exit_code == 5, (mode, st)  # type: ignore[attr-defined]
 
 
+def test_a_requeued_job_is_followed_to_its_final_state(client: Client, slurm: Slurm) -> None:
+    """Issue 12 item 4: `scontrol requeue` while the job runs. Slurm kills the first run and
+    holds the job back (BeginTime about 2 minutes on, Slurm 22.05); `wait()` must not take the
+    killed run's end for the job's, and reports the second run's exit code."""
+    job = client.submit(IMAGE, ["sh", "-c", "echo run; sleep 4; exit 3"], runtime=FAST,
+                        scheduler=slurm, job_name="requeue")
+    try:
+        deadline = time.time() + 60
+        while job.status().state is not JobState.ACTIVE and time.time() < deadline:
+            time.sleep(0.3)
+        assert job.status().state is JobState.ACTIVE
+        time.sleep(1)
+        r = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        st = job.wait(timeout=400)
+        assert st.state is JobState.FAILED and st.exit_code == 3, st
+        assert "REQUEUE" in subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-o", "State", "-j", job.job_id],
+                                           capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["scancel", job.job_id], capture_output=True)
+
+
 def test_cli_submit_wait_status_logs_cancel(cache: Path, work_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
     env.update(NSDF_HPC_CACHE=str(cache), NSDF_HPC_SLURM_DIR=str(work_dir))
