@@ -136,7 +136,9 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
         while (not done.is_set() and proc.poll() is None and time.monotonic() < deadline
                and still_starting(proc.pid, hold, started)):
             done.wait(0.005)
-        if proc.poll() is not None:
+        # `done`: the caller's wait returned. (proc.poll() alone can say None while that wait
+        # holds Popen's waitpid lock, even though the child has ended.)
+        if done.is_set() or proc.poll() is not None:
             return      # it ended while the signal was held: left in `pending` for the caller
         while pending:
             try:

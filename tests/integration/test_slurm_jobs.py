@@ -198,16 +198,22 @@ def test_dependency_chain(client: Client, slurm: Slurm, work_dir: Path) -> None:
 # podman is not here: its store is shared between caches, so a prune in one cache leaves the
 # image (pinned by digest) in the store, and the job rightly runs it
 @pytest.mark.parametrize("runtime", ["apptainer", "charliecloud", "udocker"])
-def test_an_image_pruned_while_the_job_is_queued_exits_125_with_a_message(
+def test_a_queued_job_keeps_its_image_and_one_removed_anyway_exits_125_with_a_message(
         client: Client, slurm: Slurm, runtime: str, tmp_path: Path) -> None:
-    """Issue 14 item 8: nothing ran, so 125 and a message, not the runtime's raw error."""
+    """Issue 12 item 5: prune keeps the image of a queued job (its pin). Issue 14 item 8: an
+    image removed anyway (by hand, here ``Client.remove``) means nothing ran: 125 and a
+    message, not the runtime's raw error."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
     env["NSDF_HPC_CACHE"] = str(tmp_path / "cache")
     private = Client(env=env)
     first = client.submit(IMAGE, ["sleep", "4"], runtime=FAST, scheduler=slurm, job_name="pruned-a")
     job = private.submit(IMAGE, ["echo", "must not run"], runtime=runtime, scheduler=slurm,
                          job_name="pruned-b", dependencies={"afterany": [first]})
-    assert private.prune(max_size=0), "the private cache had nothing to prune"
+    kept: List[str] = []
+    assert private.prune(max_size=0, on_kept=lambda e, why: kept.append(why)) == []
+    assert kept == [f"Slurm job {job.job_id} (queued or running) needs it"], kept
+    entries = private.cache.entries()
+    assert entries and all(private.remove(e) for e in entries)
     st = job.wait(timeout=120)
     assert (st.state, st.exit_code) == (JobState.FAILED, 125), (st, job.logs("stderr"))
     assert "no longer in the cache" in job.logs("stderr") and job.logs() == ""
