@@ -106,7 +106,6 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
     starter: measured, 6 of 60 SIGINTs sent in its first 0.12 s were lost and the container
     ran on). A signal that arrives while the child's process tree has no other process yet is
     held, and passed on by a small thread as soon as the command runs (or after HOLD_LIMIT s).
-    ``started``: ``OrphanGuard.started`` (a container that is not in the child's tree, see
     ``early``: signals noted before (``_note_early``), handled now as if they came now.
     ``started``: ``OrphanGuard.started`` (a container that is not in the child's tree, see
     ``_proctree.still_starting``); then a signal goes to the innermost process of the child's
