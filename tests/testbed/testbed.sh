@@ -53,6 +53,12 @@ log() { printf '[testbed %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[testbed] ERROR: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts daemons)"
+# The daemons started below must not inherit the caller's descriptors: run under
+# `flock LOCK testbed.sh up`, slurmdbd and slurmrestd held the lock for their whole life.
+for fd in /proc/$$/fd/*; do
+  fd=${fd##*/}
+  [ "$fd" -gt 2 ] && [ "$fd" != 255 ] && eval "exec $fd>&-" 2>/dev/null || true
+done
 
 write_site_config() {
   mkdir -p "$(dirname "$SITE_CONF")"
