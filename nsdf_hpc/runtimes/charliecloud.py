@@ -99,10 +99,11 @@ class Charliecloud(Runtime):
                 raise ImageError(f"Charliecloud can only pull over HTTPS, and {ref.registry} is "
                                  "configured as an insecure (plain HTTP) registry; use a TLS "
                                  "mirror or an offline archive (docker-archive:/oci-archive:)")
-            # --arch: ch-image 0.31 picks that platform from an index (the ref is pinned to
-            # its manifest already) and records it in the image's ch/metadata.json
-            arch = ("--arch", platform.architecture) if platform is not None else ()
-            steps.append(Step((self.ch_image(), "-s", STORAGE, *arch, "pull", ref.by_digest(), "nsdf"),
+            # another platform needs no option: the ref is pinned to that platform's manifest,
+            # which ch-image 0.31 pulls as it is ("image arch: arm64 (may not match host
+            # amd64)") and records in ch/metadata.json; its --arch would refuse a plain
+            # manifest ("image is architecture-unaware; consider --arch=yolo")
+            steps.append(Step((self.ch_image(), "-s", STORAGE, "pull", ref.by_digest(), "nsdf"),
                               f"pull {ref}", env, retry=True))
             rootfs_src = f"{STORAGE}/img/nsdf"
             pre = None
