@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import pytest
 
-from .helpers import RUNTIME_PARAMS, nsdf_root
+from .helpers import RUNTIME_PARAMS, nsdf_root, nsdf_user
 
 pytestmark = [pytest.mark.integration, pytest.mark.registry]
 
@@ -170,3 +170,26 @@ def test_submit_prepares_the_platform_of_the_partition(tmp_path: Path) -> None:
                          env={**os.environ, "NSDF_HPC_CACHE": str(cache)}, cwd="/tmp")
     assert res.returncode == 0, res.stderr[-2000:]
     assert sif in res.stdout, res.stdout
+
+
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_the_unprivileged_user_prepares_another_platform(runtime: str, as_user, user_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """As the testbed's unprivileged user: the host's entry and the arm64 entry of the index,
+    the arm64-only image's clear error, and the refused run of the arm64 entry."""
+    cache = user_dir / "cache"
+    env = _node_env(runtime, user_dir)
+    if "PODMANHPC_RUN_ROOT" in env:
+        os.chown(env["PODMANHPC_RUN_ROOT"], as_user.pw.pw_uid, as_user.pw.pw_gid)
+    digests = _index_entries("hpc/multi:latest")
+    for platform in ("linux/amd64", "linux/arm64"):
+        res = nsdf_user(as_user, ["pull", "--json", "--runtime", runtime, "--platform", platform, MULTI],
+                        cache, **env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        native = json.loads(res.stdout)
+        assert (native["platform"], native["digest"]) == (platform, digests[platform])
+    bad = nsdf_user(as_user, ["pull", "--runtime", runtime, ARMONLY], cache, **env)
+    assert bad.returncode == 1 and "linux/arm64 only" in bad.stderr, bad.stderr
+    refused = nsdf_user(as_user, ["run", "--runtime", runtime, "--platform", "linux/arm64", MULTI,
+                                  "--", "cat", "/etc/hello.txt"], cache, cwd=str(user_dir), **env)
+    assert refused.returncode == 125 and "prepared for linux/arm64" in refused.stderr, refused.stderr
