@@ -86,6 +86,10 @@ def test_the_host_platform_is_chosen_and_another_is_prepared_for_its_nodes(
     assert foreign["location"] != native["location"]
     again = _pull(runtime, cache, MULTI, "--platform", "arm64", **env)   # an architecture alone
     assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True, again.stderr[-2000:]
+    # inside an allocation (no registry): the entry recorded for the index and the platform
+    offline = _pull(runtime, cache, MULTI, "--platform", "linux/arm64", SLURM_JOB_ID="1", **env)
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    assert json.loads(offline.stdout)["digest"] == digests["linux/arm64"]
 
     rows = {(r["runtime"], r["platform"]): r for r in _images(cache)}
     assert {(runtime, "linux/amd64"), (runtime, "linux/arm64")} <= set(rows), rows
