@@ -20,12 +20,12 @@ if TYPE_CHECKING:
     from .config import Settings, load_settings
     from .executor import CallFuture, Executor
     from .errors import (CommandError, CommandTimeoutError, ConfigError, ImageError, NsdfError,
-                         PreflightError, DiskFullError, RegistryError, RuntimeNotFoundError,
+                         PreflightError, DiskFullError, PlatformError, RegistryError, RuntimeNotFoundError,
                          SchedulerError, SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError,
                          ExecutorError, InterpreterMismatchError, WorkerDiedError, RemoteError)
     from .models import (Bind, BuildResult, NativeImage, RunResult, RunSpec, RuntimeChoice,
                          RuntimeInfo)
-    from .reference import ImageRef, parse_reference
+    from .reference import ImageRef, Platform, parse_reference
     from .schedulers import Job, JobSpec, JobState, JobStatus
 
 from ._version import __version__
@@ -39,7 +39,8 @@ _EXPORTS = {
     "NsdfError": "errors", "ConfigError": "errors", "SpecError": "errors",
     "ToolNotFoundError": "errors", "RuntimeNotFoundError": "errors", "CommandError": "errors",
     "CommandTimeoutError": "errors", "ImageError": "errors", "RegistryError": "errors",
-    "PreflightError": "errors", "DiskFullError": "errors", "SchedulerError": "errors",
+    "PreflightError": "errors", "DiskFullError": "errors", "PlatformError": "errors",
+    "SchedulerError": "errors", "Platform": "reference",
     "SubmitError": "errors", "UnexpectedOutputError": "errors",
     "Executor": "executor", "CallFuture": "executor", "ExecutorError": "errors",
     "InterpreterMismatchError": "errors", "WorkerDiedError": "errors", "RemoteError": "errors",

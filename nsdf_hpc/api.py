@@ -14,9 +14,10 @@ def detect(refresh: bool = False) -> List[RuntimeInfo]:
     return Client().detect(refresh=refresh)
 
 
-def pull(image: str, runtime: Optional[str] = None) -> NativeImage:
-    """Prepare ``image`` for ``runtime`` (default: the chosen one); cached by digest."""
-    return Client().pull(image, runtime)
+def pull(image: str, runtime: Optional[str] = None, *, platform: Optional[str] = None) -> NativeImage:
+    """Prepare ``image`` for ``runtime`` (default: the chosen one); cached by digest.
+    ``platform`` ("linux/arm64") prepares another architecture's image, for its nodes."""
+    return Client().pull(image, runtime, platform=platform)
 
 
 def build(path: str, *, builder: Optional[str] = None, runtime: Optional[str] = None,

@@ -14,13 +14,13 @@ from ._exec import CommandRunner, SubprocessRunner, run_guarded, run_scratch
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings, cache_dir, load_settings
 from .environment import container_env
-from .errors import NsdfError, RunError, SpecError
-from .host import HostFacts, probe_host
+from .errors import NsdfError, PlatformError, RunError, SpecError
+from .host import HostFacts, emulator, probe_host
 from .images import ImageService
 from .models import (Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo, first_error,
                      parse_env)
 from .paths import user_state_dir
-from .reference import ImageSource
+from .reference import ImageSource, Platform
 from .runtimes import choose, detect_all, runtime_class
 from .runtimes.base import Invocation, Runtime, RuntimeContext, effective_binds, process_env
 from .schedulers import submit as slurm_submit
@@ -121,15 +121,23 @@ class Client:
     def parse_image(self, image: str) -> ImageSource:
         return self.images.parse_image(image)
 
-    def resolve(self, source: ImageSource, max_age: float = 0.0) -> Tuple[str, Optional[int]]:
-        """The digest (and, when read, compressed size) that ``source`` stands for."""
-        return self.images.resolve(source, max_age)
+    def resolve(self, source: ImageSource, max_age: float = 0.0,
+                platform: Union[None, str, Platform] = None) -> Tuple[str, Optional[int]]:
+        """The digest (and, when read, compressed size) of the image ``source`` stands for on
+        ``platform`` (default: this host's; for a multi-arch index, its entry's digest)."""
+        return self.images.resolve(source, max_age, _platform(platform))
 
     def pull(self, image: Union[str, ImageSource], runtime: Union[None, str, Runtime] = None,
-             *, max_age: float = 0.0) -> NativeImage:
-        """Make ``image`` available to ``runtime`` in its native form (cached by digest)."""
+             *, max_age: float = 0.0, platform: Union[None, str, Platform] = None) -> NativeImage:
+        """Make ``image`` available to ``runtime`` in its native form (cached by digest).
+
+        ``platform`` ("linux/arm64"; default: this host's) prepares another architecture's
+        image, for nodes of that architecture, on the runtimes that can
+        (``Runtime.foreign_platforms``; the README's support table); an image that offers no variant for the
+        platform is a PlatformError listing the platforms it has."""
+        p = _platform(platform)   # bad input before any runtime probe
         rt = runtime if isinstance(runtime, Runtime) else self.runtime(runtime)
-        return self.images.pull(image, rt, max_age=max_age)
+        return self.images.pull(image, rt, max_age=max_age, platform=p)
 
     def entries(self) -> List[Entry]:
         """The cache entries, site tiers first."""
@@ -254,7 +262,8 @@ class Client:
                 raise SpecError(f"bind source {b.source} does not exist")
         rt = runtime if isinstance(runtime, Runtime) else self.runtime(runtime)
         rt.check_binds(spec)
-        native = native or self.images.pull(self._source(spec), rt, max_age=self.settings.tag_ttl)
+        native = native or self.images.pull(self._source(spec), rt, max_age=self.settings.tag_ttl,
+                                            platform=_platform(spec.platform))
         listing = rt.listing_argv(native, [b.target for b in effective_binds(spec)[0]])
         if listing:
             res = self.runner.run(listing, check=False, env=process_env(self.env))
@@ -273,7 +282,7 @@ class Client:
         """Like :meth:`invocation` but never converts: a cache miss gives the location the
         image *will* have (for ``--dry-run``)."""
         rt = runtime if isinstance(runtime, Runtime) else self.runtime(runtime)
-        native = self.images.preview(self._source(spec), rt)
+        native = self.images.preview(self._source(spec), rt, _platform(spec.platform))
         return self.invocation(spec, rt, native, env=env)
 
     def run(self, image: str, command: Sequence[str], *, runtime: Optional[str] = None,
@@ -292,6 +301,7 @@ class Client:
         """
         spec = spec or self.spec(image, command, **options)
         inv, native, rt = self.invocation(spec, runtime)
+        self.check_runs_here(native)
         if record is not None:
             self.save_launch(record, spec, inv, native, rt)
         return self.execute(inv, native, rt, capture=capture)
@@ -299,6 +309,7 @@ class Client:
     def execute(self, inv: Invocation, native: NativeImage, rt: Runtime, *, capture: bool = True) -> RunResult:
         """Run a planned invocation (mount points first); the exit code is data (a command
         killed by signal N gives 128+N)."""
+        self.check_runs_here(native)
         self.prepare(inv, rt)
         with self.using(native, rt), run_scratch() as (name, scratch):
             # a runtime whose container can outlive its process (podman) names each run's
@@ -310,6 +321,26 @@ class Client:
                               hold=rt.startup_names, started=guard.started if guard else None)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
                          argv=argv, runtime=rt.name, image=native)
+
+    def check_runs_here(self, native: NativeImage) -> None:
+        """A PlatformError when ``native`` is another platform's image (prepared with
+        ``platform=`` for nodes of that architecture) and this host has no emulator for it
+        (binfmt_misc): the runtimes would fail with "exec format error" or worse, run a
+        shell that exits 1 or 126."""
+        if self.images.is_host(native.platform):
+            return
+        assert native.platform is not None
+        arch = Platform.parse(native.platform).architecture
+        found = emulator(arch)
+        if found:
+            logger.info("%s is a %s image: it runs here through the emulator %s", native.source,
+                        native.platform, found)
+            return
+        raise PlatformError(f"{native.source} was prepared for {native.platform}, and this host is "
+                            f"{self.images.platform} with no emulator for it (binfmt_misc): run it on "
+                            f"a node of that architecture (a Slurm partition of {arch} nodes: "
+                            f"nsdf-run submit --platform {native.platform} ...)",
+                            wanted=str(self.images.platform), offered=(native.platform,))
 
     @contextlib.contextmanager
     def using(self, native: NativeImage, rt: Runtime) -> Iterator[None]:
@@ -430,3 +461,7 @@ class Client:
         """An array job: one command per task, or ``template`` with ``{index}``."""
         return slurm_submit.submit_array(self, image, commands, **options)
 
+
+def _platform(value: Union[None, str, Platform]) -> Optional[Platform]:
+    """A platform from the API's ``platform=`` (text or :class:`Platform`)."""
+    return Platform.parse(value) if isinstance(value, str) else value

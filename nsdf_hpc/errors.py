@@ -18,8 +18,10 @@ message and an exit code (``exit_code``). A container's own non-zero exit status
     │   ├── RegistryError         registry unreachable, throttling or failing after the
     │   │                         retries, image missing, auth refused
     │   ├── PreflightError        not enough space, noexec temp dir, ... (names the variable)
-    │   └── DiskFullError         a filesystem filled during the pull/conversion (names the
-    │                             variable: NSDF_HPC_CACHE, or the runtime's own directory)
+    │   ├── DiskFullError         a filesystem filled during the pull/conversion (names the
+    │   │                         variable: NSDF_HPC_CACHE, or the runtime's own directory)
+    │   └── PlatformError         the image has no variant for the platform wanted (lists the
+    │                             platforms it offers), or it cannot run on this host's
     ├── RunError                  the run cannot be set up here (a mount point, the cwd bind)
     ├── SchedulerError            sbatch/sacct/scancel failed or the job cannot be tracked
     │   └── SubmitError           .transient is True when a retry may succeed
@@ -40,7 +42,7 @@ from typing import Optional, Sequence
 __all__ = [
     "NsdfError", "ConfigError", "SpecError", "ToolNotFoundError", "RuntimeNotFoundError", "BuilderNotFoundError",
     "CommandError", "CommandTimeoutError", "ImageError", "RegistryError", "PreflightError",
-    "DiskFullError",
+    "DiskFullError", "PlatformError",
     "RunError", "SchedulerError", "SubmitError", "UnexpectedOutputError",
     "ExecutorError", "InterpreterMismatchError", "WorkerDiedError", "RemoteError", "RemoteTraceback",
 ]
@@ -140,6 +142,17 @@ class DiskFullError(ImageError):
     def __init__(self, message: str, path: str = "", variable: str = "") -> None:
         self.path = path
         self.variable = variable
+        super().__init__(message)
+
+
+class PlatformError(ImageError):
+    """The image offers no variant for the platform wanted (``offered`` lists the ones it
+    has: ``("linux/arm64",)``), the runtime cannot prepare another platform's image, or a
+    prepared image is for another platform than this host's, which has no emulator for it."""
+
+    def __init__(self, message: str, wanted: str = "", offered: Sequence[str] = ()) -> None:
+        self.wanted = wanted
+        self.offered = tuple(offered)
         super().__init__(message)
 
 

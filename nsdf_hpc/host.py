@@ -110,3 +110,19 @@ def mount_options(path: str) -> Dict[str, str]:
         if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best_len:
             best, best_len = {"fstype": parts[2], "options": parts[3], "mountpoint": mnt}, len(mnt)
     return best
+
+
+#: GOARCH -> the name binfmt_misc registers its QEMU user-mode emulator under (qemu-user-binfmt)
+_QEMU = {"amd64": "x86_64", "arm64": "aarch64", "arm": "arm", "386": "i386", "ppc64le": "ppc64le",
+         "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def emulator(architecture: str, root: str = "/proc/sys/fs/binfmt_misc") -> Optional[str]:
+    """The binfmt_misc entry that runs ``architecture``'s binaries here (qemu-user), when one
+    is registered and enabled; None otherwise."""
+    name = _QEMU.get(architecture, architecture)
+    for entry in (f"qemu-{name}", f"qemu-{name}-static"):
+        text = _read(os.path.join(root, entry))
+        if text is not None and text.splitlines()[:1] == ["enabled"]:
+            return os.path.join(root, entry)
+    return None

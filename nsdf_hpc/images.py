@@ -22,11 +22,13 @@ from ._retry import RetryPolicy
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings
 from .errors import (CommandError, CommandTimeoutError, DiskFullError, ImageError, NsdfError,
-                     PreflightError, RegistryError, SpecError, ToolNotFoundError, UnexpectedOutputError)
+                     PlatformError, PreflightError, RegistryError, SpecError, ToolNotFoundError,
+                     UnexpectedOutputError)
 from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
-from .reference import ImageRef, ImageSource, parse_source
-from .registry import RegistryClient, _credentials
+from .reference import ImageRef, ImageSource, Platform, host_platform, parse_source
+from .registry import ManifestInfo, RegistryClient, _credentials
+from .runtimes import runtime_class, runtime_names
 from .runtimes.base import IMPORTED, PREVIOUS, WORKDIR, ImagePlan, Runtime, process_env
 from .unpack import flatten, repack_for_udocker, source_digest, write_charliecloud_metadata
 
@@ -105,6 +107,8 @@ class ImageService:
         self._host = host
         self.progress = progress
         self._registries: Dict[Tuple[str, bool], RegistryClient] = {}
+        #: the platform images are prepared for unless a pull names another
+        self.platform: Platform = host_platform()
 
     def parse_image(self, image: str) -> ImageSource:
         return parse_source(image, nsdf_registry=self.settings.nsdf_registry)
@@ -130,12 +134,18 @@ class ImageService:
     def _offline_allocation(self) -> bool:
         return self._host().in_slurm_allocation and not self.settings.pull_on_compute
 
-    def resolve(self, source: ImageSource, max_age: float = 0.0) -> Tuple[str, Optional[int]]:
-        """The digest (and, when read, compressed size) that ``source`` stands for.
+    def resolve(self, source: ImageSource, max_age: float = 0.0,
+                platform: Optional[Platform] = None) -> Tuple[str, Optional[int]]:
+        """The digest (and, when read, compressed size) of the image ``source`` stands for on
+        ``platform`` (default: this host's): the cache key. For an image index (multi-arch)
+        that is the digest of the entry for the platform, never the index's.
 
         ``max_age`` > 0 accepts a tag's digest resolved at most that many seconds ago without
-        asking the registry (``run`` uses the ``tag_ttl`` setting; ``pull`` always asks).
+        asking the registry (``run`` uses the ``tag_ttl`` setting; ``pull`` always asks). A
+        digest reference needs no registry: an index digest is mapped to the platform's entry
+        by what an earlier pull recorded, else by :meth:`pull` on a cache miss.
         """
+        want = platform or self.platform
         if source.kind == "native":
             raise SpecError("a native image has no digest")
         if source.kind != "registry":
@@ -144,45 +154,130 @@ class ImageService:
             return source_digest(source), None
         assert source.ref is not None
         if source.ref.digest:
-            return source.ref.digest, None
+            return self._index_entry(source.ref, source.ref.digest, want) or source.ref.digest, None
         slug = source.ref.slug()
-        if max_age > 0:
-            known = self.cache.known_ref(slug)
-            if known and time.time() - float(known.get("resolved") or 0) <= max_age:
+        offline = self._offline_allocation()
+        known = self.cache.known_ref(slug) if max_age > 0 or offline else None
+        if known and (offline or time.time() - float(known.get("resolved") or 0) <= max_age):
+            if not known.get("index"):
                 return str(known["digest"]), known.get("size")
-        if self._offline_allocation():
-            known = self.cache.known_ref(slug)
-            if known:
-                return str(known["digest"]), known.get("size")
+            entry = self._index_entry(source.ref, str(known["digest"]), want)
+            if entry:
+                return entry, None
+            if offline:
+                raise PlatformError(
+                    f"{source.ref} has not been prepared for {want} for this job: inside a Slurm "
+                    "allocation nsdf-run never contacts a registry. Run `nsdf-run pull --platform "
+                    f"{want} {source.text}` on a login node first", wanted=str(want))
+        elif offline:
             raise ImageError(f"{source.ref} has not been prepared for this job: inside a Slurm "
                              "allocation nsdf-run never contacts a registry. Run `nsdf-run pull "
                              f"{source.text}` on a login node first (or set pull_on_compute = true)")
         pull_ref, insecure = self.pull_ref(source.ref)
         self.progress({"event": "resolve", "image": str(source.ref), "registry": pull_ref.registry})
-        info = self._registry(pull_ref.registry, insecure).manifest(pull_ref)
-        self.cache.remember_ref(slug, info.digest, info.size)
-        return info.digest, info.size
+        info = self._registry(pull_ref.registry, insecure).manifest(pull_ref, platform=want)
+        self.cache.remember_ref(slug, info.digest, info.size, **({"index": True} if info.is_index else {}))
+        return self._chosen(source, info, want), info.size if not info.is_index else None
 
-    def pull(self, image: Union[str, ImageSource], rt: Runtime, *, max_age: float = 0.0) -> NativeImage:
+    # ---------------------------------------------------------------- platforms
+    @staticmethod
+    def _index_slug(ref: ImageRef, index_digest: str, platform: Platform) -> str:
+        """The record of which entry of an index serves a platform; keyed by the index's
+        digest, so it never goes stale (a moved tag names another index)."""
+        return ref.model_copy(update={"tag": f"{index_digest.replace(':', '-')}.{platform.slug()}"}).slug()
+
+    def _index_entry(self, ref: ImageRef, index_digest: str, platform: Platform) -> Optional[str]:
+        """The entry of the index ``index_digest`` for ``platform``, as a pull recorded it."""
+        known = self.cache.known_ref(self._index_slug(ref, index_digest, platform))
+        return str(known["digest"]) if known else None
+
+    def _chosen(self, source: ImageSource, info: ManifestInfo, platform: Platform) -> str:
+        """The image digest for ``platform`` (recorded for an index), or the clear error that
+        lists what the image offers."""
+        assert source.ref is not None
+        if info.is_index:
+            if info.image_digest is None:
+                raise self._no_platform(source, platform, info.platforms)
+            self.cache.remember_ref(self._index_slug(source.ref, info.digest, platform),
+                                    info.image_digest, None, platform=info.platform)
+            return info.image_digest
+        if info.platform and not platform.matches(*_split(info.platform)):
+            raise self._no_platform(source, platform, (info.platform,))
+        return info.image_digest or info.digest
+
+    def _no_platform(self, source: ImageSource, platform: Platform, offered: Sequence[str]) -> PlatformError:
+        host = self.is_host(platform)
+        where = "this host's platform" if host else "the platform asked for"
+        if not offered:
+            text = f"{source.text} offers no image for {platform} ({where}); its index lists no platform"
+        else:
+            text = (f"{source.text} offers no image for {platform} ({where}): it is for "
+                    f"{', '.join(offered)} only")
+            if host:
+                text += (f". To prepare it here for nodes of that architecture, pull it with "
+                         f"--platform {offered[0]} (platform= in the API); it runs only on such nodes")
+        return PlatformError(text, wanted=str(platform), offered=offered)
+
+    def check_platform(self, rt: Runtime, platform: Optional[Platform]) -> Optional[Platform]:
+        """``platform`` when it is another than this host's (None: the host's), after checking
+        that ``rt`` can prepare images for it (``Runtime.foreign_platforms``)."""
+        if platform is None or self.is_host(platform):
+            return None
+        if not rt.foreign_platforms:
+            able = [n for n in runtime_names() if runtime_class(n).foreign_platforms]
+            raise PlatformError(f"{rt.name} cannot prepare an image for another platform ({platform}) "
+                                f"than this host's ({self.platform}): pull it on a node of that "
+                                f"architecture, or use a runtime that can ({', '.join(able)})",
+                                wanted=str(platform))
+        return platform
+
+    def is_host(self, platform: Union[None, str, Platform]) -> bool:
+        """Whether images for ``platform`` (text as recorded: "linux/arm64") run natively
+        here; None (not known) counts as yes."""
+        if platform is None:
+            return True
+        p = Platform.parse(platform) if isinstance(platform, str) else platform
+        return self.platform.matches(p.os, p.architecture, p.variant)
+
+    def pull(self, image: Union[str, ImageSource], rt: Runtime, *, max_age: float = 0.0,
+             platform: Optional[Platform] = None) -> NativeImage:
         """Make ``image`` available to ``runtime`` in its native form (cached by digest).
 
         A tag is resolved to its digest at the registry (one manifest request) unless it was
         resolved less than ``max_age`` seconds ago; a digest reference never needs the network.
+        ``platform`` (default: this host's) chooses from a multi-arch image; another one than
+        the host's works on the runtimes that can (``Runtime.foreign_platforms``), for nodes of
+        that architecture. An image without a variant for it is a PlatformError that lists
+        the platforms it has.
         """
         source = image if isinstance(image, ImageSource) else self.parse_image(image)
         if source.kind == "native":
             return self.native(source, rt)
-        digest, size = self.resolve_for(source, rt, max_age)
+        foreign = self.check_platform(rt, platform)
+        want = platform or self.platform
+        digest, size = self.resolve_for(source, rt, max_age, want)
         verify = self.verifier(rt)
         entry = self.cache.lookup(rt.name, digest, verify=verify)
         if entry is not None:
-            return self._native_from_entry(entry, source)
+            return self._native_from_entry(self._entry_for(entry, source, want), source)
         if self._offline_allocation():
             raise ImageError(f"{source.text} ({digest}) is not in the {rt.name} cache "
                              f"{self.cache.root}: inside a Slurm allocation nsdf-run does not pull. "
                              f"Run `nsdf-run pull --runtime {rt.name} {source.text}` on a login node")
-        if size is None and source.kind == "registry" and source.ref is not None:
-            size = self._image_size(source.ref, digest)
+        image_platform: Optional[str] = None
+        if source.kind == "registry" and source.ref is not None:
+            # a cache miss: read the manifest (size for the preflight, an index digest's entry
+            # for the platform, a plain image's platform from its config)
+            info = self._describe(source.ref, digest, want)
+            if info is not None:
+                chosen = self._chosen(source, info, want)
+                image_platform = info.platform
+                size = info.size if size is None or chosen != digest else size
+                if chosen != digest:   # a digest reference to an index: its entry may be cached
+                    digest = chosen
+                    entry = self.cache.lookup(rt.name, digest, verify=verify)
+                    if entry is not None:
+                        return self._native_from_entry(self._entry_for(entry, source, want), source)
         self.cache.ensure_dirs()
         started = time.monotonic()
         with self.cache.locked(rt.name, digest, on_wait=lambda owner: self.progress(
@@ -190,25 +285,26 @@ class ImageService:
             entry = self.cache.lookup(rt.name, digest, verify=verify)
             if entry is not None:   # another process converted it while we waited
                 return self._native_from_entry(entry, source)
-            entry = self._build(rt, source, digest, size)
+            entry = self._build(rt, source, digest, size, foreign, image_platform)
         self.progress({"event": "done", "image": source.text, "runtime": rt.name,
                        "elapsed": round(time.monotonic() - started, 3)})
         native = self._native_from_entry(entry, source)
         return native.model_copy(update={"cached": False})
 
-    def preview(self, source: ImageSource, rt: Runtime) -> NativeImage:
+    def preview(self, source: ImageSource, rt: Runtime, platform: Optional[Platform] = None) -> NativeImage:
         """The native image ``source`` is or will be, without converting anything (a cache miss
         gives the location the entry *will* have; for ``--dry-run``)."""
         if source.kind == "native":
             return self.native(source, rt)
-        digest, _ = self.resolve_for(source, rt, self.settings.tag_ttl)
+        foreign = self.check_platform(rt, platform)
+        digest, _ = self.resolve_for(source, rt, self.settings.tag_ttl, platform or self.platform)
         entry = self.cache.lookup(rt.name, digest, verify=self.verifier(rt), touch=False)
         if entry is not None:
             return self._native_from_entry(entry, source)
         key = digest.split(":", 1)[-1]
         if source.ref is not None:
             pull_ref, insecure = self.pull_ref(source.ref)
-            plan = rt.image_plan(source, pull_ref.pinned(digest), key, insecure)
+            plan = rt.image_plan(source, pull_ref.pinned(digest), key, insecure, foreign)
         else:
             plan = rt.image_plan(source, None, key)
         if plan.artifact:
@@ -217,17 +313,30 @@ class ImageService:
             loc = "<image id from the import>"
         else:
             loc = str(plan.location)
-        return NativeImage(runtime=rt.name, source=source.text, digest=digest, location=loc, cached=False)
+        return NativeImage(runtime=rt.name, source=source.text, digest=digest, location=loc, cached=False,
+                           platform=str(foreign) if foreign else None)
 
-    def _image_size(self, ref: ImageRef, digest: str) -> Optional[int]:
-        """Compressed size from the manifest, for the free-space preflight (cache misses only)."""
+    def _describe(self, ref: ImageRef, digest: str, platform: Platform) -> Optional[ManifestInfo]:
+        """The manifest behind ``digest`` read in full (cache misses only): its compressed
+        size for the free-space preflight, and its platform (an index: the entry for
+        ``platform``). None when the registry cannot say (the runtime's own pull will
+        report that properly)."""
         pull_ref, insecure = self.pull_ref(ref)
         try:
             return self._registry(pull_ref.registry, insecure).manifest(
-                pull_ref.pinned(digest), with_size=True).size
-        except RegistryError as err:   # the runtime's own pull will report it properly
-            logger.debug("no size for %s: %s", ref, err)
+                pull_ref.pinned(digest), with_size=True, platform=platform)
+        except RegistryError as err:
+            logger.debug("cannot read the manifest of %s: %s", ref, err)
             return None
+
+    def _entry_for(self, entry: Entry, source: ImageSource, platform: Platform) -> Entry:
+        """``entry`` if it is an image for ``platform`` (or its platform is not recorded);
+        else the PlatformError (a one-platform image prepared with --platform, asked for the
+        host's)."""
+        recorded = entry.data.get("platform")
+        if isinstance(recorded, str) and recorded and not platform.matches(*_split(recorded)):
+            raise self._no_platform(source, platform, (recorded,))
+        return entry
 
     def native(self, source: ImageSource, rt: Runtime) -> NativeImage:
         """A native artifact the runtime runs as it is (no cache entry)."""
@@ -290,9 +399,11 @@ class ImageService:
 
     def _native_from_entry(self, entry: Entry, source: ImageSource) -> NativeImage:
         shell = entry.data.get("shell")
+        platform = entry.data.get("platform")
         return NativeImage(runtime=entry.runtime, source=source.text, digest=entry.digest,
                            location=entry.location, size=entry.size(), cached=True,
-                           shell=shell if isinstance(shell, bool) else None)
+                           shell=shell if isinstance(shell, bool) else None,
+                           platform=platform if isinstance(platform, str) and platform else None)
 
     def _step_env(self, rt: Runtime) -> Dict[str, str]:
         env = process_env(self.env)
@@ -313,7 +424,8 @@ class ImageService:
         if problem:
             raise PreflightError(problem)
 
-    def _build(self, rt: Runtime, source: ImageSource, digest: str, size: Optional[int]) -> Entry:
+    def _build(self, rt: Runtime, source: ImageSource, digest: str, size: Optional[int],
+               foreign: Optional[Platform] = None, image_platform: Optional[str] = None) -> Entry:
         pinned: Optional[ImageRef] = None
         insecure = False
         if source.kind == "registry":
@@ -322,7 +434,7 @@ class ImageService:
             pinned = pull_ref.pinned(digest)
         self._preflight(rt, source, size)
         key = digest.split(":", 1)[-1]
-        plan = rt.image_plan(source, pinned, key, insecure)
+        plan = rt.image_plan(source, pinned, key, insecure, foreign)
         work = self.cache.workdir(rt.name, digest)
         try:
             location = self._execute_plan(rt, plan, source, work)
@@ -331,9 +443,13 @@ class ImageService:
             guard = plan.checksum or plan.artifact
             main_file = guard if guard and os.path.isfile(os.path.join(work, guard)) else None
             dirs = [plan.artifact] if plan.artifact and os.path.isdir(os.path.join(work, plan.artifact)) else []
+            platform = image_platform or (str(foreign) if foreign else None)
+            # another platform's image cannot be started here to probe it (no /bin/sh answer)
+            shell = None if not self.is_host(platform) else self._has_shell(
+                rt, os.path.join(work, location) if plan.artifact else location)
             data = {"source": source.text, "location": location, "relative": bool(plan.artifact),
-                    "runtime_version": rt.version, "runtime_flavour": rt.flavour,
-                    "shell": self._has_shell(rt, os.path.join(work, location) if plan.artifact else location)}
+                    "runtime_version": rt.version, "runtime_flavour": rt.flavour, "shell": shell,
+                    **({"platform": platform} if platform else {})}
             return self.cache.publish(work, rt.name, digest, data, main_file=main_file, dirs=dirs,
                                       extra_size=self._store_size(rt, location))
         except OSError as err:
@@ -606,12 +722,13 @@ class ImageService:
             pass
 
     # ---------------------------------------------------------------- images built here
-    def resolve_for(self, source: ImageSource, rt: Runtime, max_age: float = 0.0
-                    ) -> Tuple[str, Optional[int]]:
+    def resolve_for(self, source: ImageSource, rt: Runtime, max_age: float = 0.0,
+                    platform: Optional[Platform] = None) -> Tuple[str, Optional[int]]:
         """:meth:`resolve`, except that a tag ``nsdf-run build`` made here stands for the image
         built for ``rt``, whatever a registry holds under that name and however long ago it was
         built, so that it runs at once and without a registry."""
-        if source.kind == "registry" and source.ref is not None and not source.ref.digest:
+        if source.kind == "registry" and source.ref is not None and not source.ref.digest \
+                and self.is_host(platform):   # nsdf-run build makes images for this host only
             built = self.built_digests(source.ref)
             if rt.name in built:
                 return built[rt.name], None
@@ -620,7 +737,7 @@ class ImageService:
                     f"{source.text} was built here for {', '.join(sorted(built))}, not for "
                     f"{rt.name}: run it with --runtime {sorted(built)[0]}, or build it for "
                     f"{rt.name} too (nsdf-run build --runtime {rt.name} RECIPE)")
-        return self.resolve(source, max_age)
+        return self.resolve(source, max_age, platform)
 
     def built_digests(self, ref: ImageRef) -> Dict[str, str]:
         """``{runtime: digest}`` of the images ``nsdf-run build`` made here under ``ref``'s tag."""
@@ -747,3 +864,7 @@ class ImageService:
             self.runner.run(argv, check=False, env=self._step_env(rt))
 
 
+def _split(text: str) -> Tuple[str, str, Optional[str]]:
+    """``("linux", "arm64", None)`` from ``"linux/arm64"``."""
+    parts = text.split("/")
+    return parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else None

@@ -8,7 +8,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import SpecError
-from .reference import ImageSource
+from .reference import ImageSource, Platform
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -119,6 +119,19 @@ class RunSpec(Model):
     tty: bool = False                  # stdin and stdout are a terminal (podman then needs -t)
     cwd: Optional[str] = None          # the host directory for bind_cwd (default: os.getcwd())
     extra_args: Tuple[str, ...] = ()   # passed to the runtime verbatim, before the image
+    #: the platform to prepare the image for ("linux/arm64"; None: this host's), for a job on
+    #: nodes of another architecture than the submit host's
+    platform: Optional[str] = None
+
+    @field_validator("platform")
+    @classmethod
+    def _platform(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        try:
+            return str(Platform.parse(value))
+        except SpecError as err:
+            raise ValueError(str(err)) from None
 
     @field_validator("command")
     @classmethod
@@ -192,6 +205,8 @@ class NativeImage(Model):
     #: whether the image has /bin/sh (probed once when converted; None: not known), which
     #: lets every runtime report a missing or non-executable command as 127 / 126
     shell: Optional[bool] = None
+    #: the image's platform ("linux/arm64") when known: recorded from the registry at the pull
+    platform: Optional[str] = None
     #: for a read-only image file: which of the run's mount points it has (path -> "d" for a
     #: directory, "f" for anything else), as listed at planning time; None when not listed
     present: Optional[Dict[str, str]] = Field(default=None, exclude=True)

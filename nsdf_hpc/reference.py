@@ -207,3 +207,65 @@ def parse_source(text: str, *, nsdf_registry: str = DOCKER_HUB) -> ImageSource:
             return ImageSource(kind="oci-dir", path=path, text=text)
         return ImageSource(kind="native", path=path, text=text)
     return ImageSource(kind="registry", ref=parse_reference(text, nsdf_registry=nsdf_registry), text=text)
+
+
+# ---------------------------------------------------------------- platforms
+#: `uname -m` -> (GOARCH, variant), the names OCI image indexes use (image-spec's
+#: image-index.md "platform" follows Go's GOOS/GOARCH)
+_MACHINES = {
+    "x86_64": ("amd64", None), "amd64": ("amd64", None),
+    "aarch64": ("arm64", None), "arm64": ("arm64", None), "armv8l": ("arm", "v8"),
+    "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
+    "i386": ("386", None), "i686": ("386", None),
+    "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+}
+_PLATFORM_PART = re.compile(r"^[a-z0-9_]+$")
+
+
+class Platform(_Frozen):
+    """An OCI platform, ``os/architecture[/variant]`` (``linux/arm64``, ``linux/arm/v7``)."""
+
+    os: str = "linux"
+    architecture: str
+    variant: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Platform":
+        """``linux/arm64``, ``linux/arm/v7``, or an architecture alone (``arm64``, ``aarch64``:
+        Linux). Raises SpecError naming the expected form."""
+        parts = text.strip().lower().split("/")
+        if len(parts) == 1:
+            parts = ["linux", *parts]
+        if len(parts) not in (2, 3) or not all(_PLATFORM_PART.match(p) for p in parts):
+            raise SpecError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. "
+                            "linux/amd64 or linux/arm64")
+        arch, variant = _MACHINES.get(parts[1], (parts[1], None))
+        return cls(os=parts[0], architecture=arch, variant=parts[2] if len(parts) == 3 else variant)
+
+    @classmethod
+    def from_machine(cls, machine: str, system: str = "linux") -> "Platform":
+        """The platform of a host from ``uname -m`` (``x86_64`` -> linux/amd64)."""
+        arch, variant = _MACHINES.get(machine.lower(), (machine.lower(), None))
+        return cls(os=system.lower(), architecture=arch, variant=variant)
+
+    def __str__(self) -> str:
+        return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")
+
+    def matches(self, os_name: str, architecture: str, variant: Optional[str] = None) -> bool:
+        """Whether an index entry's platform serves this one: same OS and architecture, and the
+        same variant when both say one (arm64's "v8" is its only variant: missing = v8)."""
+        if (os_name, architecture) != (self.os, self.architecture):
+            return False
+        mine = self.variant or ("v8" if self.architecture == "arm64" else None)
+        theirs = variant or ("v8" if architecture == "arm64" else None)
+        return mine is None or theirs is None or mine == theirs
+
+    def slug(self) -> str:
+        """Filesystem-safe: ``linux-arm64``."""
+        return str(self).replace("/", "-")
+
+
+def host_platform() -> Platform:
+    """This host's platform (``os.uname``)."""
+    u = os.uname()
+    return Platform.from_machine(u.machine, u.sysname)

@@ -20,11 +20,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
 from .errors import RegistryError
-from .reference import DOCKER_HUB, ImageRef
+from .reference import DOCKER_HUB, ImageRef, Platform, host_platform
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,26 @@ _INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
 
 @dataclass(frozen=True)
 class ManifestInfo:
+    """What a reference stands for at the registry.
+
+    ``digest`` is the reference's own manifest: an image index (multi-arch) or one image.
+    For an index, ``platforms`` lists what it offers and ``image_digest`` is the entry chosen
+    for the platform asked for (None: it offers none for it); for one image, ``image_digest``
+    is ``digest``. ``platform`` is the chosen image's, when known (an index entry says it; a
+    plain manifest's is read from its config, with ``with_size`` only).
+    """
+
     digest: str
     media_type: str = ""
     size: Optional[int] = None          # compressed bytes of config + layers, when read
     requests: int = 0
+    image_digest: Optional[str] = None
+    platform: Optional[str] = None
+    platforms: Tuple[str, ...] = ()
+
+    @property
+    def is_index(self) -> bool:
+        return bool(self.platforms) or self.media_type in _INDEX_TYPES
 
 
 _SSL_CONTEXT = None
@@ -231,16 +247,21 @@ class RegistryClient:
         self._auth = f"Bearer {token}"
 
     def manifest(self, ref: ImageRef, *, with_size: bool = False,
-                 platform: Tuple[str, str] = ("linux", "amd64")) -> ManifestInfo:
-        """The digest of ``ref``'s manifest (HEAD: one request); ``with_size`` also reads it."""
+                 platform: Optional[Platform] = None) -> ManifestInfo:
+        """What ``ref`` stands for (see :class:`ManifestInfo`): one HEAD request for a plain
+        manifest; an index is read (GET) to choose ``platform``'s entry (default: this host's).
+        ``with_size`` also reads the image manifest (its size) and a plain manifest's config
+        (its platform)."""
+        want = platform or host_platform()
         target = ref.digest or ref.tag or "latest"
         url = f"{self.scheme}://{api_host(self.registry)}/v2/{ref.repository}/manifests/{target}"
         headers = {"Accept": MANIFEST_TYPES}
         if not with_size:
             status, hdrs, _ = self._request("HEAD", url, headers)
-            if status == 200 and hdrs.get("docker-content-digest"):
-                return ManifestInfo(hdrs["docker-content-digest"], hdrs.get("content-type", ""),
-                                    None, self.requests)
+            media = hdrs.get("content-type", "").split(";")[0].strip()
+            if status == 200 and hdrs.get("docker-content-digest") and media not in _INDEX_TYPES:
+                return ManifestInfo(hdrs["docker-content-digest"], media, None, self.requests,
+                                    image_digest=hdrs["docker-content-digest"])
             if status not in (200, 405):
                 self._raise(status, ref)
         status, hdrs, body = self._request("GET", url, headers)
@@ -249,30 +270,50 @@ class RegistryClient:
         digest = hdrs.get("docker-content-digest") or "sha256:" + hashlib.sha256(body).hexdigest()
         if ref.digest and digest != ref.digest:
             raise RegistryError(f"registry {self.registry} returned manifest {digest} for {ref}")
-        media = hdrs.get("content-type", "")
-        size = None
+        media = hdrs.get("content-type", "").split(";")[0].strip()
         try:
             doc = json.loads(body)
-            media = doc.get("mediaType", media)
-            if media in _INDEX_TYPES or "manifests" in doc:
-                sub = self._pick(doc, platform)
-                if sub:
-                    inner = self.manifest(ref.model_copy(update={"digest": sub, "tag": None}), with_size=True)
-                    size = inner.size
-            else:
-                size = sum(int(x.get("size", 0)) for x in [doc.get("config", {}), *doc.get("layers", [])])
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return ManifestInfo(digest, media, None, self.requests, image_digest=digest)
+        media = str(doc.get("mediaType") or media)
+        if media in _INDEX_TYPES or "manifests" in doc:
+            offered = index_platforms(doc)
+            chosen = pick_platform(doc, want)
+            if chosen is None:
+                return ManifestInfo(digest, media, None, self.requests, platforms=offered)
+            sub, chosen_platform = chosen
+            size = None
+            if with_size:
+                inner = self.manifest(ref.model_copy(update={"digest": sub, "tag": None}),
+                                      with_size=True, platform=want)
+                size = inner.size
+            return ManifestInfo(digest, media, size, self.requests, image_digest=sub,
+                                platform=chosen_platform, platforms=offered)
+        total: Optional[int] = None
+        try:
+            total = sum(int(x.get("size", 0)) for x in [doc.get("config", {}), *doc.get("layers", [])])
         except (ValueError, AttributeError, TypeError):
             pass
-        return ManifestInfo(digest, media, size, self.requests)
+        plat = self._config_platform(ref, doc) if with_size else None
+        return ManifestInfo(digest, media, total, self.requests, image_digest=digest, platform=plat)
 
-    @staticmethod
-    def _pick(index: Dict[str, object], platform: Tuple[str, str]) -> Optional[str]:
-        manifests = index.get("manifests")
-        for m in manifests if isinstance(manifests, list) else []:
-            p = m.get("platform", {}) if isinstance(m, dict) else {}
-            if p.get("os") == platform[0] and p.get("architecture") == platform[1]:
-                return str(m["digest"])
-        return None
+    def _config_platform(self, ref: ImageRef, manifest: Dict[str, Any]) -> Optional[str]:
+        """``os/architecture[/variant]`` from a plain manifest's config blob; None when it
+        cannot be read (the pull itself will tell what is wrong with the image)."""
+        config = manifest.get("config")
+        blob = config.get("digest") if isinstance(config, dict) else None
+        if not isinstance(blob, str):
+            return None
+        url = f"{self.scheme}://{api_host(self.registry)}/v2/{ref.repository}/blobs/{blob}"
+        try:
+            status, _, body = self._request("GET", url, {})
+            data = json.loads(body) if status == 200 else None
+        except (RegistryError, ValueError) as err:
+            logger.debug("no platform for %s: %s", ref, err)
+            return None
+        return platform_text(data) if isinstance(data, dict) else None
 
     def _raise(self, status: int, ref: ImageRef) -> None:
         if status == 404:
@@ -284,3 +325,49 @@ class RegistryClient:
             raise RegistryError(f"registry {self.registry} rate-limited the request for {ref} (HTTP 429); "
                                 "configure a site mirror ([mirrors] in the config) or retry later")
         raise RegistryError(f"registry {self.registry} answered HTTP {status} for {ref}")
+
+
+def platform_text(p: Mapping[str, Any]) -> Optional[str]:
+    """``os/architecture[/variant]`` of an index entry's ``platform`` or an image config;
+    None without an architecture."""
+    os_name, arch, variant = p.get("os"), p.get("architecture"), p.get("variant")
+    if not isinstance(arch, str) or not arch:
+        return None
+    text = f"{os_name if isinstance(os_name, str) and os_name else 'linux'}/{arch}"
+    return text + (f"/{variant}" if isinstance(variant, str) and variant else "")
+
+
+def _entries(index: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    """``(digest, platform)`` of an index's image entries; attestation manifests that
+    BuildKit adds as ``unknown/unknown`` are not images and are left out."""
+    out: List[Tuple[str, Dict[str, Any]]] = []
+    manifests = index.get("manifests")
+    for m in manifests if isinstance(manifests, list) else []:
+        if not isinstance(m, dict) or not isinstance(m.get("digest"), str):
+            continue
+        p = m.get("platform")
+        p = p if isinstance(p, dict) else {}
+        if p.get("os") == "unknown" or p.get("architecture") == "unknown":
+            continue
+        out.append((m["digest"], p))
+    return out
+
+
+def index_platforms(index: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The platforms an image index offers, in its order (``("linux/amd64", "linux/arm64")``)."""
+    seen: List[str] = []
+    for _, p in _entries(index):
+        text = platform_text(p)
+        if text and text not in seen:
+            seen.append(text)
+    return tuple(seen)
+
+
+def pick_platform(index: Mapping[str, Any], platform: Platform) -> Optional[Tuple[str, str]]:
+    """The ``(digest, "os/arch[/variant]")`` of the index entry for ``platform``, the first
+    that matches (:meth:`Platform.matches`); None when the index has none for it."""
+    for digest, p in _entries(index):
+        if platform.matches(str(p.get("os", "")), str(p.get("architecture", "")),
+                            p.get("variant") if isinstance(p.get("variant"), str) else None):
+            return digest, platform_text(p) or str(platform)
+    return None

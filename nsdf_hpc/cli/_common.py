@@ -133,6 +133,9 @@ def run_options(fn: F) -> F:
                      help="Do not bind the current directory or start in it."),
         click.option("--runtime-arg", "runtime_args", multiple=True, metavar="ARG",
                      help="Pass ARG to the runtime verbatim (repeatable; escape hatch)."),
+        click.option("--platform", metavar="OS/ARCH",
+                     help="Prepare the image for this platform (linux/arm64), not this host's: "
+                          "for nodes of that architecture."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -141,11 +144,11 @@ def run_options(fn: F) -> F:
 
 def spec_options(binds: Sequence[str], envs: Sequence[str], workdir: Optional[str], gpu: bool,
                  no_network: bool, writable_tmpfs: bool, fakeroot: bool, no_bind_cwd: bool,
-                 runtime_args: Sequence[str]) -> Dict[str, Any]:
+                 runtime_args: Sequence[str], platform: Optional[str] = None) -> Dict[str, Any]:
     """The values of :func:`run_options` (but --runtime) as ``Client.spec`` keywords."""
     return dict(binds=list(binds), env=list(envs), workdir=workdir, gpu=gpu, network=not no_network,
                 writable_tmpfs=writable_tmpfs, fakeroot=fakeroot, bind_cwd=not no_bind_cwd,
-                extra_args=tuple(runtime_args))
+                extra_args=tuple(runtime_args), platform=platform)
 
 
 # -- option types: bad values are click usage errors (exit 2) -------------------------------

@@ -15,20 +15,25 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.option("--runtime", "-r", metavar="NAME", help="Prepare for this runtime.")
+@click.option("--platform", metavar="OS/ARCH",
+              help="Prepare the image for this platform (linux/arm64), not this host's: for "
+                   "nodes of that architecture (apptainer, charliecloud, podman, udocker).")
 @click.option("--json", "as_json", is_flag=True, help="JSON events on stderr, the result on stdout.")
 @click.argument("image")
 @click.pass_context
 @cli_errors()
-def pull(ctx: click.Context, image: str, runtime: Optional[str], as_json: bool) -> None:
+def pull(ctx: click.Context, image: str, runtime: Optional[str], platform: Optional[str],
+         as_json: bool) -> None:
     """Convert IMAGE to the runtime's native form and cache it by digest."""
     client = make_client(ctx, json_events=as_json)
-    native = client.pull(image, runtime)
+    native = client.pull(image, runtime, platform=platform)
     if as_json:
         click.echo(native.model_dump_json())
     else:
         state = "cached" if native.cached else "pulled"
         click.echo(f"{state}: {native.source} -> {native.runtime}: {native.location}"
-                   + (f" ({native.digest})" if native.digest else ""))
+                   + (f" ({native.digest}" + (f", {native.platform}" if native.platform else "") + ")"
+                      if native.digest else ""))
 
 
 @click.command()
@@ -38,12 +43,14 @@ def pull(ctx: click.Context, image: str, runtime: Optional[str], as_json: bool) 
 @click.pass_context
 @cli_errors()
 def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
-    """List cached images: digest, runtime, size, last use."""
+    """List cached images: runtime, platform, digest, size, last use."""
     client = make_client(ctx)
     rows: List[Dict[str, Any]] = []
     for e in client.entries():
         ok = client.verify(e, full=True) if verify else client.cache.check(e)
+        platform = e.data.get("platform")
         rows.append({"runtime": e.runtime, "digest": e.digest, "source": e.data.get("source"),
+                     "platform": platform if isinstance(platform, str) and platform else None,
                      "location": e.location, "size": e.size(), "last_use": e.last_use(),
                      "tier": e.tier, "ok": ok})
     if as_json:
@@ -52,11 +59,13 @@ def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
     if not rows:
         click.echo(f"no cached images in {client.cache.root}")
         return
-    click.echo(f"{'RUNTIME':<13} {'DIGEST':<19} {'SIZE':>9}  {'LAST USE':<16} SOURCE")
+    click.echo(f"{'RUNTIME':<13} {'PLATFORM':<13} {'DIGEST':<19} {'SIZE':>9}  {'LAST USE':<16} SOURCE")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_use"]))
         flag = "" if r["ok"] else "  [BROKEN]"
-        click.echo(f"{r['runtime']:<13} {r['digest'][:19]:<19} {_human(r['size']):>9}  {when:<16} "
+        # "-": an entry made before platforms were recorded, or from an archive
+        click.echo(f"{r['runtime']:<13} {r['platform'] or '-':<13} {r['digest'][:19]:<19} "
+                   f"{_human(r['size']):>9}  {when:<16} "
                    f"{r['source']}{' (site)' if r['tier'] == 'site' else ''}{flag}")
 
 

@@ -15,7 +15,7 @@ from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
-from ..reference import ImageRef, ImageSource
+from ..reference import ImageRef, ImageSource, Platform
 from .base import (WORKDIR, Assessment, ImagePlan, Invocation, Runtime, Step, csv_field, effective_binds,
                    process_env, version_tuple)
 
@@ -51,6 +51,7 @@ class Apptainer(Runtime):
     """Apptainer (formerly Singularity); NSDF's preferred runtime."""
 
     name: ClassVar[str] = "apptainer"
+    foreign_platforms: ClassVar[bool] = True
     executables: ClassVar[Tuple[str, ...]] = ("apptainer", "singularity")
     priority: ClassVar[int] = 10
     native_kinds: ClassVar[Tuple[str, ...]] = (".sif", ".simg", ".sqfs", ".squashfs", "dir")
@@ -145,7 +146,7 @@ class Apptainer(Runtime):
         return found
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
-                   insecure: bool = False) -> ImagePlan:
+                   insecure: bool = False, platform: Optional[Platform] = None) -> ImagePlan:
         out = "image.sif"
         # conversions need room: the temp dir is the entry's private work dir in the cache
         tmp_env = {f"{self.env_prefix}_TMPDIR": WORKDIR}
@@ -154,6 +155,14 @@ class Apptainer(Runtime):
             argv = [self.path, "-s", "pull"]
             if insecure:
                 argv.append("--no-https")
+            if platform is not None:
+                # the ref is pinned to that platform's manifest already; --arch also makes
+                # Apptainer 1.4 pick it from an index, and it records the SIF's architecture
+                # from the image config (`apptainer exec` of it on another host then fails
+                # with "the image's architecture (arm64) could not run on the host's (amd64)")
+                argv += ["--arch", platform.architecture]
+                if platform.variant:
+                    argv += ["--arch-variant", platform.variant]
             argv += [out, f"docker://{ref.by_digest()}"]
             return ImagePlan((Step(tuple(argv), f"pull {ref} to SIF", tmp_env, retry=True),), artifact=out)
         if source.kind == "native":

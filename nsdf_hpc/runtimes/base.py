@@ -26,7 +26,7 @@ from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, 
 from ..errors import RunError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import Bind, NativeImage, RunSpec
-from ..reference import ImageRef, ImageSource
+from ..reference import ImageRef, ImageSource, Platform
 
 from ..environment import PROCESS_ENV_KEEP, EnvEncoding
 
@@ -235,10 +235,18 @@ class Runtime(abc.ABC):
         runtime's images, or None."""
         return None
 
+    #: whether this runtime's pull can prepare an image for another platform than the host's
+    #: (an arm64 image on an x86_64 login node, for an arm64 partition): ``image_plan`` then
+    #: gets ``platform``. Running such an image needs a host of that architecture (or an
+    #: emulator registered in binfmt_misc) whatever the runtime.
+    foreign_platforms: ClassVar[bool] = False
+
     @abc.abstractmethod
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
-                   insecure: bool = False) -> ImagePlan:
-        """Steps that make the native image; ``ref`` is the digest-pinned, mirrored reference."""
+                   insecure: bool = False, platform: Optional[Platform] = None) -> ImagePlan:
+        """Steps that make the native image; ``ref`` is the digest-pinned, mirrored reference
+        (for an image index: pinned to the manifest of the platform wanted). ``platform`` is
+        set only when that is not the host's (and only where ``foreign_platforms``)."""
 
     def login_env(self, user: str, password: str, authfile: str) -> Dict[str, str]:
         """Variables that give this runtime's pull the registry credentials (pure): always the

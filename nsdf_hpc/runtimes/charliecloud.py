@@ -9,7 +9,7 @@ from ..environment import EnvEncoding
 from ..errors import ImageError, RunError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import Bind, NativeImage, RunSpec
-from ..reference import ImageRef, ImageSource
+from ..reference import ImageRef, ImageSource, Platform
 from .base import Assessment, ImagePlan, Invocation, Runtime, Step, WORKDIR, effective_binds, parse_first_version
 
 STORAGE = "storage"
@@ -23,6 +23,7 @@ class Charliecloud(Runtime):
     """Charliecloud: fully unprivileged, needs user namespaces."""
 
     name: ClassVar[str] = "charliecloud"
+    foreign_platforms: ClassVar[bool] = True
     executables: ClassVar[Tuple[str, ...]] = ("ch-run",)
     priority: ClassVar[int] = 30
     native_kinds: ClassVar[Tuple[str, ...]] = (".sqfs", ".squashfs", ".squash", "dir")
@@ -88,7 +89,7 @@ class Charliecloud(Runtime):
         return None
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
-                   insecure: bool = False) -> ImagePlan:
+                   insecure: bool = False, platform: Optional[Platform] = None) -> ImagePlan:
         env = self._env()
         steps: List[Step] = []
         if source.kind == "registry":
@@ -98,6 +99,10 @@ class Charliecloud(Runtime):
                 raise ImageError(f"Charliecloud can only pull over HTTPS, and {ref.registry} is "
                                  "configured as an insecure (plain HTTP) registry; use a TLS "
                                  "mirror or an offline archive (docker-archive:/oci-archive:)")
+            # another platform needs no option: the ref is pinned to that platform's manifest,
+            # which ch-image 0.31 pulls as it is ("image arch: arm64 (may not match host
+            # amd64)") and records in ch/metadata.json; its --arch would refuse a plain
+            # manifest ("image is architecture-unaware; consider --arch=yolo")
             steps.append(Step((self.ch_image(), "-s", STORAGE, "pull", ref.by_digest(), "nsdf"),
                               f"pull {ref}", env, retry=True))
             rootfs_src = f"{STORAGE}/img/nsdf"

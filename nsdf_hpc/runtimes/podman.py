@@ -13,7 +13,7 @@ from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
-from ..reference import ImageRef, ImageSource
+from ..reference import ImageRef, ImageSource, Platform
 from .base import (IMPORTED, PREVIOUS, Assessment, ImagePlan, Invocation, OrphanGuard, Runtime, Step, effective_binds,
                    parse_first_version, process_env, require_paths)
 
@@ -27,6 +27,7 @@ class Podman(Runtime):
     """Podman: images live in podman's own store; run with ``--pull=never``."""
 
     name: ClassVar[str] = "podman"
+    foreign_platforms: ClassVar[bool] = True
     executables: ClassVar[Tuple[str, ...]] = ("podman",)
     priority: ClassVar[int] = 50
     storage: ClassVar[str] = "store"
@@ -53,12 +54,16 @@ class Podman(Runtime):
         return Assessment(usable, caps, tuple(notes))
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
-                   insecure: bool = False) -> ImagePlan:
+                   insecure: bool = False, platform: Optional[Platform] = None) -> ImagePlan:
         if source.kind == "registry":
             assert ref is not None
             argv = [self.path, "pull", "-q"]
             if insecure:
                 argv.append("--tls-verify=false")
+            if platform is not None:
+                # podman 4.3 pulls another platform's manifest by digest anyway, but warns
+                # "image platform (...) does not match the expected platform" without this
+                argv.append(f"--platform={platform}")
             argv.append(ref.by_digest())
             # runs by digest so a moved tag never changes what runs
             loc = ref.by_digest()
@@ -249,8 +254,8 @@ class PodmanHPC(Podman):
         return "podman-hpc", parse_first_version(text, "podman-hpc version", "podman version")
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
-                   insecure: bool = False) -> ImagePlan:
-        plan = super().image_plan(source, ref, key, insecure)
+                   insecure: bool = False, platform: Optional[Platform] = None) -> ImagePlan:
+        plan = super().image_plan(source, ref, key, insecure, platform)
         # `podman-hpc pull` migrates by itself, and an explicit migrate makes the squash also
         # where a site turned that off; both exit 0 when squashing failed ("Squash Failed" in
         # the log only), so the squash store (the read-only images) must list the image id

@@ -15,7 +15,7 @@ from ..environment import EnvEncoding
 from ..errors import ImageError, SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
-from ..reference import DOCKER_HUB, ImageRef, ImageSource
+from ..reference import DOCKER_HUB, ImageRef, ImageSource, Platform
 from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, require_paths
 
 #: Shifter refuses binds onto these (udiRoot.conf siteFs/volume rules)
@@ -78,7 +78,7 @@ class Shifter(Runtime):
         return self.ctx.which("shifterimg")
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
-                   insecure: bool = False) -> ImagePlan:
+                   insecure: bool = False, platform: Optional[Platform] = None) -> ImagePlan:
         if source.kind != "registry":
             raise ImageError(f"Shifter imports images only through its gateway from a registry; "
                              f"{source.text} must be pushed to a registry first")

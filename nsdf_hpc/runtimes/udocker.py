@@ -16,7 +16,7 @@ from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
 from ..host import HostFacts
 from ..models import NativeImage, RunSpec
-from ..reference import ImageRef, ImageSource
+from ..reference import ImageRef, ImageSource, Platform
 from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_binds, process_env
 
 
@@ -28,6 +28,7 @@ class UDocker(Runtime):
     """UDocker: user-space containers with proot; no namespaces, no setuid, no daemon."""
 
     name: ClassVar[str] = "udocker"
+    foreign_platforms: ClassVar[bool] = True
     executables: ClassVar[Tuple[str, ...]] = ("udocker",)
     priority: ClassVar[int] = 90
     storage: ClassVar[str] = "store"
@@ -91,7 +92,7 @@ class UDocker(Runtime):
         return {"UDOCKER_DIR": env.get("UDOCKER_DIR") or f"{cache_root}/udocker"}
 
     def image_plan(self, source: ImageSource, ref: Optional[ImageRef], key: str,
-                   insecure: bool = False) -> ImagePlan:
+                   insecure: bool = False, platform: Optional[Platform] = None) -> ImagePlan:
         container = f"nsdf-{key[:24]}"
         base = tuple(self._base())
         steps: List[Step] = []
@@ -101,7 +102,10 @@ class UDocker(Runtime):
             # udocker 1.3.17 cannot pull by digest ("must specify image:tag"): pull the tag that
             # was just resolved to the digest; the entry records the digest
             image = f"{ref.repository}:{ref.tag or 'latest'}"
-            steps.append(Step(base + ("-q", "pull", f"--registry={scheme}://{ref.registry}", image),
+            # by tag, so --platform chooses from an index as nsdf-hpc did (udocker 1.3.17:
+            # "--platform=os/arch"; without it udocker takes the host's)
+            plat = (f"--platform={platform}",) if platform is not None else ()
+            steps.append(Step(base + ("-q", "pull", f"--registry={scheme}://{ref.registry}", *plat, image),
                               f"pull {ref}", retry=True))
         elif source.kind == "native":
             raise SpecError(f"{source.path} is already a native image")

@@ -154,7 +154,7 @@ def prepare(client: "Client", spec: JobSpec, slurm: Slurm, runtime: Any = None,
     if dry_run:
         inv, native, rt = client.plan(cmd_spec, rt, env=static_env)
     else:
-        native = client.pull(spec.image, rt)
+        native = client.pull(spec.image, rt, platform=spec.platform)
         inv, native, rt = client.invocation(cmd_spec, rt, native, env=static_env)
     if not inv.argv or inv.argv[-1] != CMD_SENTINEL:
         raise SchedulerError(f"{rt.name}: the command is not at the end of the runtime argv")

@@ -15,6 +15,8 @@
 #     plus, for offline tests, an OCI layout dir, an oci-archive tar and a
 #     docker-archive tar of each (under $HPCRT_ROOT/images/<name>/)
 #   * the base images recipes/ name in FROM, from Debian packages: library/debian:12-slim
+#   * multi-arch images: hpc/multi:latest (index: linux/amd64 + linux/arm64),
+#     hpc/armonly:latest (one arm64 manifest) and hpc/armonly:index (index, arm64 only)
 #   * Podman (Debian package) + a containers.conf drop-in that works around this
 #     host's quirks (hybrid cgroups => runc; no CAP_SYS_RESOURCE => ulimits)
 #   * Charliecloud (Debian package) + wrappers so ch-image uses /usr/bin/python3
@@ -27,9 +29,9 @@
 #
 # Usage: provision-runtimes.sh [STEP ...]
 #   STEPS: all (default) | packages | host | user | registry | registry-auth | images |
-#          base-images | recipe-images | podman |
+#          base-images | multiarch-images | recipe-images | podman |
 #          charliecloud | udocker | apptainer | verify | registry-stop | status
-#   "all" = packages host user registry registry-auth images base-images podman recipe-images
+#   "all" = packages host user registry registry-auth images base-images multiarch-images podman recipe-images
 #           charliecloud udocker apptainer verify
 #
 # Environment knobs (defaults in brackets):
@@ -412,6 +414,108 @@ step_base_images() {
   done
 }
 
+# ---------------------------------------------------------------- multi-arch images
+# Images for another architecture than this host's (issue 12: multi-arch), with real content:
+#   hpc/multi:latest    an OCI image index: linux/amd64 (hpc/busybox's layers) and linux/arm64
+#   hpc/armonly:latest  one arm64 image (a plain manifest, as `docker build` on arm64 pushes it)
+#   hpc/armonly:index   an index whose only entry is linux/arm64
+# The arm64 busybox is Debian's busybox-static:arm64 .deb, fetched with a private apt state
+# (this host's dpkg architectures and apt lists are not touched); nothing arm64 ever runs here.
+MULTI="$HPCRT_ROOT/multiarch"
+multiarch_has() {
+  local r
+  for r in hpc/multi:latest hpc/armonly:latest hpc/armonly:index; do
+    skopeo inspect --tls-verify=false --raw "docker://$HPCRT_REG_HTTP/$r" >/dev/null 2>&1 || return 1
+  done
+}
+fetch_arm64_busybox() {  # -> $MULTI/busybox-static_arm64.deb
+  local d="$MULTI/apt" suite
+  suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+  rm -rf "$d"; mkdir -p "$d/lists/partial" "$d/cache/archives/partial"
+  echo "deb $HPCRT_DEBIAN_MIRROR $suite main" > "$d/sources.list"
+  local A=(-o Dir::State::Lists="$d/lists" -o Dir::Cache="$d/cache" -o Dir::State::status=/dev/null
+           -o Dir::Etc::SourceList="$d/sources.list" -o Dir::Etc::SourceParts=/dev/null
+           -o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o Acquire::Languages=none
+           -o APT::Sandbox::User=root)
+  "${APT[@]}" "${A[@]}" update -qq > "$HPCRT_ROOT/logs/multiarch-apt.log" 2>&1 \
+    || die "apt update (arm64 lists of $suite) failed (see logs/multiarch-apt.log)"
+  (cd "$d" && "${APT[@]}" "${A[@]}" download busybox-static:arm64 >> "$HPCRT_ROOT/logs/multiarch-apt.log" 2>&1) \
+    || die "apt-get download busybox-static:arm64 failed (see logs/multiarch-apt.log)"
+  mv "$d"/busybox-static_*_arm64.deb "$MULTI/busybox-static_arm64.deb"
+  rm -rf "$d"
+}
+build_arm64_busybox() {  # the arm64 twin of build_busybox, in the $MULTI/layout:arm64 image
+  local b="$MULTI/bundle-arm64" x="$MULTI/deb-arm64" R a
+  rm -rf "$b" "$x"
+  dpkg-deb -x "$MULTI/busybox-static_arm64.deb" "$x"
+  umoci new --image "$MULTI/layout:arm64"
+  umoci unpack --image "$MULTI/layout:arm64" "$b" >/dev/null
+  R="$b/rootfs"
+  mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,etc,root,home,proc,sys,dev,mnt,tmp,var/tmp,data}
+  chmod 1777 "$R/tmp" "$R/var/tmp"
+  cp "$x/bin/busybox" "$R/bin/busybox"
+  # the applet list of this host's busybox (the arm64 one cannot run here to say its own)
+  for a in $(/bin/busybox --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$R/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' > "$R/etc/group"
+  echo 'hello from arm64 busybox image' > "$R/etc/hello.txt"
+  umoci repack --image "$MULTI/layout:arm64" "$b" >/dev/null
+  umoci config --image "$MULTI/layout:arm64" --author hpc-ci --architecture arm64 --os linux \
+    --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --config.env LANG=C.UTF-8 --config.workingdir / --config.cmd /bin/sh
+  rm -rf "$b" "$x"
+}
+# add an image index "$1" to the OCI layout, listing the layout's images "$2"... (os/arch from
+# each image's config); skopeo copy --all then pushes it with every entry
+add_index() {  # $1=index name, $2...=image names in $MULTI/layout
+  python3 - "$MULTI/layout" "$@" <<'PY'
+import hashlib, json, os, sys
+layout, name, images = sys.argv[1], sys.argv[2], sys.argv[3:]
+def blob(d):
+    return os.path.join(layout, "blobs", *d["digest"].split(":", 1))
+idx_path = os.path.join(layout, "index.json")
+idx = json.load(open(idx_path))
+refs = {m.get("annotations", {}).get("org.opencontainers.image.ref.name"): m for m in idx["manifests"]}
+entries = []
+for image in images:
+    m = refs[image]
+    config = json.load(open(blob(json.load(open(blob(m)))["config"])))
+    entries.append({"mediaType": m["mediaType"], "digest": m["digest"], "size": m["size"],
+                    "platform": {"os": config["os"], "architecture": config["architecture"]}})
+data = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                   "manifests": entries}, indent=2).encode()
+digest = "sha256:" + hashlib.sha256(data).hexdigest()
+with open(blob({"digest": digest}), "wb") as fh:
+    fh.write(data)
+idx["manifests"] = [m for m in idx["manifests"]
+                    if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != name]
+idx["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest,
+                         "size": len(data), "annotations": {"org.opencontainers.image.ref.name": name}})
+with open(idx_path + ".tmp", "w") as fh:
+    json.dump(idx, fh)
+os.replace(idx_path + ".tmp", idx_path)
+PY
+}
+step_multiarch_images() {
+  log "multi-arch images (hpc/multi:latest, hpc/armonly:{latest,index})"
+  if [ "$HPCRT_FORCE_IMAGES" != 1 ] && multiarch_has; then return 0; fi
+  mkdir -p "$MULTI" "$HPCRT_ROOT/logs"
+  [ -s "$MULTI/busybox-static_arm64.deb" ] || fetch_arm64_busybox
+  rm -rf "$MULTI/layout"
+  umoci init --layout "$MULTI/layout"
+  build_arm64_busybox
+  [ -d "$IMG/build" ] && umoci ls --layout "$IMG/build" | grep -x busybox >/dev/null \
+    || die "the multi-arch images reuse hpc/busybox: run the images step first"
+  skopeo copy -q "oci:$IMG/build:busybox" "oci:$MULTI/layout:amd64"
+  add_index multi amd64 arm64
+  add_index armonly-index arm64
+  local dst="docker://$HPCRT_REG_HTTP/hpc"
+  skopeo copy -q --all --dest-tls-verify=false "oci:$MULTI/layout:multi" "$dst/multi:latest"
+  skopeo copy -q --all --dest-tls-verify=false "oci:$MULTI/layout:armonly-index" "$dst/armonly:index"
+  skopeo copy -q --dest-tls-verify=false --format v2s2 "oci:$MULTI/layout:arm64" "$dst/armonly:latest"
+  chmod -R a+rX "$MULTI"
+}
+
 # ---------------------------------------------------------------- recipe images
 # Images built from recipes/ and served under their NSDF name, so examples run as a new user
 # would run them (examples/executor_numpy.py uses nsdf/python:v1.0.0, Python 3 + numpy):
@@ -719,7 +823,7 @@ step_status() {
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(all)
 if [ "${steps[0]}" = all ]; then
-  steps=(packages host user registry registry-auth images base-images podman recipe-images charliecloud udocker apptainer verify)
+  steps=(packages host user registry registry-auth images base-images multiarch-images podman recipe-images charliecloud udocker apptainer verify)
 fi
 for s in "${steps[@]}"; do
   if skip "$s"; then log "skipping $s"; continue; fi
@@ -732,6 +836,7 @@ for s in "${steps[@]}"; do
     registry-stop) step_registry_stop ;;
     images) step_images ;;
     base-images) step_base_images ;;
+    multiarch-images) step_multiarch_images ;;
     recipe-images) step_recipe_images ;;
     podman) step_podman ;;
     charliecloud) step_charliecloud ;;

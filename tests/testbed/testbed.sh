@@ -14,6 +14,8 @@
 #     library/{busybox,pydeb}:latest (so the registry serves as a docker.io site mirror),
 #     library/debian:12-slim (debootstrap; the base of recipes/nsdf-python and nsdf-openvisus);
 #     nsdf/python:v1.0.0 built from recipes/nsdf-python (Python 3 + numpy, for the examples);
+#     multi-arch: hpc/multi:latest (an index: linux/amd64 + linux/arm64), hpc/armonly:latest
+#     (one arm64 manifest) and hpc/armonly:index (an index with only linux/arm64);
 #     the same images as docker-archive, oci-archive and OCI layout files; and a TLS registry
 #     that requires a login, 127.0.0.1:5444 (user nsdf-ci, password file root-only)
 #   * Apptainer, Charliecloud, Podman and UDocker, working as root and as user hpcuser
@@ -95,7 +97,7 @@ EOF
 }
 
 up() {
-  local t0=$SECONDS steps=(packages host user registry registry-auth images base-images podman recipe-images charliecloud udocker apptainer)
+  local t0=$SECONDS steps=(packages host user registry registry-auth images base-images multiarch-images podman recipe-images charliecloud udocker apptainer)
   if [ "${NSDF_TESTBED_VERIFY:-0}" = 1 ] || [ ! -e "$HPCRT_ROOT/.verified" ]; then steps+=(verify); fi
   log "runtimes + registry + images: ${steps[*]}"
   bash "$HERE/runtimes.sh" "${steps[@]}"

@@ -258,7 +258,7 @@ def _service(tmp_path: Any, runner: Any, monkeypatch: pytest.MonkeyPatch) -> "tu
     client = Client(settings=settings, runner=runner, env=env)
     sleeps: List[float] = []
     monkeypatch.setattr(images.time, "sleep", sleeps.append)
-    monkeypatch.setattr(client.images, "_image_size", lambda *a: None)
+    monkeypatch.setattr(client.images, "_describe", lambda *a: None)
     rt = Apptainer("/usr/bin/apptainer", "apptainer", "1.4.5",
                    RuntimeContext(1000, 1000, "alice", which=lambda n: f"/usr/bin/{n}"))
     return client, rt, sleeps
