@@ -740,10 +740,14 @@ class ImageService:
         return self.resolve(source, max_age, platform)
 
     def built_digests(self, ref: ImageRef) -> Dict[str, str]:
-        """``{runtime: digest}`` of the images ``nsdf-run build`` made here under ``ref``'s tag."""
+        """``{runtime: digest}`` of the images ``nsdf-run build`` made here under ``ref``'s tag
+        and still cached (a pruned build no longer stands for the tag: it is pulled again)."""
         known = self.cache.known_ref(ref.slug())
         built = known.get("built") if known else None
-        return {str(k): str(v) for k, v in built.items()} if isinstance(built, dict) else {}
+        if not isinstance(built, dict):
+            return {}
+        return {str(k): str(v) for k, v in built.items()
+                if os.path.isdir(self.cache.entry_dir(str(k), str(v)))}
 
     def adopt_built(self, rt: Runtime, work: str, digest: str, tag: str, *, location: str,
                     relative: bool, main_file: Optional[str] = None,

@@ -299,3 +299,21 @@ def test_prune_asks_about_the_jobs_that_pinned_an_entry(tmp_path):
     assert "its state cannot be read now" in kept[0]
     assert len(service.prune(lambda n: None, max_size=0, jobs_alive=lambda ids: set())) == 1
     assert cache.entries() == [] and not os.path.exists(cache.pin_dir("apptainer", D))
+
+
+def test_a_pruned_build_no_longer_stands_for_its_tag(tmp_path):
+    """A tag built here for podman names that build only while its cache entry exists: once
+    pruned, the tag is pulled again (not "built here for podman, not for apptainer")."""
+    from nsdf_hpc.reference import parse_reference
+    cache = ImageCache(str(tmp_path / "c"))
+    cache.ensure_dirs()
+    digest = "sha256:" + "d" * 64
+    work = cache.workdir("podman", digest)
+    cache.publish(work, "podman", digest, {"source": "nsdf/mpi:v1.0.0", "location": "x", "relative": False})
+    ref = parse_reference("nsdf/mpi:v1.0.0")
+    cache.remember_ref(ref.slug(), digest, 1, built={"podman": digest})
+    service = _service(cache)
+    assert service.built_digests(ref) == {"podman": digest}
+    entry = cache.lookup("podman", digest)
+    assert entry is not None and cache.remove(entry)
+    assert service.built_digests(ref) == {}
