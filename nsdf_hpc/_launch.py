@@ -37,7 +37,7 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
 from ._version import __version__
 from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
-from .environment import DEFAULT_ENV_ALLOW, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
+from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
 FORMAT = 6   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
 #            6: the guard's ``started`` file (podman: a signal held until the container runs)
@@ -49,7 +49,8 @@ GUARD_PATH = "{nsdf-run-path}"
 #: variables that change between identical calls and that planning never reads
 _VOLATILE = ("_", "OLDPWD", "SHLVL", "PWD", "COLUMNS", "LINES")
 #: variables planning reads although the container allowlist also takes them
-_PLANNING = frozenset(PROCESS_ENV_KEEP) | {"SCRATCH", "PSCRATCH", "CSCRATCH"}
+#: (the MPI launcher's directories become binds: a record of one job step is not another's)
+_PLANNING = frozenset(PROCESS_ENV_KEEP) | frozenset(LAUNCHER_DIR_VARS) | {"SCRATCH", "PSCRATCH", "CSCRATCH"}
 
 
 def _stat_id(path: str) -> Optional[Tuple[int, int, int]]:

@@ -13,7 +13,7 @@ from . import _launch
 from ._exec import CommandRunner, SubprocessRunner, run_guarded, run_scratch
 from .cache import Entry, ImageCache, rmtree
 from .config import Settings, cache_dir, load_settings
-from .environment import container_env
+from .environment import container_env, launcher_dirs
 from .errors import NsdfError, PlatformError, RunError, SpecError
 from .host import HostFacts, emulator, probe_host
 from .images import ImageService
@@ -272,6 +272,7 @@ class Client:
         if native.shell and spec.command:
             spec = spec.model_copy(update={"command": rt.wrap_command(spec.command, spec.env)})
         host = self.env if env is None else env
+        spec = with_launcher_binds(spec, host)
         cenv = container_env(host, spec.env, self.settings.env_allow, self.settings.env_deny)
         host_env = dict(host)
         host_env.update(rt.runtime_env(host, self.cache.root))
@@ -460,6 +461,18 @@ class Client:
                      **options: Any) -> Union["Job", "Prepared"]:
         """An array job: one command per task, or ``template`` with ``{index}``."""
         return slurm_submit.submit_array(self, image, commands, **options)
+
+
+def with_launcher_binds(spec: RunSpec, env: Mapping[str, str]) -> RunSpec:
+    """``spec`` with the MPI launcher's directories of this rank (``srun --mpi=pmix``: Slurm's
+    PMIx server directory) bound at their own paths, unless a bind already covers them."""
+    covered = [b.target.rstrip("/") + "/" for b in spec.binds]
+    extra = tuple(Bind(source=d, target=d) for d in launcher_dirs(env)
+                  if os.path.isdir(d) and not any((d + "/").startswith(c) for c in covered))
+    if not extra:
+        return spec
+    logger.debug("binding the MPI launcher's directories: %s", ", ".join(b.source for b in extra))
+    return spec.model_copy(update={"binds": spec.binds + extra})
 
 
 def _platform(value: Union[None, str, Platform]) -> Optional[Platform]:

@@ -116,3 +116,28 @@ def container_env(host_env: Mapping[str, str], explicit: Mapping[str, str],
            if matches(k, allow) and not matches(k, deny) and "\0" not in v}
     env.update(explicit)
     return env
+
+
+#: Variables whose values are host directories the MPI launcher outside the container shares
+#: with each rank: Slurm's PMIx server directory and its shared-memory stores (``srun
+#: --mpi=pmix``). Open MPI makes its session directory there, so a rank must see them at the
+#: same path; on a read-only image (Charliecloud, Apptainer without /var/tmp) it fails without.
+LAUNCHER_DIR_VARS: Tuple[str, ...] = (
+    "PMIX_SERVER_TMPDIR", "PMIX_DSTORE_21_BASE_PATH", "PMIX_DSTORE_ESH_BASE_PATH",
+)
+
+
+def launcher_dirs(env: Mapping[str, str]) -> List[str]:
+    """The launcher's directories named by ``env`` (pure): absolute, normalised, each once,
+    none inside another one of the list (the PMIx stores usually live in the server's)."""
+    import posixpath
+
+    found: List[str] = []
+    for name in LAUNCHER_DIR_VARS:
+        value = env.get(name, "")
+        if not value.startswith("/") or "\0" in value or ":" in value or "," in value:
+            continue    # not a path a bind can carry (':' and ',' separate bind fields)
+        path = posixpath.normpath(value)
+        if path != "/" and path not in found:
+            found.append(path)
+    return [p for p in found if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in found)]

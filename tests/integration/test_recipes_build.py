@@ -42,6 +42,10 @@ BUILDERS = [
 CHECKS = {
     "nsdf-python": (["python3", "-c", "import numpy, sys; print(sys.version_info[0], numpy.arange(4).sum())"],
                     "3 6"),
+    # Open MPI linked to the external (Debian) PMIx, and mpi4py; the 2-node run: test_mpi.py
+    "nsdf-mpi": (["sh", "-c", "echo $(ompi_info | grep -o 'MCA pmix: ext3x' | head -n 1) "
+                              "mpi4py $(python3 -c 'import mpi4py; print(mpi4py.__version__)')"],
+                 "MCA pmix: ext3x mpi4py 3.1.4"),
     "nsdf-openvisus": (["python3", "/opt/nsdf/idx_smoke.py", "."],
                        "idx ok: ./smoke/smoke.idx shape=(8, 32, 16) dtype=float32 sum=8386560"),
 }

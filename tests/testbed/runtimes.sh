@@ -525,23 +525,27 @@ step_multiarch_images() {
 #                       apt-get reaches Debian's mirror (~1-2 min the first time)
 RECIPES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../recipes" 2>/dev/null && pwd || true)
 step_recipe_images() {
-  log "images built from recipes/ (nsdf/python:v1.0.0)"
+  log "images built from recipes/ (nsdf/python:v1.0.0, nsdf/mpi:v1.0.0)"
   [ -n "$RECIPES_DIR" ] || die "recipes/ not found beside tests/testbed"
-  local name=python ref="nsdf/python:v1.0.0" tmp tag="localhost/nsdf-testbed/python:v1.0.0"
-  if [ "$HPCRT_FORCE_IMAGES" != 1 ] && \
-     skopeo inspect --tls-verify=false --raw "docker://$HPCRT_REG_HTTP/$ref" >/dev/null 2>&1; then
-    return 0
-  fi
-  mkdir -p "$HPCRT_ROOT/logs"
-  tmp=$(mktemp -d)
-  cp -a "$RECIPES_DIR/nsdf-$name/." "$tmp/"
-  sed -i "s#^FROM docker.io/#FROM $HPCRT_REG_HTTPS/#" "$tmp/Dockerfile"
-  podman build --pull=missing -t "$tag" -f "$tmp/Dockerfile" "$tmp" \
-    > "$HPCRT_ROOT/logs/recipe-$name.log" 2>&1 || { rm -rf "$tmp"; die "podman build of recipes/nsdf-$name failed (see logs/recipe-$name.log)"; }
-  rm -rf "$tmp"
-  log "pushing $ref to $HPCRT_REG_HTTP"
-  skopeo copy -q --dest-tls-verify=false --format v2s2 "containers-storage:$tag" "docker://$HPCRT_REG_HTTP/$ref"
-  podman rmi --ignore "$tag" >/dev/null 2>&1 || true
+  local name ref tmp tag
+  # python: for examples/; mpi: the MPI job of tests/integration/test_mpi.py on every runtime
+  for name in python mpi; do
+    ref="nsdf/$name:v1.0.0" tag="localhost/nsdf-testbed/$name:v1.0.0"
+    if [ "$HPCRT_FORCE_IMAGES" != 1 ] && \
+       skopeo inspect --tls-verify=false --raw "docker://$HPCRT_REG_HTTP/$ref" >/dev/null 2>&1; then
+      continue
+    fi
+    mkdir -p "$HPCRT_ROOT/logs"
+    tmp=$(mktemp -d)
+    cp -a "$RECIPES_DIR/nsdf-$name/." "$tmp/"
+    sed -i "s#^FROM docker.io/#FROM $HPCRT_REG_HTTPS/#" "$tmp/Dockerfile"
+    podman build --pull=missing -t "$tag" -f "$tmp/Dockerfile" "$tmp" \
+      > "$HPCRT_ROOT/logs/recipe-$name.log" 2>&1 || { rm -rf "$tmp"; die "podman build of recipes/nsdf-$name failed (see logs/recipe-$name.log)"; }
+    rm -rf "$tmp"
+    log "pushing $ref to $HPCRT_REG_HTTP"
+    skopeo copy -q --dest-tls-verify=false --format v2s2 "containers-storage:$tag" "docker://$HPCRT_REG_HTTP/$ref"
+    podman rmi --ignore "$tag" >/dev/null 2>&1 || true
+  done
 }
 
 # ---------------------------------------------------------------- podman

@@ -13,7 +13,8 @@
 #     images hpc/{busybox,pydeb}:{latest,oci}, nsdf/{busybox,pydeb}:v1.0.0 and
 #     library/{busybox,pydeb}:latest (so the registry serves as a docker.io site mirror),
 #     library/debian:12-slim (debootstrap; the base of recipes/nsdf-python and nsdf-openvisus);
-#     nsdf/python:v1.0.0 built from recipes/nsdf-python (Python 3 + numpy, for the examples);
+#     nsdf/python:v1.0.0 built from recipes/nsdf-python (Python 3 + numpy, for the examples) and
+#     nsdf/mpi:v1.0.0 from recipes/nsdf-mpi (Open MPI + mpi4py, for tests/integration/test_mpi.py);
 #     multi-arch: hpc/multi:latest (an index: linux/amd64 + linux/arm64), hpc/armonly:latest
 #     (one arm64 manifest) and hpc/armonly:index (an index with only linux/arm64);
 #     the same images as docker-archive, oci-archive and OCI layout files; and a TLS registry

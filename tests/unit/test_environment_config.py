@@ -143,3 +143,38 @@ def test_cache_dir_prefers_scratch(tmp_path):
     assert default_cache_dir({"SCRATCH": str(scratch), "HOME": "/h"}) == scratch / "nsdf-hpc"
     assert str(default_cache_dir({"SCRATCH": "/does/not/exist", "HOME": "/h"})) == "/h/.cache/nsdf-hpc"
     assert str(default_cache_dir({"HOME": "/h", "XDG_CACHE_HOME": "/x"})) == "/x/nsdf-hpc"
+
+
+# ---------------------------------------------------------------- the MPI launcher's directories
+def test_launcher_dirs_are_the_pmix_server_directory_once_and_nothing_odd() -> None:
+    from nsdf_hpc.environment import launcher_dirs
+    srv = "/var/spool/slurmd/pmix.7.0/"
+    env = {"PMIX_SERVER_TMPDIR": srv, "PMIX_DSTORE_21_BASE_PATH": srv + "/pmix_dstor_ds21_1",
+           "PMIX_DSTORE_ESH_BASE_PATH": "/other/ds12", "PMIX_SYSTEM_TMPDIR": "/tmp"}
+    # the stores inside the server's directory come with it; /tmp is not the launcher's
+    assert launcher_dirs(env) == ["/var/spool/slurmd/pmix.7.0", "/other/ds12"]
+    for bad in ("relative/dir", "/a:b", "/a,b", "/", "", "/x\0y"):
+        assert launcher_dirs({"PMIX_SERVER_TMPDIR": bad}) == []
+    assert launcher_dirs({}) == []
+
+
+def test_with_launcher_binds_adds_existing_directories_not_already_bound(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nsdf_hpc.client import with_launcher_binds
+    from nsdf_hpc.models import Bind, RunSpec
+    srv = tmp_path / "pmix.7.0"
+    srv.mkdir()
+    spec = RunSpec(image="busybox", command=("true",))
+    got = with_launcher_binds(spec, {"PMIX_SERVER_TMPDIR": str(srv), "PMIX_DSTORE_ESH_BASE_PATH": "/nonexistent"})
+    assert got.binds == (Bind(source=str(srv), target=str(srv)),)
+    covered = spec.model_copy(update={"binds": (Bind(source=str(tmp_path), target=str(tmp_path)),)})
+    assert with_launcher_binds(covered, {"PMIX_SERVER_TMPDIR": str(srv)}) is covered
+    assert with_launcher_binds(spec, {}) is spec
+
+
+def test_a_launch_record_of_one_job_step_is_not_another_steps() -> None:
+    from nsdf_hpc import _launch
+    args = ["run", "busybox", "--", "true"]
+    a = _launch.launch_key(args, {"PMIX_SERVER_TMPDIR": "/s/pmix.7.0", "PMIX_RANK": "0"}, "/w")
+    b = _launch.launch_key(args, {"PMIX_SERVER_TMPDIR": "/s/pmix.8.0", "PMIX_RANK": "0"}, "/w")
+    c = _launch.launch_key(args, {"PMIX_SERVER_TMPDIR": "/s/pmix.7.0", "PMIX_RANK": "1"}, "/w")
+    assert a != b and a == c
