@@ -28,14 +28,15 @@ import pytest
 from nsdf_hpc.client import Client
 from nsdf_hpc.schedulers import Job, JobState, Slurm, SlurmSettings
 
-from .helpers import RUNTIME_PARAMS, root_env
+from .helpers import RUNTIME_PARAMS, root_env, user_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.registry, pytest.mark.slow]
 
 IMAGE = "127.0.0.1:5443/nsdf/mpi:v1.0.0"
 SCRATCH = Path("/var/tmp/nsdf-scratch")
-#: podman-hpc runs podman under Slurm with its own per-node setup; covered by its own tests
-MPI_RUNTIMES = [p for p in RUNTIME_PARAMS if p.id != "podman-hpc"]
+MPI_RUNTIMES = RUNTIME_PARAMS
+#: the unprivileged user's runtimes (podman-hpc as that user runs squashed images only)
+USER_RUNTIMES = [p for p in RUNTIME_PARAMS if p.id != "podman-hpc"]
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,28 @@ def test_submit_mpi_pmix_on_two_nodes(runtime: str, cache: Path, work_dir: Path)
     script = Path(job.log_path("stdout") or "").parent / "job.sh"
     if script.is_file():
         assert "--mpi=pmix" in script.read_text()
+
+
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime", USER_RUNTIMES)
+def test_srun_mpi_pmix_as_the_unprivileged_user(runtime: str, as_user, tmp_path: Path  # type: ignore[no-untyped-def]
+                                                ) -> None:
+    """The same job as a user without privileges (rootless Podman, Apptainer's user namespace)."""
+    pw = as_user.pw
+    work = SCRATCH / f"pytest-mpi-user-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    os.chown(work, pw.pw_uid, pw.pw_gid)
+    cache = str(user_cache(as_user) / "mpi")
+    try:
+        pulled = as_user.run(["nsdf-run", "pull", "--runtime", runtime, IMAGE], cwd=str(work), timeout=900,
+                             NSDF_HPC_CACHE=cache)
+        assert pulled.returncode == 0, pulled.stderr[-2000:]
+        ran = as_user.run(["srun", "--nodes=2", "--ntasks-per-node=1", "--mpi=pmix", "--time=5",
+                           "nsdf-run", "run", "--runtime", runtime, IMAGE, "--",
+                           "python3", "/opt/nsdf/allreduce.py"], cwd=str(work), timeout=300,
+                          NSDF_HPC_CACHE=cache)
+        assert ran.returncode == 0, ran.stdout + ran.stderr[-3000:]
+        _check(ran.stdout)
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
