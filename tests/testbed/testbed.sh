@@ -48,6 +48,12 @@ export SLURM_CI_CPUS=${SLURM_CI_CPUS:-16}
 # Finished jobs stay in slurmctld's memory long enough for the squeue/scontrol
 # (accounting-disabled) path, and a lower value keeps squeue cheap.
 export SLURM_CI_MIN_JOB_AGE=${SLURM_CI_MIN_JOB_AGE:-600}
+# A killed slurmd makes its node DOWN (and its jobs NODE_FAIL) after this many seconds
+# (Slurm's default, 300 s, is too long for a test; measured: NODE_FAIL 29 s after the kill).
+export SLURM_CI_SLURMD_TIMEOUT=${SLURM_CI_SLURMD_TIMEOUT:-10}
+# --mem enforced by task/cgroup (jobs over it end OUT_OF_MEMORY) where that works: Slurm
+# 22.05 on the hybrid cgroup v1 of the CI's Debian 12 machines (see slurm-start.sh).
+export SLURM_CI_CGROUP=${SLURM_CI_CGROUP:-auto}
 ENV_FILE=${NSDF_TESTBED_ENV:-$HPCRT_ROOT/testbed.env}
 SITE_CONF=${NSDF_HPC_SITE_CONFIG:-/etc/nsdf-hpc/config.toml}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
