@@ -84,7 +84,7 @@ def parse_sacct(stdout: str) -> Dict[str, JobStatus]:
             raise UnexpectedOutputError("sacct", stdout, expected="JobID|State|ExitCode|... lines")
         job_id = parts[0]
         st = slurm_state(parts[1], parts[2])
-        reason = final_reason(st.state, parts[3] if len(parts) > 3 else None)
+        reason = final_reason(st.state, parts[3] if len(parts) > 3 else None) or st.reason
         name = parts[5] if len(parts) > 5 else None
         out[job_id] = st.model_copy(update={"job_id": job_id, "reason": reason, "name": name,
                                             "source": "sacct"})
@@ -121,7 +121,7 @@ def parse_scontrol_jobs(stdout: str) -> Dict[str, JobStatus]:
         reason = field_("Reason")
         out[key] = st.model_copy(update={
             "job_id": key, "name": name, "source": "scontrol", "accounting": False,
-            "reason": final_reason(st.state, reason)})
+            "reason": final_reason(st.state, reason) or st.reason})
     return out
 
 

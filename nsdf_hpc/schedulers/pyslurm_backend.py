@@ -61,7 +61,7 @@ class PyslurmSlurm(Slurm):
                     key = f"{job.array_id}_{job.array_task_id}"
                 st = slurm_state(str(job.state), f"{job.exit_code or 0}:{job.exit_code_signal or 0}")
                 out[key] = st.model_copy(update={"job_id": key, "name": job.name, "source": "pyslurm",
-                                                 "reason": final_reason(st.state, job.state_reason)})
+                                                 "reason": final_reason(st.state, job.state_reason) or st.reason})
             return out
         except Exception as err:  # noqa: BLE001 - any pyslurm failure: use the commands
             logger.warning("pyslurm status failed (%s); using sacct", err)

@@ -270,7 +270,7 @@ def parse_jobs(data: Any, version: str) -> Dict[str, JobStatus]:
         out[key] = st.model_copy(update={
             "job_id": key, "name": job.get("name") or None, "source": "slurmrestd",
             "exit_code": rc, "signal": sig,
-            "reason": final_reason(st.state, job.get("state_reason"))})
+            "reason": final_reason(st.state, job.get("state_reason")) or st.reason})
     return out
 
 
@@ -301,7 +301,7 @@ def parse_db_jobs(data: Any, version: str) -> Dict[str, JobStatus]:
         out[key] = st.model_copy(update={
             "job_id": key, "name": job.get("name") or None, "source": "slurmrestd-slurmdb",
             "exit_code": rc if st.state.final else None, "signal": sig,
-            "reason": final_reason(st.state, state.get("reason"))})
+            "reason": final_reason(st.state, state.get("reason")) or st.reason})
     return out
 
 

@@ -181,9 +181,9 @@ class Slurm:
             if res.returncode != 0:
                 msg = f"`sacct` failed: {res.stderr.strip() or res.returncode}"
                 if cmd.is_transient(res.stderr):
-                    raise TransientStatusError(msg)
+                    return self._while_accounting_is_down(ids, accounting, msg), accounting
                 raise SchedulerError(msg)
-            table = cmd.parse_sacct(res.stdout)
+            table = self._with_oom_exit_codes(cmd.parse_sacct(res.stdout))
             present = {_base(k) for k in table} | set(table)
             missing = [j for j in ids if j not in present and not any(task_covered(j, k) for k in table)]
             if missing:
@@ -195,6 +195,17 @@ class Slurm:
             return table, accounting
         return self._scontrol_status(ids, accounting), accounting
 
+    def _while_accounting_is_down(self, ids: Sequence[str], accounting: str,
+                                  msg: str) -> Dict[str, JobStatus]:
+        """sacct failed in a way that passes (slurmdbd stopped or restarting): slurmctld and
+        the exit-code files answer this round, and sacct is asked again the next. A job they
+        do not know keeps the error (a transient one: ``wait`` polls on, never gives up)."""
+        table = self._scontrol_status(ids, accounting)
+        if any(st.source == "none" for st in table.values()):
+            raise TransientStatusError(msg)
+        logger.info("%s; slurmctld answers until accounting is back", msg)
+        return {k: v.model_copy(update={"accounting": True}) for k, v in table.items()}
+
     def _scontrol_status(self, ids: Sequence[str], accounting: str) -> Dict[str, JobStatus]:
         res = self._run(cmd.scontrol_jobs_argv())
         if res.returncode != 0:
@@ -203,23 +214,40 @@ class Slurm:
                 raise TransientStatusError(msg)
             raise SchedulerError(msg)
         wanted = set(ids) | {_base(j) for j in ids}
-        table = {k: v for k, v in cmd.parse_scontrol_jobs(res.stdout).items()
-                 if k in wanted or _base(k) in wanted}
+        table = self._with_oom_exit_codes({k: v for k, v in cmd.parse_scontrol_jobs(res.stdout).items()
+                                           if k in wanted or _base(k) in wanted})
         present = {_base(k) for k in table} | set(table)
         for j in ids:
             if j not in present:        # gone from slurmctld's memory (MinJobAge)
                 table[j] = self._exit_file_status(j, accounting)
         return table
 
-    def _exit_file_status(self, job_id: str, accounting: str) -> JobStatus:
+    def _exit_file_code(self, job_id: str) -> Optional[int]:
+        """The exit status the job script left in its exit-code file (-1: unreadable), or
+        None when there is no such file."""
         d = self.dirs.get(_base(job_id)) or self.find_dir(_base(job_id))
         path = os.path.join(d, "exit", job_id) if d else None
-        if path and os.path.exists(path):
-            try:
-                with open(path) as fh:
-                    rc = int(fh.read().strip() or "-1")
-            except (OSError, ValueError):
-                rc = -1
+        if not path or not os.path.exists(path):
+            return None
+        try:
+            with open(path) as fh:
+                return int(fh.read().strip() or "-1")
+        except (OSError, ValueError):
+            return -1
+
+    def _with_oom_exit_codes(self, table: Dict[str, JobStatus]) -> Dict[str, JobStatus]:
+        """Slurm records an OOM-killed job as ``0:125`` whatever its script returned; the
+        exit-code file keeps the command's own status (137 for the process the kernel killed)."""
+        for k, st in table.items():
+            if st.native_state.startswith("OUT_OF_MEMORY") and not st.exit_code:
+                rc = self._exit_file_code(k)
+                if rc is not None and rc > 0:
+                    table[k] = st.model_copy(update={"exit_code": rc})
+        return table
+
+    def _exit_file_status(self, job_id: str, accounting: str) -> JobStatus:
+        rc = self._exit_file_code(job_id)
+        if rc is not None:
             state = JobState.COMPLETED if rc == 0 else JobState.FAILED
             return JobStatus(job_id=job_id, state=state, exit_code=rc, source="exit-code-file",
                              accounting=False,

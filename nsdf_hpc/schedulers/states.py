@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from ..models import Model
 
 __all__ = ["JobState", "JobStatus", "SLURM_STATES", "PENDING_REASONS", "aggregate",
-           "slurm_state", "parse_exit_code", "final_reason"]
+           "FAILURE_REASONS", "slurm_state", "parse_exit_code", "final_reason"]
 
 
 class JobState(str, enum.Enum):
@@ -84,6 +84,16 @@ _SHORT_STATES = {"PD": "PENDING", "R": "RUNNING", "CG": "COMPLETING", "CD": "COM
                  "NF": "NODE_FAIL", "PR": "PREEMPTED", "BF": "BOOT_FAIL", "DL": "DEADLINE",
                  "S": "SUSPENDED", "CF": "CONFIGURING", "RQ": "REQUEUED", "ST": "STOPPED"}
 
+#: What a failure state means, for the states whose sacct Reason is "None" (seen on the
+#: testbed, Slurm 22.05: a killed slurmd gives NODE_FAIL, a cgroup OOM kill OUT_OF_MEMORY).
+FAILURE_REASONS: Dict[str, str] = {
+    "NODE_FAIL": "a node of the job failed (its slurmd stopped answering); the job was killed",
+    "OUT_OF_MEMORY": "the job used more memory than it was allocated (--mem) and was killed",
+}
+#: Slurm's OOM marker: 22.05 records an OOM-killed step as ``0:125`` (SIG_OOM 253 & 0x7f),
+#: which is no signal at all
+_SIG_OOM = 125
+
 #: Why a job waits (Slurm's pending reasons). sacct keeps the last one on array tasks after
 #: they ended ("COMPLETED (JobArrayTaskLimit)" would mislead), so a final status drops them.
 PENDING_REASONS: Tuple[str, ...] = (
@@ -120,12 +130,16 @@ def parse_exit_code(text: str) -> Tuple[Optional[int], Optional[int]]:
 
 
 def slurm_state(raw: str, exit_code: str = "") -> JobStatus:
-    """A status from one state word (``"CANCELLED by 0"`` -> CANCELLED) and ``rc:sig``."""
+    """A status from one state word (``"CANCELLED by 0"`` -> CANCELLED) and ``rc:sig``; the
+    reason says what NODE_FAIL and OUT_OF_MEMORY mean (a reason Slurm gives replaces it)."""
     word = raw.split()[0].rstrip("+") if raw.strip() else ""
     word = _SHORT_STATES.get(word, word)
     state = SLURM_STATES.get(word, JobState.UNKNOWN)
     rc, sig = parse_exit_code(exit_code)
-    return JobStatus(job_id="", state=state, native_state=raw.strip(), exit_code=rc, signal=sig)
+    if word == "OUT_OF_MEMORY" and sig == _SIG_OOM:
+        sig = None
+    return JobStatus(job_id="", state=state, native_state=raw.strip(), exit_code=rc, signal=sig,
+                     reason=FAILURE_REASONS.get(word))
 
 
 def aggregate(job_id: str, statuses: Sequence[JobStatus]) -> JobStatus:

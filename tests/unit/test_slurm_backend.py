@@ -147,11 +147,37 @@ def _call_times(clock: FakeClock) -> List[float]:
 
 def test_wait_keeps_polling_through_controller_outages(tmp_path) -> None:
     down = ok(err="sacct: error: Problem talking to the database: Connection refused", rc=1)
-    runner = FakeRunner({"sacct": [down, down, ok("7|TIMEOUT|0:0|TimeLimit|c1|x\n")]})
+    ctld_down = ok(err="slurm_load_jobs error: Unable to contact slurm controller (connect failure)", rc=1)
+    runner = FakeRunner({"sacct": [down, down, ok("7|TIMEOUT|0:0|TimeLimit|c1|x\n")],
+                         "scontrol": [ctld_down]})
     s = backend(runner, tmp_path)
     st = Job(s, ["7"]).wait()
     assert st.state is JobState.FAILED and st.native_state == "TIMEOUT" and st.exit_code == 0
-    assert len(runner.calls) == 3
+    assert [c[0] for c in runner.calls] == ["sacct", "scontrol"] * 2 + ["sacct"]
+
+
+def test_slurmctld_answers_while_slurmdbd_is_down_and_sacct_after(tmp_path) -> None:
+    """Issue 12 item 4: slurmdbd stopped during a wait. Each round asks sacct first; while it
+    cannot reach the database, slurmctld answers (accounting stays on: never decided "none");
+    a job slurmctld does not know either is a transient error, never UNKNOWN."""
+    down = ok(err="sacct: error: Problem talking to the database: Connection refused", rc=1)
+    line = ("JobId=7 JobName=x UserId=root(0) GroupId=root(0) JobState={} Reason=None "
+            "ExitCode={} Power= \n")
+    runner = FakeRunner({"sacct": [down, down, down, ok("7|FAILED|5:0|None|c1|x\n")],
+                         "scontrol": [ok(line.format("RUNNING", "0:0")),
+                                      ok(line.format("FAILED", "5:0")), ok("No jobs in the system\n")]})
+    s = backend(runner, tmp_path)
+    job = Job(s, ["7"])
+    running = job.status()
+    assert (running.state, running.source, running.accounting) == (JobState.ACTIVE, "scontrol", True)
+    st = job.wait()
+    assert (st.state, st.exit_code, st.source) == (JobState.FAILED, 5, "scontrol")
+    with pytest.raises(SchedulerError) as err:          # neither knows it: the error, transient
+        s.status(["7"])
+    assert getattr(err.value, "transient", False) and "Problem talking to the database" in str(err.value)
+    again = s.status(["7"])["7"]                        # accounting back: sacct's line
+    assert (again.state, again.exit_code, again.source) == (JobState.FAILED, 5, "sacct")
+    assert s.accounting == "auto"
 
 
 def test_wait_timeout_returns_a_non_final_status(tmp_path) -> None:
@@ -400,3 +426,18 @@ def test_a_job_that_leaves_no_exit_file_is_still_noticed_by_the_queries(tmp_path
     (d / "exit").mkdir(parents=True)
     st = Job(s, ["43"], directory=str(d)).wait()
     assert st.state is JobState.CANCELED and 40 <= clock.now <= 40 + 15
+
+
+def test_an_oom_killed_job_reports_its_commands_exit_code_not_slurms_marker(tmp_path) -> None:
+    """Slurm 22.05 records an OOM-killed job as OUT_OF_MEMORY 0:125 whatever the script
+    returned (issue 12 item 4, seen on the testbed); the exit-code file has the command's 137."""
+    runner = FakeRunner({"sacct": [ok("9|OUT_OF_MEMORY|0:125|None|c1|x\n10|OUT_OF_MEMORY|0:125|None|c1|y\n")]})
+    s = backend(runner, tmp_path)
+    jobdir = tmp_path / "job"
+    (jobdir / "exit").mkdir(parents=True)
+    (jobdir / "exit" / "9").write_text("137\n")
+    s.dirs["9"] = str(jobdir)
+    t = s.status(["9", "10"])
+    assert (t["9"].state, t["9"].exit_code, t["9"].signal, t["9"].shell_exit_code()) == (JobState.FAILED, 137, None, 137)
+    assert "more memory than it was allocated" in (t["9"].reason or "")
+    assert (t["10"].exit_code, t["10"].shell_exit_code()) == (0, 1)     # no file: still a failure

@@ -105,10 +105,25 @@ def test_parse_sacct() -> None:
     assert t["5"].state is JobState.CANCELED and t["5"].native_state == "CANCELLED by 0"
     assert t["21"].exit_code == 3 and t["21"].state is JobState.FAILED
     assert t["22"].state is JobState.FAILED and t["22"].exit_code == 0
-    assert t["23"].signal == 125
+    # 0:125 is Slurm's OOM marker (SIG_OOM 253 & 0x7f), not a signal: a failure with a reason
+    assert (t["23"].state, t["23"].signal, t["23"].exit_code) == (JobState.FAILED, None, 0)
+    assert "more memory than it was allocated (--mem)" in (t["23"].reason or "")
+    assert t["23"].shell_exit_code() == 1
     assert t["30_[2-999%10]"].reason == "JobArrayTaskLimit"
     assert t["31"].name == "we|ird" and t["31"].reason == "Dependency"
     assert all(s.source == "sacct" and s.accounting for s in t.values())
+
+
+def test_node_fail_and_oom_say_what_happened_unless_slurm_gives_a_reason() -> None:
+    """Lines as the testbed's Slurm 22.05 wrote them (issue 12 item 4)."""
+    t = parse_sacct("584|NODE_FAIL|0:0|None|c[1-2]|nf\n590|OUT_OF_MEMORY|137:125|None|c1|oom\n")
+    assert t["584"].state is JobState.FAILED and t["584"].native_state == "NODE_FAIL"
+    assert "a node of the job failed" in (t["584"].reason or "")
+    assert (t["590"].exit_code, t["590"].signal, t["590"].shell_exit_code()) == (137, None, 137)
+    line = ("JobId=7 JobName=x UserId=root(0) GroupId=root(0) JobState=NODE_FAIL Reason=NodeDown "
+            "ExitCode=0:0 Power= ")
+    assert parse_scontrol_jobs(line)["7"].reason == "NodeDown"
+    assert slurm_state("FAILED", "0:125").signal == 125        # only OUT_OF_MEMORY's is a marker
 
 
 def test_parse_sacct_rejects_garbage() -> None:
