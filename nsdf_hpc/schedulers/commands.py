@@ -14,8 +14,8 @@ from .states import JobStatus, final_reason, parse_exit_code, slurm_state
 __all__ = ["TRANSIENT_PATTERNS", "ACCOUNTING_DISABLED", "SACCT_FIELDS", "is_transient",
            "sbatch_argv", "status_argv", "scontrol_jobs_argv", "scontrol_job_argv",
            "cancel_argv", "show_config_argv", "version_argv", "parse_submit", "parse_sacct",
-           "parse_scontrol_jobs", "parse_job_paths", "parse_exit_code", "parse_max_array_size",
-           "parse_slurm_version"]
+           "parse_scontrol_jobs", "parse_job_paths", "is_partial_record", "parse_exit_code",
+           "parse_max_array_size", "parse_slurm_version"]
 
 #: Messages after which a retry may succeed (submit, status and cancel).
 TRANSIENT_PATTERNS: Tuple[str, ...] = (
@@ -89,6 +89,13 @@ def parse_sacct(stdout: str) -> Dict[str, JobStatus]:
         out[job_id] = st.model_copy(update={"job_id": job_id, "reason": reason, "name": name,
                                             "source": "sacct"})
     return out
+
+
+def is_partial_record(st: JobStatus) -> bool:
+    """A sacct line slurmdbd has not completed yet: FAILED with neither an exit code nor a
+    signal (a failed job has one; seen just after slurmdbd came back: the state arrives
+    before the exit code and the end time)."""
+    return st.source == "sacct" and st.native_state == "FAILED" and not st.exit_code and not st.signal
 
 
 def scontrol_jobs_argv() -> List[str]:

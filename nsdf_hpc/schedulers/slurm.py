@@ -184,6 +184,11 @@ class Slurm:
                     return self._while_accounting_is_down(ids, accounting, msg), accounting
                 raise SchedulerError(msg)
             table = self._with_oom_exit_codes(cmd.parse_sacct(res.stdout))
+            partial = [k for k, v in table.items() if cmd.is_partial_record(v)]
+            if partial:
+                # slurmdbd catching up (seen after it was stopped: "FAILED 0:0", End Unknown,
+                # for a job that exited 5, complete some seconds later): slurmctld's is right
+                table.update(self._slurmctld_only(partial))
             present = {_base(k) for k in table} | set(table)
             missing = [j for j in ids if j not in present and not any(task_covered(j, k) for k in table)]
             if missing:
@@ -194,6 +199,16 @@ class Slurm:
                     table.setdefault(k, v.model_copy(update={"accounting": True}))
             return table, accounting
         return self._scontrol_status(ids, accounting), accounting
+
+    def _slurmctld_only(self, ids: Sequence[str]) -> Dict[str, JobStatus]:
+        """What slurmctld says of these jobs, leaving out those it does not know (and all of
+        them when it cannot be asked)."""
+        res = self._run(cmd.scontrol_jobs_argv())
+        if res.returncode != 0:
+            return {}
+        return {k: v.model_copy(update={"accounting": True})
+                for k, v in self._with_oom_exit_codes(cmd.parse_scontrol_jobs(res.stdout)).items()
+                if k in ids}
 
     def _while_accounting_is_down(self, ids: Sequence[str], accounting: str,
                                   msg: str) -> Dict[str, JobStatus]:

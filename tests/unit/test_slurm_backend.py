@@ -441,3 +441,20 @@ def test_an_oom_killed_job_reports_its_commands_exit_code_not_slurms_marker(tmp_
     assert (t["9"].state, t["9"].exit_code, t["9"].signal, t["9"].shell_exit_code()) == (JobState.FAILED, 137, None, 137)
     assert "more memory than it was allocated" in (t["9"].reason or "")
     assert (t["10"].exit_code, t["10"].shell_exit_code()) == (0, 1)     # no file: still a failure
+
+
+def test_a_failed_line_without_exit_code_is_slurmdbd_catching_up_and_slurmctld_answers(tmp_path) -> None:
+    """Seen after slurmdbd came back (issue 12 item 4): sacct said FAILED 0:0 (End Unknown)
+    for a job that exited 5, and FAILED 5:0 some seconds later. slurmctld, while it still
+    knows the job, answers instead; a job it has forgotten keeps sacct's line."""
+    line = ("JobId=7 JobName=x UserId=root(0) GroupId=root(0) JobState=FAILED Reason=NonZeroExitCode "
+            "ExitCode=5:0 Power= \n")
+    runner = FakeRunner({"sacct": [ok("7|FAILED|0:0|None|c1|x\n8|FAILED|0:0|None|c1|y\n"),
+                                   ok("7|FAILED|5:0|None|c1|x\n")],
+                         "scontrol": [ok(line)]})
+    s = backend(runner, tmp_path)
+    t = s.status(["7", "8"])
+    assert (t["7"].state, t["7"].exit_code, t["7"].source, t["7"].accounting) == (JobState.FAILED, 5, "scontrol", True)
+    assert (t["8"].state, t["8"].exit_code, t["8"].source) == (JobState.FAILED, 0, "sacct")
+    assert s.status(["7"])["7"].source == "sacct"
+    assert [c[0] for c in runner.calls] == ["sacct", "scontrol", "sacct"]
