@@ -204,8 +204,8 @@ def test_a_call_killed_for_memory_is_a_clear_error_not_a_hang(client: Client, tm
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """OOM for real: rootful podman gives the container a memory cgroup limit (cgroup v1 here),
     the kernel's OOM killer ends the call's process, and the worker sees the container's
-    oom_kill count go up. (Slurm's --mem is not enforced on the testbed: TaskPlugin=task/none
-    and no OverMemoryKill, so a Slurm-level OOM cannot be made here without reconfiguring it.)"""
+    oom_kill count go up. (A Slurm-level OOM, --mem enforced by task/cgroup, is
+    test_slurm_jobs.py's test_a_job_over_its_mem_ends_out_of_memory.)"""
     # podman 4.3.1's conmon (2.1.6) leaves an empty file named "oom" in the current directory
     # after an OOM kill: keep it out of the checkout
     monkeypatch.chdir(tmp_path)
@@ -283,8 +283,8 @@ def test_the_example_on_slurm_as_the_unprivileged_user(runtime: str, as_user, us
 @pytest.mark.podman
 def test_slurm_an_item_killed_for_memory_leaves_its_batch_mate(slurm_client: Client, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same OOM on Slurm, from the container's limit (rootful podman --memory): Slurm's own
-    --mem is not enforced on the testbed (TaskPlugin=task/none, no OverMemoryKill)."""
+    """The same OOM on Slurm, from the container's limit (rootful podman --memory); a job
+    over Slurm's own --mem is test_slurm_jobs.py's test_a_job_over_its_mem_ends_out_of_memory."""
     monkeypatch.chdir(tmp_path)     # the job runs here; conmon's stray "oom" file lands here
     with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="podman", client=slurm_client, bind_cwd=False,
                            batch_size=2, time="0:05", extra_args=("--memory=64m",)) as ex:

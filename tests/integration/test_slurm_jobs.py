@@ -31,7 +31,8 @@ FAST = "udocker"          # starts fastest
 IMAGE = "busybox"         # docker.io/library/busybox, mirrored to the testbed registry
 TESTBED_SLURM_ENV = {"SLURM_CI_ROOT": "/var/tmp/slurm-ci", "SLURM_CI_NODES": "2",
                      "SLURM_CI_ACCOUNTING": "slurmdbd", "SLURM_CI_CPUS": "16",
-                     "SLURM_CI_MIN_JOB_AGE": "600",
+                     "SLURM_CI_MIN_JOB_AGE": "600", "SLURM_CI_SLURMD_TIMEOUT": "10",
+                     "SLURM_CI_CGROUP": "auto",
                      # testbed.sh runs slurmrestd too: without it the restart below would
                      # reconfigure the cluster without JWT and leave slurmrestd stopped
                      "SLURM_CI_RESTD": "1"}
@@ -362,6 +363,158 @@ def test_a_requeued_job_is_followed_to_its_final_state(client: Client, slurm: Sl
                                            capture_output=True, text=True).stdout
     finally:
         subprocess.run(["scancel", job.job_id], capture_output=True)
+
+
+SLURM_RUN = Path("/var/tmp/slurm-ci/run")
+PYDEB = "127.0.0.1:5443/hpc/pydeb:latest"
+
+
+def _pid(name: str) -> int:
+    return int((SLURM_RUN / f"{name}.pid").read_text().strip())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _stop(name: str) -> None:
+    """Stop a daemon the testbed started, by the PID it recorded, and wait until it is gone."""
+    pid = _pid(name)
+    os.kill(pid, signal.SIGKILL if name.startswith("slurmd-") else signal.SIGTERM)
+    deadline = time.time() + 30
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), f"{name} (pid {pid}) still runs"
+
+
+def _start(argv: List[str], name: str) -> None:
+    """Start a Slurm daemon again (it daemonizes and records its PID where the testbed's
+    scripts look); close_fds (subprocess's default) keeps the callers' lock files out of it."""
+    try:
+        if _alive(_pid(name)):
+            return
+    except (OSError, ValueError):
+        pass
+    subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, close_fds=True, timeout=60)
+
+
+def _nodes_idle(timeout: float = 90) -> Dict[str, str]:
+    """Wait until every node is idle (a node DOWN for not responding is resumed)."""
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout
+        states = dict(line.split() for line in out.splitlines() if line.strip())
+        if states and all(v == "idle" for v in states.values()) or time.time() > deadline:
+            return states
+        for node, st in states.items():
+            if st.rstrip("*~#$@") in ("down", "drain", "drng", "fail"):
+                subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"],
+                               capture_output=True)
+        time.sleep(0.5)
+
+
+def test_a_node_that_dies_under_a_two_node_job_ends_it_node_fail(client: Client, slurm: Slurm) -> None:
+    """Issue 12 item 4: slurmd of c2 killed (SIGKILL) while a two-node job runs on c1 and c2.
+    The testbed's SlurmdTimeout is 10 s: slurmctld marks c2 DOWN and ends the job NODE_FAIL
+    (about 30 s after the kill). ``--no-requeue``: by default Slurm would requeue the batch job
+    (and ``wait()`` follow it, as in the requeue test). Nothing of the job is left running."""
+    job = client.submit(IMAGE, ["sh", "-c", 'echo "up $SLURMD_NODENAME"; sleep 300'], runtime=FAST,
+                        scheduler=slurm, nodes=2, ntasks_per_node=1, job_name="node-fail",
+                        extra_directives=("--no-requeue",))
+    try:
+        deadline = time.time() + 60
+        while job.logs().count("up ") < 2 and time.time() < deadline:
+            time.sleep(0.3)
+        assert sorted(job.logs().splitlines()) == ["up c1", "up c2"], job.logs("stderr")
+        _stop("slurmd-c2")
+        killed = time.time()
+        st = job.wait(timeout=120)
+        took = time.time() - killed
+        assert (st.state, st.native_state) == (JobState.FAILED, "NODE_FAIL"), (st, took)
+        assert "a node of the job failed" in (st.reason or "") and st.shell_exit_code() != 0, st
+        assert sacct_row(job.job_id, "State,ExitCode,NodeList") == "NODE_FAIL|0:0|c[1-2]"
+    finally:
+        subprocess.run(["scancel", job.job_id], capture_output=True)
+        _start(["slurmd", "-N", "c2"], "slurmd-c2")
+        nodes = _nodes_idle()
+    assert nodes == {"c1": "idle", "c2": "idle"}, nodes
+    deadline = time.time() + 30      # c2's slurmd, back, kills the steps of the job it lost
+    while time.time() < deadline and subprocess.run(
+            ["pgrep", "-f", f"slurmstepd: \\[{job.job_id}\\."], capture_output=True).returncode == 0:
+        time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-af", f"slurmstepd: \\[{job.job_id}\\."], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
+
+
+def test_slurmdbd_stopped_while_wait_runs(client: Client, work_dir: Path) -> None:
+    """Issue 12 item 4: slurmdbd stopped while a job runs and ``wait()`` polls. sacct fails
+    ("Problem talking to the database: Connection refused"); slurmctld answers meanwhile (the
+    status of the running job, then its end), and once slurmdbd is back sacct has the same
+    final state (slurmctld sends it the records it kept; until then sacct says RUNNING)."""
+    s = Slurm(settings=SlurmSettings(work_dir=str(work_dir), poll_initial=0.25, poll_cap=2.0))
+    job = client.submit(IMAGE, ["sh", "-c", "sleep 8; exit 5"], runtime=FAST, scheduler=s,
+                        job_name="no-slurmdbd")
+    result: Dict[str, object] = {}
+    try:
+        deadline = time.time() + 60
+        while job.status().state is not JobState.ACTIVE and time.time() < deadline:
+            time.sleep(0.3)
+        _stop("slurmdbd")
+        waiter = threading.Thread(target=lambda: result.update(st=s.attach(job.job_id).wait(timeout=120)))
+        waiter.start()
+        meanwhile = job.status()
+        assert (meanwhile.state, meanwhile.source) == (JobState.ACTIVE, "scontrol"), meanwhile
+        down = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job.job_id], capture_output=True, text=True)
+        assert down.returncode != 0 and "Connection refused" in down.stderr, down
+        waiter.join(timeout=150)
+        st = result["st"]
+        assert (st.state, st.exit_code, st.source) == (JobState.FAILED, 5, "scontrol"), st  # type: ignore[attr-defined]
+    finally:
+        _start(["slurmdbd"], "slurmdbd")
+    # sacct answers again at once, first with what it had (RUNNING) until slurmctld has sent
+    # it the records it kept while slurmdbd was away
+    back = time.time()
+    deadline = back + 120
+    after = job.status()
+    while not (after.source == "sacct" and after.final) and time.time() < deadline:
+        time.sleep(1)
+        after = job.status()
+    print(f"sacct final {time.time() - back:.1f} s after slurmdbd was started again")
+    assert (after.state, after.exit_code, after.source) == (JobState.FAILED, 5, "sacct"), after
+    assert sacct_row(job.job_id) == "FAILED|5:0"
+    assert _nodes_idle() == {"c1": "idle", "c2": "idle"}
+
+
+def test_a_job_over_its_mem_ends_out_of_memory(cache: Path, work_dir: Path) -> None:
+    """Issue 12 item 4: --mem enforced by task/cgroup (testbed: SLURM_CI_CGROUP=auto). The
+    kernel's OOM killer ends the container's python; Slurm records OUT_OF_MEMORY, and
+    ``submit --wait`` fails with the killed command's 137 and says why. Takes about 4 s."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    if "task/cgroup" not in config:
+        pytest.skip("--mem is not enforced on this testbed (slurm-start.sh SLURM_CI_CGROUP=0: "
+                    "only Slurm 22.05 on cgroup v1 was tested)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env.update(NSDF_HPC_CACHE=str(cache), NSDF_HPC_SLURM_DIR=str(work_dir))
+    r = subprocess.run([sys.executable, "-m", "nsdf_hpc", "submit", "--wait", "--mem", "200M", "-r", FAST,
+                        "-J", "oom", PYDEB, "--", "python3", "-c",
+                        "print('allocating', flush=True); x = bytearray(600 * 1024 * 1024); print('not reached')"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd="/tmp")
+    job_id = r.stdout.strip().splitlines()[0] if r.stdout.strip() else ""
+    assert job_id.isdigit(), (r.stdout, r.stderr)
+    assert r.returncode == 137, (r.returncode, r.stderr)
+    assert f"{job_id} FAILED OUT_OF_MEMORY exit=137 (the job used more memory" in r.stderr, r.stderr
+    # Slurm's record: 0:125 (its OOM marker) whatever the script returned; 137 is the
+    # command's own status, from the job's exit-code file
+    assert sacct_row(job_id) == "OUT_OF_MEMORY|0:125"
+    st = Slurm(settings=SlurmSettings(work_dir=str(work_dir))).attach(job_id).status()
+    assert (st.state, st.native_state, st.exit_code, st.signal) == (JobState.FAILED, "OUT_OF_MEMORY", 137, None)
+    log = Slurm(settings=SlurmSettings(work_dir=str(work_dir))).attach(job_id).logs()
+    assert "allocating" in log and "not reached" not in log, log
 
 
 def test_cli_submit_wait_status_logs_cancel(cache: Path, work_dir: Path) -> None:
