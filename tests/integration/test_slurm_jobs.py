@@ -439,7 +439,9 @@ def test_a_node_that_dies_under_a_two_node_job_ends_it_node_fail(client: Client,
         took = time.time() - killed
         assert (st.state, st.native_state) == (JobState.FAILED, "NODE_FAIL"), (st, took)
         assert "a node of the job failed" in (st.reason or "") and st.shell_exit_code() != 0, st
-        assert sacct_row(job.job_id, "State,ExitCode,NodeList") == "NODE_FAIL|0:0|c[1-2]"
+        # 0:0 now; 0:15 once c2's slurmd is back and kills the steps it lost (most runs)
+        row = sacct_row(job.job_id, "State,ExitCode,NodeList")
+        assert row.startswith("NODE_FAIL|0:") and row.endswith("|c[1-2]"), row
     finally:
         subprocess.run(["scancel", job.job_id], capture_output=True)
         _start(["slurmd", "-N", "c2"], "slurmd-c2")
