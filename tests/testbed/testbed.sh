@@ -49,8 +49,9 @@ export SLURM_CI_CPUS=${SLURM_CI_CPUS:-16}
 # (accounting-disabled) path, and a lower value keeps squeue cheap.
 export SLURM_CI_MIN_JOB_AGE=${SLURM_CI_MIN_JOB_AGE:-600}
 # A killed slurmd makes its node DOWN (and its jobs NODE_FAIL) after this many seconds
-# (Slurm's default, 300 s, is too long for a test; measured: NODE_FAIL 29 s after the kill).
-export SLURM_CI_SLURMD_TIMEOUT=${SLURM_CI_SLURMD_TIMEOUT:-10}
+# (Slurm's default, 300 s, is too long for a test; measured with 10 s: NODE_FAIL 29 s after the
+# kill; 20 s leaves a loaded 2-core CI machine room before a busy slurmd counts as dead).
+export SLURM_CI_SLURMD_TIMEOUT=${SLURM_CI_SLURMD_TIMEOUT:-20}
 # --mem enforced by task/cgroup (jobs over it end OUT_OF_MEMORY) where that works: Slurm
 # 22.05 on the hybrid cgroup v1 of the CI's Debian 12 machines (see slurm-start.sh).
 export SLURM_CI_CGROUP=${SLURM_CI_CGROUP:-auto}
