@@ -278,6 +278,35 @@ class Client:
         host_env.update(rt.runtime_env(host, self.cache.root))
         return rt.run_invocation(spec, native, cenv, host_env), native, rt
 
+    def bind_template(self, spec: RunSpec, rt: Runtime, native: NativeImage, inv: Invocation, *,
+                      env: Mapping[str, str], probe: str) -> Optional[Tuple[Tuple[str, ...], Tuple[str, ...]]]:
+        """How ``rt`` takes one more directory bind at job time (a batch script binds each
+        rank's PMIx server directory): the runtime words to add before the image and the
+        mount points to create, with ``probe`` standing for the path. Found by building the
+        invocation of ``inv`` again with a ``probe:probe`` bind (no process is started); None
+        when the runtime takes it as more than added words (a SquashFS image with no such
+        mount point, a directory image that would need a private copy only for it)."""
+        if native.shell and spec.command:
+            spec = spec.model_copy(update={"command": rt.wrap_command(spec.command, spec.env)})
+        host_env = dict(env)
+        host_env.update(rt.runtime_env(env, self.cache.root))
+        probed = spec.model_copy(update={"binds": spec.binds + (Bind(source=probe, target=probe),)})
+        try:
+            base = rt.run_invocation(spec, native, inv.container_env, host_env)
+            new = rt.run_invocation(probed, native, inv.container_env, host_env)
+        except (RunError, SpecError):
+            return None
+        if base.argv != inv.argv or new.tail != base.tail or new.tree != base.tree:
+            return None
+        added = len(new.head) - len(base.head)
+        for i in range(len(base.head) + 1):
+            if new.head[:i] == base.head[:i] and new.head[i + added:] == base.head[i:]:
+                words = new.head[i:i + added]
+                if added > 0 and any(probe in w for w in words):
+                    mkdirs = tuple(d for d in new.mkdirs if probe in d and d not in base.mkdirs)
+                    return tuple(words), mkdirs
+        return None
+
     def plan(self, spec: RunSpec, runtime: Union[None, str, Runtime] = None, *,
              env: Optional[Mapping[str, str]] = None) -> Tuple[Invocation, NativeImage, Runtime]:
         """Like :meth:`invocation` but never converts: a cache miss gives the location the

@@ -21,7 +21,7 @@ from ..environment import dq_escape
 from ..errors import SpecError
 from .spec import TASK_INDEX, ArraySpec, JobSpec, compress_indices
 
-__all__ = ["JOB_TIME_PATTERNS", "PROBE_NAME", "PROBE_VALUE", "CMD_SENTINEL", "ArrayChunk",
+__all__ = ["JOB_TIME_PATTERNS", "PROBE_NAME", "PROBE_VALUE", "CMD_SENTINEL", "BIND_PROBE", "ArrayChunk",
            "split_array", "sbatch_quote", "ScriptInputs", "default_output", "directives",
            "uses_srun", "render_script", "forwarding_templates"]
 
@@ -36,6 +36,7 @@ JOB_TIME_PATTERNS: Tuple[str, ...] = (
 PROBE_NAME = "NSDFPROBEVARNAME"
 PROBE_VALUE = "NSDFPROBEVARVALUE"
 CMD_SENTINEL = "NSDFCMDSENTINEL"
+BIND_PROBE = "/NSDFBINDPROBE"
 
 
 # ---------------------------------------------------------------------------- arrays
@@ -114,6 +115,10 @@ class ScriptInputs:
     requires: Tuple[str, ...] = ()          # paths the runtime reads (the cached image)
     use_lock: str = ""                      # the cache entry's use lock (ImageCache.use_path)
     image: str = ""                         # what the user asked for, for the message
+    #: how the runtime binds one more directory (BIND_PROBE stands for it): each rank binds
+    #: its PMIx server directory ($PMIX_SERVER_TMPDIR) at its own path, as nsdf-run run does
+    rank_bind: Tuple[str, ...] = ()
+    rank_mkdirs: Tuple[str, ...] = ()       # mount points to make first (BIND_PROBE, as above)
 
 
 def default_output(spec: JobSpec, job_dir: str, stream: str) -> str:
@@ -130,6 +135,11 @@ def _command_words(argv: Sequence[str]) -> str:
         else:
             words.append(shlex.quote(a))
     return " ".join(words)
+
+
+def _with_var(word: str, marker: str, var: str) -> str:
+    """``word`` quoted for bash, with ``marker`` replaced by the expansion of ``var``."""
+    return f'"${{{var}}}"'.join(shlex.quote(p) if p else "" for p in word.split(marker)) or f'"${{{var}}}"'
 
 
 def directives(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = None) -> List[str]:
@@ -213,8 +223,21 @@ def render_script(spec: JobSpec, inputs: ScriptInputs, array: Optional[str] = No
     env_words = " ".join(shlex.quote(f"{k}={v}") for k, v in inputs.fixed_env.items())
     head = " ".join(shlex.quote(a) for a in inputs.prefix[:inputs.fwd_index])
     tail = " ".join(shlex.quote(a) for a in inputs.prefix[inputs.fwd_index:])
+    bind = ""
+    if inputs.rank_bind:
+        # srun --mpi=pmix: this rank's PMIx server directory, if it is a plain absolute path
+        L.append('  local nsdf_bind=() nsdf_d="${PMIX_SERVER_TMPDIR-}"')
+        L.append('  nsdf_d="${nsdf_d%/}"')
+        L.append('  case "$nsdf_d" in /?*) case "$nsdf_d" in *[:,]*) nsdf_d= ;; esac ;; *) nsdf_d= ;; esac')
+        L.append('  if [ -n "$nsdf_d" ] && [ -d "$nsdf_d" ]; then')
+        for d in inputs.rank_mkdirs:
+            L.append(f"    mkdir -p -- {_with_var(d, BIND_PROBE, 'nsdf_d')} 2>/dev/null || true")
+        words = " ".join(_with_var(w, BIND_PROBE, "nsdf_d") for w in inputs.rank_bind)
+        L.append(f"    nsdf_bind=({words})")
+        L.append("  fi")
+        bind = ' "${nsdf_bind[@]}"'
     run = [f"/usr/bin/env -i {env_words} \"${{fwd_env[@]}}\" \\",
-           f"    {head} \"${{fwd_arg[@]}}\" {tail} \"${{NSDF_CMD[@]}}\""]
+           f"    {head} \"${{fwd_arg[@]}}\"{bind} {tail} \"${{NSDF_CMD[@]}}\""]
     if uses_srun(spec):
         # one rank of several: not exec'd, so that it can leave its own exit status, the time
         # it ended and whether a signal reached it (srun's --kill-on-bad-exit, scancel) in

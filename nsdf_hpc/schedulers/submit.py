@@ -25,7 +25,7 @@ from ..environment import matches
 from ..errors import ConfigError, SchedulerError, SpecError
 from ..models import Bind, RunSpec, first_error
 from .job import Job
-from .script import (CMD_SENTINEL, JOB_TIME_PATTERNS, ArrayChunk,
+from .script import (BIND_PROBE, CMD_SENTINEL, JOB_TIME_PATTERNS, ArrayChunk,
                      ScriptInputs, default_output, forwarding_templates, render_script, split_array)
 from .slurm import Slurm
 from .spec import ArraySpec, JobSpec, parse_dependencies
@@ -161,6 +161,12 @@ def prepare(client: "Client", spec: JobSpec, slurm: Slurm, runtime: Any = None,
     prefix = tuple(inv.argv[:-1])
     fwd_env, fwd_args, fwd_index = forwarding_templates(
         inv.encoding, len(inv.head) + len(inv.encoding.argv_words(inv.container_env)))
+    # each rank binds its own PMIx server directory (as `nsdf-run run` under srun does)
+    rank_bind = client.bind_template(cmd_spec, rt, native, inv, env=static_env, probe=BIND_PROBE) \
+        if spec.mpi == "pmix" else None
+    if spec.mpi == "pmix" and rank_bind is None:
+        logger.info("%s: the job's ranks cannot bind their PMIx server directory with this image; "
+                    "Open MPI falls back to PMIx's hash store", rt.name)
     if not dry_run:
         client.prepare(inv, rt)
     job_dir = new_job_dir(slurm.settings.work_dir, spec.job_name)
@@ -193,7 +199,8 @@ def prepare(client: "Client", spec: JobSpec, slurm: Slurm, runtime: Any = None,
         array_indices=spec.array.indices if spec.array else (),
         remapped=bool(chunks and chunks[0].offset is not None),
         header=header, output=out, error=err, requires=requires, image=spec.image,
-        use_lock=client.cache.use_path(native.runtime, native.digest) if native.digest and not dry_run else "")
+        use_lock=client.cache.use_path(native.runtime, native.digest) if native.digest and not dry_run else "",
+        rank_bind=rank_bind[0] if rank_bind else (), rank_mkdirs=rank_bind[1] if rank_bind else ())
     # one script for every chunk: the chunk's offset is the script's first argument
     script = render_script(spec, inputs, chunks[0].array if chunks else None)
     provenance = {

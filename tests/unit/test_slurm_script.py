@@ -205,3 +205,31 @@ def test_forwarding_templates_follow_the_runtime_env_encoding() -> None:
     assert env_t == ("APPTAINERENV_NSDFPROBEVARNAME=NSDFPROBEVARVALUE",) and args == ()
     env_t, args, _ = forwarding_templates(EnvEncoding("process"), 3)
     assert env_t == ("NSDFPROBEVARNAME=NSDFPROBEVARVALUE",) and args == ()
+
+
+@pytest.mark.parametrize("name,bound", [("pmix.7.0 it's \"odd\" $(x)", True), ("has:colon", False),
+                                        (None, False)])
+def test_each_mpi_rank_binds_its_own_pmix_directory(name: object, bound: bool, tmp_path: Path) -> None:
+    """submit(mpi="pmix"): the rank's $PMIX_SERVER_TMPDIR is bound at its own path with the
+    runtime's words (found by bind_template), its mount point made first; a value a bind
+    cannot carry (':' ',' or not absolute) binds nothing."""
+    from nsdf_hpc.schedulers.script import BIND_PROBE
+    tree = tmp_path / "tree"
+    script = render_script(spec(nodes=2, mpi="pmix"), inputs(
+        tmp_path, rank_bind=("--bind", f"{BIND_PROBE}:{BIND_PROBE}"),
+        rank_mkdirs=(f"{tree}{BIND_PROBE}",)))
+    subprocess.run(["/bin/bash", "-n"], input=script, text=True, check=True)
+    env = {"NSDF_RANKS_DIR": str(tmp_path / "ranks"), "SLURM_PROCID": "0"}
+    (tmp_path / "ranks").mkdir()
+    d = ""
+    if name is not None:
+        d = str(tmp_path / str(name))
+        os.makedirs(d)
+        env["PMIX_SERVER_TMPDIR"] = d + "/"
+    rec = run_rank(script, tmp_path, **env)
+    argv = rec["argv"]
+    if bound:
+        i = argv.index("--bind")
+        assert argv[i + 1] == f"{d}:{d}" and (tree / d.lstrip("/")).is_dir()
+    else:
+        assert "--bind" not in argv and not tree.exists()
