@@ -201,7 +201,7 @@ class ImageService:
             self.cache.remember_ref(self._index_slug(source.ref, info.digest, platform),
                                     info.image_digest, None, platform=info.platform)
             return info.image_digest
-        if info.platform and not platform.matches(*_split(info.platform)):
+        if info.platform and not _serves(platform, info.platform):
             raise self._no_platform(source, platform, (info.platform,))
         return info.image_digest or info.digest
 
@@ -234,10 +234,7 @@ class ImageService:
     def is_host(self, platform: Union[None, str, Platform]) -> bool:
         """Whether images for ``platform`` (text as recorded: "linux/arm64") run natively
         here; None (not known) counts as yes."""
-        if platform is None:
-            return True
-        p = Platform.parse(platform) if isinstance(platform, str) else platform
-        return self.platform.matches(p.os, p.architecture, p.variant)
+        return platform is None or _serves(self.platform, platform)
 
     def pull(self, image: Union[str, ImageSource], rt: Runtime, *, max_age: float = 0.0,
              platform: Optional[Platform] = None) -> NativeImage:
@@ -334,7 +331,7 @@ class ImageService:
         else the PlatformError (a one-platform image prepared with --platform, asked for the
         host's)."""
         recorded = entry.data.get("platform")
-        if isinstance(recorded, str) and recorded and not platform.matches(*_split(recorded)):
+        if isinstance(recorded, str) and recorded and not _serves(platform, recorded):
             raise self._no_platform(source, platform, (recorded,))
         return entry
 
@@ -868,7 +865,11 @@ class ImageService:
             self.runner.run(argv, check=False, env=self._step_env(rt))
 
 
-def _split(text: str) -> Tuple[str, str, Optional[str]]:
-    """``("linux", "arm64", None)`` from ``"linux/arm64"``."""
-    parts = text.split("/")
-    return parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else None
+def _serves(wanted: Platform, image: Union[str, Platform]) -> bool:
+    """Whether an image for ``image`` (text as recorded: "linux/arm64") serves ``wanted``; a
+    platform a registry wrote in some other form serves nothing."""
+    try:
+        p = Platform.parse(image) if isinstance(image, str) else image
+    except SpecError:
+        return False
+    return wanted.matches(p.os, p.architecture, p.variant)

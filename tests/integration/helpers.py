@@ -29,6 +29,13 @@ def nsdf_root(args: List[str], cache: Path, cwd: Optional[str] = None, timeout: 
                           cwd=cwd or "/tmp", capture_output=True, text=True, timeout=timeout)
 
 
+def root_cache() -> Path:
+    """The cache the root tests share (images pulled once for the whole run)."""
+    d = Path("/var/tmp/nsdf-hpc-test-cache") / str(os.getuid())
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def user_cache(as_user: object) -> Path:
     pw = as_user.pw  # type: ignore[attr-defined]
     d = Path("/var/tmp/nsdf-hpc-test-cache") / str(pw.pw_uid)

@@ -21,14 +21,14 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Iterator, List
 
 import pytest
 
 from nsdf_hpc.client import Client
 from nsdf_hpc.schedulers import Job, JobState, Slurm, SlurmSettings
 
-from .helpers import RUNTIME_PARAMS, root_env, user_cache
+from .helpers import RUNTIME_PARAMS, root_cache, root_env, user_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.registry, pytest.mark.slow]
 
@@ -51,13 +51,7 @@ def work_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def cache() -> Path:
-    d = Path("/var/tmp/nsdf-hpc-test-cache") / str(os.getuid())
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _env(cache: Path) -> Dict[str, str]:
-    return root_env(cache)
+    return root_cache()
 
 
 def _check(out: str, ranks: int = 2) -> None:
@@ -78,7 +72,7 @@ def _check(out: str, ranks: int = 2) -> None:
 @pytest.mark.parametrize("runtime", MPI_RUNTIMES)
 def test_srun_mpi_pmix_runs_one_container_per_rank_on_two_nodes(runtime: str, cache: Path,
                                                                 work_dir: Path) -> None:
-    env = _env(cache)
+    env = root_env(cache)
     pulled = subprocess.run([sys.executable, "-m", "nsdf_hpc", "pull", "--runtime", runtime, IMAGE],
                             env=env, capture_output=True, text=True, timeout=900)
     assert pulled.returncode == 0, pulled.stderr[-2000:]
@@ -98,7 +92,7 @@ def test_srun_mpi_pmix_runs_one_container_per_rank_on_two_nodes(runtime: str, ca
 
 @pytest.mark.parametrize("runtime", MPI_RUNTIMES)
 def test_submit_mpi_pmix_on_two_nodes(runtime: str, cache: Path, work_dir: Path) -> None:
-    client = Client(env=_env(cache))
+    client = Client(env=root_env(cache))
     slurm = Slurm(settings=SlurmSettings(work_dir=str(work_dir), poll_initial=0.25, poll_cap=2.0))
     # as in the srun case: the image's PMIX_MCA_gds=hash unset, the shared-memory store used
     # through the PMIx directory the script binds for each rank

@@ -23,6 +23,8 @@ from nsdf_hpc._exec import CompletedCommand, SubprocessRunner
 from nsdf_hpc.client import Client
 from nsdf_hpc.schedulers import Job, JobState, Slurm, SlurmSettings
 
+from .helpers import root_cache
+
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,9 +52,7 @@ def work_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def cache() -> Path:
-    d = Path("/var/tmp/nsdf-hpc-test-cache") / str(os.getuid())
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return root_cache()
 
 
 @pytest.fixture(scope="module")

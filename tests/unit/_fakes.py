@@ -1,7 +1,8 @@
-"""Test doubles for the pure-logic tests: a fake runner and host facts."""
+"""Test doubles for the pure-logic tests: a fake runner, host facts and an HTTP response."""
 from __future__ import annotations
 
 import os
+from email.message import Message
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from nsdf_hpc._exec import CompletedCommand
@@ -55,3 +56,24 @@ def make_host(**overrides: object) -> HostFacts:
         squashfuse=True, nvidia=False, amd_gpu=False, in_slurm_allocation=False)
     values.update(overrides)
     return HostFacts(**values)  # type: ignore[arg-type]
+
+
+class FakeResponse:
+    """What ``urllib.request.urlopen`` returns, for the registry client's tests."""
+
+    def __init__(self, status: int = 200, headers: Optional[Mapping[str, str]] = None,
+                 body: bytes = b"") -> None:
+        self.status = status
+        self.headers = Message()
+        for k, v in (headers or {}).items():
+            self.headers[k] = v
+        self._body = body
+
+    def read(self) -> bytes:
+        return self._body
+
+    def __enter__(self) -> "FakeResponse":
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        pass

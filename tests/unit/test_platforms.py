@@ -4,13 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from email.message import Message
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from click.testing import CliRunner
 
-from _fakes import FakeRunner
+from _fakes import FakeResponse, FakeRunner
 from nsdf_hpc.cli import cli
 from nsdf_hpc.client import Client
 from nsdf_hpc.config import load_settings
@@ -88,24 +87,6 @@ def test_platform_text_of_a_config() -> None:
 
 
 # ---------------------------------------------------------------- a fake registry
-class _Resp:
-    def __init__(self, status: int, headers: Dict[str, str], body: bytes) -> None:
-        self.status = status
-        self.headers = Message()
-        for k, v in headers.items():
-            self.headers[k] = v
-        self._body = body
-
-    def read(self) -> bytes:
-        return self._body
-
-    def __enter__(self) -> "_Resp":
-        return self
-
-    def __exit__(self, *a: object) -> None:
-        pass
-
-
 def _blob(doc: Dict[str, Any]) -> Tuple[str, bytes]:
     data = json.dumps(doc).encode()
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
@@ -133,13 +114,13 @@ class FakeRegistry:
         self.tags = {"hpc/multi:latest": idx, "hpc/armonly:latest": images["arm64"]}
         self.index, self.amd64, self.arm64 = idx, images["amd64"], images["arm64"]
 
-    def open(self, req: Any) -> _Resp:
+    def open(self, req: Any) -> FakeResponse:
         path = req.full_url.split("/v2/", 1)[1]
         self.requests.append((req.get_method(), path))
         repo, kind, ref = path.rsplit("/", 2)
         digest = self.tags.get(f"{repo}:{ref}", ref)
         media, body = self.blobs[digest]
-        return _Resp(200, {"Content-Type": media, "Docker-Content-Digest": digest},
+        return FakeResponse(200, {"Content-Type": media, "Docker-Content-Digest": digest},
                      body if req.get_method() == "GET" else b"")
 
 

@@ -13,6 +13,8 @@ from typing import Any, List, Optional, Sequence, Union
 
 import pytest
 
+from _fakes import FakeResponse
+
 from nsdf_hpc._retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
 from nsdf_hpc.errors import ImageError, RegistryError
 from nsdf_hpc.reference import parse_reference
@@ -65,24 +67,6 @@ def test_transient_statuses() -> None:
 
 
 # ---------------------------------------------------------------- the registry client
-class _Resp:
-    def __init__(self, status: int = 200, headers: Optional[dict] = None, body: bytes = b"") -> None:
-        self.status = status
-        self.headers = Message()
-        for k, v in (headers or {}).items():
-            self.headers[k] = v
-        self._body = body
-
-    def read(self) -> bytes:
-        return self._body
-
-    def __enter__(self) -> "_Resp":
-        return self
-
-    def __exit__(self, *a: object) -> None:
-        pass
-
-
 Script = Sequence[Union[int, BaseException, tuple]]
 
 
@@ -92,7 +76,7 @@ def _client(script: Script, attempts: int = 4) -> "tuple[RegistryClient, List[fl
                             retry=RetryPolicy(attempts=attempts, base=0.5), sleep=sleeps.append, env={})
     answers = list(script)
 
-    def fake_open(req: Any) -> _Resp:
+    def fake_open(req: Any) -> FakeResponse:
         client.requests += 1
         item = answers.pop(0)
         if isinstance(item, BaseException):
@@ -103,7 +87,7 @@ def _client(script: Script, attempts: int = 4) -> "tuple[RegistryClient, List[fl
             for k, v in headers.items():
                 msg[k] = v
             raise urllib.error.HTTPError(req.full_url, status, "x", msg, io.BytesIO(b""))
-        return _Resp(status, {"Docker-Content-Digest": "sha256:" + "a" * 64, **headers}, body)
+        return FakeResponse(status, {"Docker-Content-Digest": "sha256:" + "a" * 64, **headers}, body)
 
     client._open = fake_open  # type: ignore[method-assign]
     return client, sleeps
