@@ -11,7 +11,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
+
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 import click
 
@@ -42,8 +45,21 @@ for _command in (_run.run, images.pull, runtimes.runtimes, runtimes.doctor, imag
     cli.add_command(_command)
 
 
+#: signals taken by :func:`_interrupt`, first first: a library that catches every exception
+#: (pydantic building a schema on first use wraps it in SchemaError) or one of our own
+#: ``except BaseException`` cleanups may turn the Interrupted into another error, but the run
+#: still ends as the signal asked
+_received: List[int] = []
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    _received.append(signum)
     raise _Interrupted(signum)
+
+
+def _exit_interrupted(signum: int) -> "NoReturn":
+    sys.stderr.write(f"\nnsdf-run: interrupted by {signal.Signals(signum).name}\n")
+    sys.exit(128 + signum)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -52,14 +68,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     A signal to nsdf-run ends it with 128+N, as a shell reports it, after cleaning up; while a
     container runs, the executor passes the signal on to it instead (``_exec.py``)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    _received.clear()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _interrupt)
     try:
         cli.main(args=args, prog_name="nsdf-run", obj={"argv": args})
     except _Interrupted as stop:
-        sys.stderr.write(f"\nnsdf-run: interrupted by {signal.Signals(stop.signum).name}\n")
-        sys.exit(128 + stop.signum)
+        _exit_interrupted(stop.signum)
+    except BaseException as err:
+        # an Interrupted that some code turned into another exception or an exit status
+        if _received and not (isinstance(err, SystemExit) and err.code == 128 + _received[0]):
+            _exit_interrupted(_received[0])
+        raise
 
 
 __all__ = ["cli", "main"]

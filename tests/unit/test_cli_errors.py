@@ -117,3 +117,41 @@ def test_sizes(text, size):
                                       ("2w", 1209600), ("45s", 45), ("1.5", 1.5)])
 def test_ages(text, age):
     assert AGE.convert(text, None, None) == age
+
+
+@pytest.mark.parametrize("swallow", ["wrapped", "exit"])
+def test_signal_turned_into_another_error_still_exits_128_plus_n(monkeypatch, capsys, swallow):
+    """A SIGTERM while a library turns every exception into its own (pydantic building a
+    schema lazily wraps it in SchemaError; seen in CI with an early TERM) ends nsdf-run with
+    143, not a traceback and 1."""
+    import os
+    import signal
+
+    import nsdf_hpc.cli as cli_pkg
+
+    def fake_main(**kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except BaseException as err:
+            if swallow == "exit":
+                raise SystemExit(125) from err
+            raise RuntimeError("SchemaError: Interrupted: 15") from err
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(cli_pkg.cli, "main", fake_main)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli_pkg.main(["run", "busybox"])
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert stop.value.code == 143
+    assert "interrupted by SIGTERM" in capsys.readouterr().err
+    # a later run in the same process does not inherit the signal
+    monkeypatch.setattr(cli_pkg.cli, "main", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("bug")))
+    try:
+        with pytest.raises(RuntimeError):
+            cli_pkg.main(["run", "busybox"])
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
