@@ -8,8 +8,10 @@ The public API is re-exported here and imported lazily, so ``nsdf-run --version`
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+# not `from typing import TYPE_CHECKING`: importing typing alone costs more than the rest of
+# `import nsdf_hpc` (issue 11: the import stays under 20 ms); type checkers treat this name
+# as typing.TYPE_CHECKING
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     # Type checkers see the real objects; at run time they are imported on first use (PEP 562,
     # below), so `nsdf-run --version` and the launch fast path import none of them.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+# not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
+# the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from typing import List, Optional

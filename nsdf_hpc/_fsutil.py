@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from typing import Any
+# not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
+# the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def atomic_write_json(path: str, data: Any, *, fsync: bool = False, indent: Any = None,

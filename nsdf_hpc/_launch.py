@@ -29,7 +29,9 @@ import hashlib
 import json
 import os
 import time
-from typing import TYPE_CHECKING
+# not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
+# the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:   # not imported at run time: this module is on the start-up path
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple

@@ -6,7 +6,9 @@ the launch-record path (``_launch``), and how much I/O it did (the stall watchdo
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+# not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
+# the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from typing import List, Optional, Sequence

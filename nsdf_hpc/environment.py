@@ -6,7 +6,9 @@ own ENV (PATH, LANG, ...) is applied by the runtime underneath.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+# not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
+# the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:   # kept off the launch fast path (nsdf_hpc/_launch.py)
     from typing import Dict, List, Mapping, Sequence, Tuple

@@ -5,7 +5,11 @@ Standard library only: the launch fast path (``_launch.py``) imports it before a
 from __future__ import annotations
 
 import os
-from typing import List, Mapping
+# not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
+# the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Mapping
 
 #: the site-wide config file (``NSDF_HPC_SITE_CONFIG`` overrides it, for tests and odd sites)
 SITE_CONFIG = "/etc/nsdf-hpc/config.toml"

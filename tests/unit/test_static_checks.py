@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,3 +24,16 @@ def test_mypy_passes_on_the_package() -> None:
 def test_ruff_passes() -> None:
     r = _run("ruff", "check", "nsdf_hpc", "tests", "bench", "examples")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("statement", ["import nsdf_hpc", "import nsdf_hpc._entry, nsdf_hpc._launch"])
+def test_start_up_path_imports_nothing_heavy(statement):
+    """`import nsdf_hpc` and the launch fast path (``_entry``, ``_launch``) import neither
+    pydantic, click, rich nor typing (issue 11: the import under 20 ms; a structural check, the
+    timing lives in bench/bench_startup.py)."""
+    code = ("import sys; before = set(sys.modules); " + statement +
+            "; print(' '.join(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(ROOT)).stdout.split()
+    heavy = [m for m in out if m.split(".")[0] in ("pydantic", "pydantic_core", "click", "rich", "typing")]
+    assert heavy == [], heavy
