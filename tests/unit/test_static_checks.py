@@ -30,10 +30,11 @@ def test_ruff_passes() -> None:
 def test_start_up_path_imports_nothing_heavy(statement):
     """`import nsdf_hpc` and the launch fast path (``_entry``, ``_launch``) import neither
     pydantic, click, rich nor typing (issue 11: the import under 20 ms; a structural check, the
-    timing lives in bench/bench_startup.py)."""
+    timing lives in bench/bench_startup.py). -S: the checkout, and no site module that imports
+    typing first."""
     code = ("import sys; before = set(sys.modules); " + statement +
             "; print(' '.join(sorted(set(sys.modules) - before)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(ROOT)).stdout.split()
     heavy = [m for m in out if m.split(".")[0] in ("pydantic", "pydantic_core", "click", "rich", "typing")]
     assert heavy == [], heavy
