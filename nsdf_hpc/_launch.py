@@ -41,10 +41,18 @@ from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 6   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
-#            6: the guard's ``started`` file (podman: a signal held until the container runs)
+FORMAT = 7   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
+#            6: the guard's ``started`` file (podman: a signal held until the container runs);
+#            7: any ``--env`` values
 #: stands for the command in the key of a record that any command after ``--`` reuses
 COMMAND_SLOT = "\x00command"
+#: stands for an ``--env NAME=VALUE`` value in the key of a record that any value reuses
+VALUE_SLOT = "\x00value"
+#: ``nsdf-run run`` options that take the next word as their value (``--env`` aside)
+_VALUE_OPTIONS = frozenset({"-r", "--runtime", "-B", "--bind", "-w", "--workdir", "--runtime-arg", "--platform"})
+#: characters a value may not have when the runtime also puts it in a word of its argv
+#: (``--set-env=NAME=VALUE``): a quoted value can take another path through the planner
+_WORD_UNSAFE = frozenset("'\"\\`$")
 #: stand-ins in a record's orphan guard for the name and path each run gets (``_exec.run_scratch``)
 GUARD_NAME = "{nsdf-run-name}"
 GUARD_PATH = "{nsdf-run-path}"
@@ -91,7 +99,8 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
 def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
          allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
          exists: Sequence[str] = (), guard: Any = None, hold: Sequence[str] = (),
-         command_at: Optional[int] = None, use: Optional[Sequence[str]] = None) -> None:
+         command_at: Optional[int] = None, use: Optional[Sequence[str]] = None,
+         marks: Optional[Mapping[str, str]] = None, template: Any = None) -> None:
     """Write the record for a planned run (best effort: a read-only home just skips it).
 
     The record keeps the invocation in its parts (``runtimes.base.Invocation``) and the
@@ -101,15 +110,32 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
     stays its parent rather than exec it). ``command_at``: where the user's command starts in
     the runtime argv's tail (None: unknown, the record is for this exact command only).
     ``use``: the cache entry's use lock and directory (``ImageCache.use_path``), held shared
-    by the run so that a prune keeps the entry.
+    by the run so that a prune keeps the entry. ``marks`` (mark -> variable name) and
+    ``template``: the same invocation planned with each ``--env`` value replaced by its mark
+    (``Client.env_template``); the record then serves any values of those variables.
     """
     tail = list(inv.tail) + list(inv.command)
     i = _separator(args)
     if command_at is not None and (i is None or tail[command_at:] != list(args[i + 1:])):
         command_at = None   # the words after `--` are not exactly the command: this line only
+    if marks and template is not None:
+        # values the record could not take again keep it for this exact line (a record of any
+        # value must serve the line that made it)
+        words = [*template.head, *template.tail, *template.command]
+        values = {name: value for _, name, _, value in env_options(args) or []}
+        if not all(_fillable(values.get(name, ""), any(m in w for w in words)) for m, name in marks.items()):
+            marks = None
+    if marks and template is not None:
+        inv = template
+        tail = list(inv.tail) + list(inv.command)
+    else:
+        marks = None
+    words = [*inv.head, *tail]
     record = {
         "format": FORMAT, "encoding": inv.encoding.as_dict(), "head": list(inv.head),
         "tail": tail, "static_env": dict(inv.static_env),
+        "marks": dict(marks or {}),
+        "marks_in_words": sorted(m for m in (marks or {}) if any(m in w for w in words)),
         "explicit": dict(inv.explicit_env), "allow": list(allow), "deny": list(deny),
         "mkdirs": list(inv.mkdirs), "mkfiles": list(inv.mkfiles), "expires": expires,
         "checks": [[p, _stat_id(p)] for p in checks] + [[p, None] for p in exists],
@@ -120,7 +146,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "use": None if use is None else list(use),
     }
     d = record_dir(env)
-    path = os.path.join(d, launch_key(_record_args(args, command_at), env, cwd) + ".json")
+    path = os.path.join(d, launch_key(_record_args(args, command_at, bool(marks)), env, cwd) + ".json")
     try:
         atomic_write_json(path, record)
     except OSError:
@@ -154,13 +180,86 @@ def _separator(args: Sequence[str]) -> Optional[int]:
     return i if i + 1 < len(args) else None
 
 
-def _record_args(args: Sequence[str], command_at: Optional[int]) -> List[str]:
+def _record_args(args: Sequence[str], command_at: Optional[int], values: bool = False) -> List[str]:
     """What a record is keyed by: the whole command line, or, when the command's place in the
-    runtime argv is known, everything up to ``--`` (any command then reuses the record)."""
+    runtime argv is known, everything up to ``--`` (any command then reuses the record); with
+    ``values``, each ``--env`` value is a slot too (the names stay in the key)."""
+    out = list(args)
+    if values:
+        for at, name, prefix, _ in env_options(args) or []:
+            out[at] = f"{prefix}{name}={VALUE_SLOT}"
     i = _separator(args)
     if command_at is None or i is None:
-        return list(args)
-    return [*args[:i + 1], COMMAND_SLOT]
+        return out
+    return [*out[:i + 1], COMMAND_SLOT]
+
+
+def env_options(args: Sequence[str]) -> Optional[List[Tuple[int, str, str, str]]]:
+    """The ``--env NAME=VALUE`` options of an ``nsdf-run run`` command line, in order, as
+    (index of the word, name, what precedes the name in that word, value); None when one has
+    no ``=``. Options end at ``--`` or at the image; the planner checks this reading against
+    its own (``Client.env_template``) before a record relies on it."""
+    out: List[Tuple[int, str, str, str]] = []
+    i = 1
+    while i < len(args):
+        w = args[i]
+        if w == "--" or not w.startswith("-"):
+            break
+        if w in _VALUE_OPTIONS:
+            i += 2
+            continue
+        at, prefix = None, ""
+        if w in ("-e", "--env"):
+            at = i + 1
+            i += 1
+        elif w.startswith("--env="):
+            at, prefix = i, "--env="
+        elif w.startswith("-e") and not w.startswith("--"):
+            at, prefix = i, "-e"
+        i += 1
+        if at is None:
+            continue
+        if at >= len(args):
+            return None
+        name, eq, value = args[at][len(prefix):].partition("=")
+        if not eq or not name:
+            return None
+        out.append((at, name, prefix, value))
+    return out
+
+
+def _fillable(value: str, in_word: bool) -> bool:
+    """Whether a record with marks may take ``value`` (else planning does): valid text, no
+    control character, and no quote or ``$`` when a runtime word carries it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:     # undecodable bytes: planning says why it refuses them
+        return False
+    return not (any(ord(c) < 32 or ord(c) == 127 for c in value) or (in_word and _WORD_UNSAFE.intersection(value)))
+
+
+def _fill_values(rec: Dict[str, Any], args: Sequence[str]) -> bool:
+    """Put this call's ``--env`` values in place of the record's marks; False when a value
+    needs planning (not valid text, a control character, or a quote in a runtime word)."""
+    marks: Dict[str, str] = rec.get("marks") or {}
+    values = {name: value for _, name, _, value in env_options(args) or []}
+    in_words = set(rec.get("marks_in_words") or [])
+    fill: Dict[str, str] = {}
+    for mark, name in marks.items():
+        v = values.get(name)
+        if v is None or not _fillable(v, mark in in_words):
+            return False
+        fill[mark] = v
+
+    def put(word: str) -> str:
+        for mark, v in fill.items():
+            if mark in word:
+                word = word.replace(mark, v)
+        return word
+    rec["head"] = [put(w) for w in rec["head"]]
+    rec["tail"] = [put(w) for w in rec["tail"]]
+    rec["explicit"] = {k: put(v) for k, v in rec["explicit"].items()}
+    return True
 
 
 def _load_valid(path: str) -> Optional[Dict[str, Any]]:
@@ -183,18 +282,25 @@ def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str
     """The record for this command line and its path: the one of this exact line, else the
     one of its arguments up to ``--`` with this call's command put in its place."""
     d = record_dir(env)
-    path = os.path.join(d, launch_key(args, env, cwd) + ".json")
-    rec = _load_valid(path)
     i = _separator(args)
-    if rec is None and i is not None:
-        path = os.path.join(d, launch_key(_record_args(args, 0), env, cwd) + ".json")
+    values = bool(env_options(args))
+    # this exact line; any command; any --env values; both
+    for command, slots in ((False, False), (True, False), (False, True), (True, True)):
+        if (command and i is None) or (slots and not values):
+            continue
+        path = os.path.join(d, launch_key(_record_args(args, 0 if command else None, slots), env, cwd) + ".json")
         rec = _load_valid(path)
-        at = rec.get("cmd_at") if rec else None
-        if rec is not None and isinstance(at, int) and 0 <= at <= len(rec["tail"]):
+        if rec is None:
+            continue
+        if command and i is not None:
+            at = rec.get("cmd_at")
+            if not (isinstance(at, int) and 0 <= at <= len(rec["tail"])):
+                continue
             rec["tail"] = [*rec["tail"][:at], *args[i + 1:]]
-        else:
-            rec = None
-    return rec, path
+        if rec.get("marks") and not _fill_values(rec, args):
+            continue
+        return rec, path
+    return None, os.path.join(d, launch_key(args, env, cwd) + ".json")
 
 
 def try_fast_run(args: Sequence[str]) -> Optional[int]:

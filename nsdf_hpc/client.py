@@ -269,14 +269,54 @@ class Client:
             res = self.runner.run(listing, check=False, env=process_env(self.env))
             if res.returncode == 0:
                 native = native.model_copy(update={"present": rt.parse_listing(res.stdout)})
+        return self._assemble(spec, rt, native, self.env if env is None else env), native, rt
+
+    def _assemble(self, spec: RunSpec, rt: Runtime, native: NativeImage, host: Mapping[str, str]) -> Invocation:
+        """The invocation of ``spec`` once its image is ready (pure: no process, no pull)."""
         if native.shell and spec.command:
             spec = spec.model_copy(update={"command": rt.wrap_command(spec.command, spec.env)})
-        host = self.env if env is None else env
         spec = with_launcher_binds(spec, host)
         cenv = container_env(host, spec.env, self.settings.env_allow, self.settings.env_deny)
         host_env = dict(host)
         host_env.update(rt.runtime_env(host, self.cache.root))
-        return rt.run_invocation(spec, native, cenv, host_env), native, rt
+        return rt.run_invocation(spec, native, cenv, host_env)
+
+    def env_template(self, args: Sequence[str], spec: RunSpec, rt: Runtime, native: NativeImage,
+                     inv: Invocation) -> Optional[Tuple[Dict[str, str], Invocation]]:
+        """How a launch record serves any values of the ``--env`` variables of ``args``: each
+        value's mark (mark -> name) and ``inv`` planned again with the marks as values. None
+        when the record must stay with these values: the command line's ``--env`` options
+        are not exactly ``spec.env``, or a value goes anywhere but the container environment
+        and whole ``NAME=VALUE`` words (Apptainer's ``--home VALUE``, UDocker's in-container
+        ``export``, a path), or the plan again differs in anything but the marks."""
+        options = _launch.env_options(args)
+        if not options or {n: v for _, n, _, v in options} != dict(spec.env):
+            return None
+        marks = {f"NSDFVALUE{os.urandom(6).hex()}N{i}": name for i, name in enumerate(spec.env)}
+        by_name = {name: mark for mark, name in marks.items()}
+        try:
+            again = self._assemble(spec, rt, native, self.env)
+            probed = self._assemble(spec.model_copy(update={"env": by_name}), rt, native, self.env)
+        except (RunError, SpecError):
+            return None
+
+        def back(word: str) -> str:
+            for mark, name in marks.items():
+                word = word.replace(mark, spec.env[name])
+            return word
+        words = [*probed.head, *probed.tail, *probed.command]
+        for mark, name in marks.items():
+            if any(mark in w and not w.endswith(f"{name}={mark}") for w in words):
+                return None
+        paths = [*probed.mkdirs, *probed.mkfiles, *(probed.tree or ()), *probed.static_env.values()]
+        if again != inv or any(m in p for m in marks for p in paths):
+            return None
+        if (tuple(map(back, probed.head)) != inv.head or tuple(map(back, probed.tail)) != inv.tail
+                or tuple(map(back, probed.command)) != inv.command
+                or {k: back(v) for k, v in probed.explicit_env.items()} != inv.explicit_env
+                or probed.static_env != inv.static_env or probed.encoding != inv.encoding):
+            return None
+        return marks, probed
 
     def bind_template(self, spec: RunSpec, rt: Runtime, native: NativeImage, inv: Invocation, *,
                       env: Mapping[str, str], probe: str) -> Optional[Tuple[Tuple[str, ...], Tuple[str, ...]]]:
@@ -427,12 +467,14 @@ class Client:
         # then the record serves any command after the same arguments (``_launch._record_args``)
         n, tail = len(spec.command), [*inv.tail, *inv.command]
         at = len(tail) - n if n and tuple(tail[len(tail) - n:]) == tuple(spec.command) else None
+        template = self.env_template(args, spec, rt, native, inv)
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,
                      self.settings.env_deny, checks, expires, exists,
                      guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH), hold=rt.startup_names,
                      command_at=at, use=(self.cache.use_path(native.runtime, native.digest),
                                          self.cache.entry_dir(native.runtime, native.digest))
-                     if native.digest else None)
+                     if native.digest else None,
+                     marks=template[0] if template else None, template=template[1] if template else None)
 
     def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage, rt: Runtime
                       ) -> Tuple[List[str], List[str], float]:

@@ -257,3 +257,19 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
     assert (r.returncode, r.stdout) == (6, f"<{HOSTILE[4]}{HOSTILE[9]}><{HOSTILE[3]}>"), r.stderr
     assert set(launch.glob("*.json")) - before == records
     assert [p.stat().st_mtime_ns for p in records] == stamps[3], "the record was reused, not rewritten"
+    # and any --env values of the same variables (issue 11 goal 1). The value above has a
+    # newline, so its record serves that value only; a plain value plans once and records a
+    # plan that takes any value but one with a control character (or a quote, where a runtime
+    # word carries it), which plans again; the output is always the value given
+    def with_h(value: str) -> subprocess.CompletedProcess:
+        r = nsdf_root([*args[:3], "--env", f"H={value}", *args[5:]], shared_cache, cwd=str(tmp_path),
+                      XDG_CACHE_HOME=str(xdg), SLURM_PROCID="4", PYTHONPATH="/leak")
+        assert (r.returncode, r.stdout) == (5, f"[{value}][4][unset][{tmp_path}]"), r.stderr
+        return r
+    with_h("second value")
+    any_value = set(launch.glob("*.json")) - before - records
+    assert len(any_value) == 1
+    stamp = [p.stat().st_mtime_ns for p in any_value]
+    for value in ("third ü", "", "a=b,c:d/e", HOSTILE[2] + HOSTILE[9]):
+        with_h(value)
+    assert [p.stat().st_mtime_ns for p in any_value] == stamp, "the record of any value was reused"

@@ -152,3 +152,61 @@ def test_a_command_that_is_not_the_words_after_the_separator_keeps_an_exact_reco
                  2e9, command_at=2)   # would say the command is ("%s", "a b"): not what follows --
     assert _launch.load(ARGS, env, "/work") is not None
     assert _launch.load([*ARGS[:-1], "other"], env, "/work") is None
+
+
+@pytest.mark.parametrize("args, want", [
+    (["run", "-e", "A=1", "--env", "B=x=y", "--env=C=", "-eD=4", "img", "--", "-e", "Z=9"],
+     [(2, "A", "", "1"), (4, "B", "", "x=y"), (5, "C", "--env=", ""), (6, "D", "-e", "4")]),
+    (["run", "--runtime-arg", "-e", "img", "--", "true"], []),        # a value, not the option
+    (["run", "-B", "/a:/b", "-w", "/w", "--platform", "linux/amd64", "-e", "A=1", "img"], [(8, "A", "", "1")]),
+    (["run", "-e", "NOEQUALS", "img"], None),
+    (["run", "-e"], None),
+])
+def test_env_options_reads_the_env_values_before_the_image(args, want) -> None:
+    assert _launch.env_options(args) == want
+
+
+ENV_ARGS = ["run", "--runtime", "charliecloud", "-e", "X=1", "img", "--", "printf", "%s", "a b"]
+
+
+def _save_template(env: dict, tmp_path: Path) -> Path:
+    """A record as ``Client.env_template`` makes it: X's value in the container environment
+    and in one ``--set-env=X=VALUE`` word (charliecloud), both given by a mark."""
+    binary = tmp_path / "ch-run"
+    binary.write_text("#!/bin/sh\n")
+    (tmp_path / "user.toml").write_text("")
+    mark = "NSDFVALUEabcN0"
+    real = Invocation((str(binary), "--set-env=X=1"), ("img", "--"), ("printf", "%s", "a b"), {},
+                      EnvEncoding("process"), {"X": "1"}, {"X": "1"})
+    template = Invocation((str(binary), f"--set-env=X={mark}"), ("img", "--"), ("printf", "%s", "a b"), {},
+                          EnvEncoding("process"), {"X": mark}, {"X": mark})
+    _launch.save(ENV_ARGS, env, "/work", real, DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)], 2e9,
+                 command_at=2, marks={mark: "X"}, template=template)
+    return binary
+
+
+@pytest.mark.parametrize("value", ["2", "with space", "ünï", "a=b", "", "$HOME-in-env-only"])
+def test_a_record_with_marks_serves_any_value_of_the_same_variables(env: dict, tmp_path: Path, value) -> None:
+    binary = _save_template(env, tmp_path)
+    args = [*ENV_ARGS[:4], f"X={value}", *ENV_ARGS[5:7], "echo", "hi"]
+    got = _launch.load(args, env, "/work")
+    if "$" in value:            # a runtime word takes the value: a quote or `$` needs planning
+        assert got is None
+        return
+    assert got is not None
+    argv, penv, _ = got
+    assert argv == [str(binary), f"--set-env=X={value}", "img", "--", "echo", "hi"]
+    assert penv["X"] == value and not any("NSDFVALUE" in w for w in [*argv, *penv.values()])
+
+
+@pytest.mark.parametrize("args", [
+    [*ENV_ARGS[:3], "-e", "Y=1", *ENV_ARGS[5:]],                         # another name: another plan
+    [*ENV_ARGS[:3], "-e", "X=new\nline", *ENV_ARGS[5:]],                 # a control character
+    [*ENV_ARGS[:3], "-e", "X=q'uote", *ENV_ARGS[5:]],                    # a quote in a runtime word
+    [*ENV_ARGS[:3], "-e", "X=\udcff", *ENV_ARGS[5:]],                    # not valid text
+    [*ENV_ARGS[:3], "-e", "X=1", "-e", "Y=2", *ENV_ARGS[5:]],            # one more variable
+])
+def test_a_value_or_name_the_record_cannot_take_goes_to_planning(env: dict, tmp_path: Path, args) -> None:
+    _save_template(env, tmp_path)
+    assert _launch.load(ENV_ARGS, env, "/work") is not None
+    assert _launch.load(args, env, "/work") is None

@@ -308,3 +308,33 @@ def test_podman_hpc_reads_its_squash_store_without_starting_a_process(tmp_path):
     assert repair.steps[0].argv[2] == "f" * 64 and repair.steps[-1].expect == "f" * 64
     squash.unlink()
     assert "missing" in rt.store_image_problem(D, env)[0]
+
+
+# which runtimes carry a plain --env value so that a launch record serves any value: all of
+# them, except where the value also lands somewhere a mark cannot stand for it
+TEMPLATE_CASES = [
+    ("A", "1", {"apptainer", "singularity", "charliecloud", "podman", "podman-hpc", "shifter", "udocker"}),
+    ("HOME", "/h", {"charliecloud", "podman", "podman-hpc", "shifter", "udocker"}),   # apptainer: --home VALUE
+    ("USER", "u", {"apptainer", "singularity", "charliecloud", "podman", "podman-hpc", "shifter"}),  # udocker: export
+]
+
+
+@pytest.mark.parametrize("name, value, served", TEMPLATE_CASES)
+@pytest.mark.parametrize("runtime", NAMES)
+def test_env_template_marks_only_values_it_can_put_back(tmp_path, runtime, name, value, served):
+    """Client.env_template plans again with marks for the --env values; a record then serves
+    any value (issue 11 goal 1). The marked plan, with the values put back, is the real plan."""
+    client, _ = _client(tmp_path, {})
+    rt = _rt(runtime)
+    args = ["run", "-r", runtime, "-e", f"{name}={value}", "ubuntu", "--", "true"]
+    spec = RunSpec(image="ubuntu", command=("true",), bind_cwd=False, env={name: value})
+    native = NativeImage(runtime=runtime, source="ubuntu", location="/cache/x.sif" if rt.storage == "file"
+                         else "docker:ubuntu:22.04")
+    inv = client._assemble(spec, rt, native, client.env)
+    got = client.env_template(args, spec, rt, native, inv)
+    assert (got is not None) == (runtime in served), got
+    if got is not None:
+        marks, template = got
+        assert list(marks.values()) == [name] and template.explicit_env[name] in marks
+    # the command line must say exactly what the spec has
+    assert client.env_template(args[:3] + args[5:], spec, rt, native, inv) is None
