@@ -48,6 +48,27 @@ def run(runs: int = 15) -> list:
             list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,
             baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 40 ms added",
             check=lambda r: r.added_ms <= 40))
+        # a new command line each run (issue 11 goal 1): a job script's per-task arguments and
+        # values, served by the record of any command and any --env values
+        results.append(compare_commands(
+            f"nsdf-run run -r {name} -- echo N (new each run)",
+            lambda i: [nsdf_run, "run", "--runtime", name, IMAGE, "--", "echo", str(i)],
+            list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,
+            baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 40 ms added",
+            check=lambda r: r.added_ms <= 40))
+        results.append(compare_commands(
+            f"nsdf-run run -r {name} -e TASK=N -- true (new each run)",
+            lambda i: [nsdf_run, "run", "--runtime", name, "-e", f"TASK=task {i}", IMAGE, "--", "true"],
+            list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,
+            baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 40 ms added",
+            check=lambda r: r.added_ms <= 40))
+        # a fresh research script: import nsdf_hpc and one run() (issue 11 goal 2)
+        script = f"import nsdf_hpc; nsdf_hpc.run({IMAGE!r}, ['true'], runtime={name!r}, cwd={work!r})"
+        results.append(compare_commands(
+            f"python: import nsdf_hpc; run(), {name}", [os.path.join(bench_venv(), "bin", "python"), "-c", script],
+            list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=max(5, runs // 3),
+            baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 80 ms added",
+            check=lambda r: r.added_ms <= 80))
         results.append(compare_calls(
             f"Client.run() warm, {name}", lambda: client.run(IMAGE, ["true"], runtime=name, cwd=work),
             lambda: runner.run(inv.argv, env=inv.env, check=False, cwd=work), runs=runs,

@@ -1,10 +1,12 @@
-"""`nsdf-run --version` start-up time and peak memory against `python -c pass`.
-
-Target: at most 40 ms added, at most 35 MB peak.
+"""Start-up against `python -c pass`: `nsdf-run --version` (target: at most 40 ms added, at
+most 35 MB peak), `import nsdf_hpc` (at most 20 ms added), `nsdf-run images` and `runtimes`
+(at most 100 ms in all, warm; issue 11 goal 3).
 """
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 from harness import bench_venv, compare_commands
 
@@ -16,8 +18,32 @@ def run(runs: int = 21) -> list:
                              [python, "-c", "pass"], runs=runs, baseline_name="python -c pass",
                              target="<= 40 ms added, <= 35 MB",
                              check=lambda r: r.added_ms <= 40 and (r.peak_rss_mb or 0) <= 35),
+            compare_commands("python -c 'import nsdf_hpc'", [python, "-c", "import nsdf_hpc"],
+                             [python, "-c", "pass"], runs=runs, baseline_name="python -c pass",
+                             target="<= 20 ms added", check=lambda r: r.added_ms <= 20),
             compare_commands("nsdf-run --help (imports click)", [nsdf_run, "--help"],
-                             [python, "-c", "pass"], runs=runs, baseline_name="python -c pass")]
+                             [python, "-c", "pass"], runs=runs, baseline_name="python -c pass"),
+            # warm: the detection cache and the image cache as a previous call left them
+            compare_commands("nsdf-run images", [nsdf_run, "images"], [python, "-c", "pass"], runs=runs,
+                             baseline_name="python -c pass", target="<= 100 ms",
+                             check=lambda r: r.candidate_ms <= 100),
+            compare_commands("nsdf-run runtimes", [nsdf_run, "runtimes"], [python, "-c", "pass"], runs=runs,
+                             baseline_name="python -c pass", target="<= 100 ms",
+                             check=lambda r: r.candidate_ms <= 100)] + _status(nsdf_run, runs)
+
+
+def _status(nsdf_run: str, runs: int) -> list:
+    """`nsdf-run status JOBID` of a finished job against the one `sacct` query it makes
+    (target: at most 100 ms more). Needs Slurm (the testbed); skipped without sbatch."""
+    if not shutil.which("sbatch"):
+        return []
+    out = subprocess.run(["sbatch", "--parsable", "--wait", "-o", "/dev/null", "--wrap", "true"],
+                         capture_output=True, text=True, check=True).stdout
+    job = out.strip().split(";")[0]
+    sacct = ["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State,ExitCode,Reason"]
+    return [compare_commands("nsdf-run status JOBID (sacct)", [nsdf_run, "status", job], sacct,
+                             runs=runs, baseline_name="sacct -j JOBID", target="<= 100 ms added",
+                             check=lambda r: r.added_ms <= 100)]
 
 
 if __name__ == "__main__":

@@ -52,19 +52,26 @@ def time_argv(argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
     return dt, usage.ru_maxrss / 1024.0
 
 
-def compare_commands(name: str, candidate: Sequence[str], baseline: Sequence[str], *, runs: int = 21,
+def compare_commands(name: str, candidate: "Sequence[str] | Callable[[int], Sequence[str]]",
+                     baseline: Sequence[str], *, runs: int = 21,
                      warmup: int = 2, env: Optional[Mapping[str, str]] = None,
                      baseline_env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
                      baseline_name: str = "", target: str = "",
                      check: Optional[Callable[[Result], bool]] = None) -> Result:
+    """``candidate`` may be a function of the run's number (0, 1, ...; the warm-up runs get
+    their own numbers) that gives another command line each run: a new command or value."""
+    argv_of: Callable[[int], Sequence[str]] = candidate if callable(candidate) else (lambda i: candidate)
+    n = 0
     for _ in range(warmup):
-        time_argv(candidate, env, cwd)
+        time_argv(argv_of(n), env, cwd)
+        n += 1
         time_argv(baseline, baseline_env or env, cwd)
     cand: List[float] = []
     base: List[float] = []
     rss: List[float] = []
     for _ in range(runs):
-        dt, mb = time_argv(candidate, env, cwd)
+        dt, mb = time_argv(argv_of(n), env, cwd)
+        n += 1
         cand.append(dt)
         rss.append(mb)
         base.append(time_argv(baseline, baseline_env or env, cwd)[0])

@@ -9,7 +9,6 @@ back together; a server's ``Retry-After`` is honoured when it asks for longer, u
 """
 from __future__ import annotations
 
-import email.utils
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -59,6 +58,7 @@ def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
     if text.isdigit():
         return float(int(text))
     try:
+        import email.utils   # noqa: PLC0415 (only for an HTTP-date Retry-After)
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None

@@ -23,7 +23,6 @@ from .paths import user_state_dir
 from .reference import ImageSource, Platform
 from .runtimes import choose, detect_all, runtime_class
 from .runtimes.base import Invocation, Runtime, RuntimeContext, effective_binds, process_env
-from .schedulers import submit as slurm_submit
 
 if TYPE_CHECKING:
     from .build import BuildService
@@ -516,21 +515,25 @@ class Client:
     # ---------------------------------------------------------------- Slurm
     def job_spec(self, image: str, command: Optional[Sequence[str]] = None, **options: Any) -> "JobSpec":
         """A validated :class:`~nsdf_hpc.schedulers.JobSpec` (run options + sbatch resources)."""
+        from .schedulers import submit as slurm_submit   # noqa: PLC0415 (a run needs no Slurm)
         return slurm_submit.job_spec(self, image, command, **options)
 
     def scheduler(self, **overrides: Any) -> "Slurm":
         """The Slurm backend (pyslurm when it matches the cluster, else the commands); cached."""
+        from .schedulers import submit as slurm_submit   # noqa: PLC0415 (a run needs no Slurm)
         return slurm_submit.scheduler(self, **overrides)
 
     def submit(self, image: str, command: Optional[Sequence[str]] = None, *,
                runtime: Optional[str] = None, **options: Any) -> Union["Job", "Prepared"]:
         """Submit ``command`` in ``image`` to Slurm; returns a :class:`~nsdf_hpc.schedulers.Job`
         (with ``dry_run=True``, the prepared script). See :func:`nsdf_hpc.schedulers.submit.submit`."""
+        from .schedulers import submit as slurm_submit   # noqa: PLC0415 (a run needs no Slurm)
         return slurm_submit.submit(self, image, command, runtime=runtime, **options)
 
     def submit_array(self, image: str, commands: Optional[Sequence[Sequence[str]]] = None,
                      **options: Any) -> Union["Job", "Prepared"]:
         """An array job: one command per task, or ``template`` with ``{index}``."""
+        from .schedulers import submit as slurm_submit   # noqa: PLC0415 (a run needs no Slurm)
         return slurm_submit.submit_array(self, image, commands, **options)
 
 

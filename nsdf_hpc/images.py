@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from ._exec import CommandRunner
 from ._launch import record_dir
@@ -27,10 +27,13 @@ from .errors import (CommandError, CommandTimeoutError, DiskFullError, ImageErro
 from .host import HostFacts, free_bytes, mount_options
 from .models import NativeImage, RunSpec
 from .reference import ImageRef, ImageSource, Platform, host_platform, parse_source
-from .registry import ManifestInfo, RegistryClient, _credentials
 from .runtimes import runtime_class, runtime_names
 from .runtimes.base import IMPORTED, PREVIOUS, WORKDIR, ImagePlan, Runtime, process_env
-from .unpack import flatten, repack_for_udocker, source_digest, write_charliecloud_metadata
+
+if TYPE_CHECKING:
+    # imported where used: a run of a cached image needs neither the registry client (http,
+    # ssl) nor the layer tools (tarfile); issue 11 goal 3
+    from .registry import ManifestInfo, RegistryClient
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +125,7 @@ class ImageService:
         """One registry client per registry, so a token is fetched once per session."""
         key = (registry, insecure)
         if key not in self._registries:
+            from .registry import RegistryClient   # noqa: PLC0415
             self._registries[key] = RegistryClient(registry, insecure=insecure, env=self.env,
                                                    timeout=self.settings.registry_timeout,
                                                    retry=self.retry_policy())
@@ -151,6 +155,7 @@ class ImageService:
         if source.kind != "registry":
             if not source.path or not os.path.exists(source.path):
                 raise ImageError(f"{source.text}: no such file or directory")
+            from .unpack import source_digest   # noqa: PLC0415
             return source_digest(source), None
         assert source.ref is not None
         if source.ref.digest:
@@ -568,6 +573,7 @@ class ImageService:
         return total
 
     def _execute_plan(self, rt: Runtime, plan: ImagePlan, source: ImageSource, work: str) -> str:
+        from .unpack import flatten, repack_for_udocker, write_charliecloud_metadata   # noqa: PLC0415
         env = {**self._step_env(rt), **self.login_env(rt, source, work)}
         if plan.pre_extract == "rootfs":
             self.progress({"event": "step", "step": "unpack layers", "image": source.text})
@@ -699,6 +705,7 @@ class ImageService:
         if source.kind != "registry" or source.ref is None:
             return {}
         registry = self.pull_ref(source.ref)[0].registry
+        from .registry import _credentials   # noqa: PLC0415
         creds = _credentials(registry, self.env)
         if not creds:
             return {}
