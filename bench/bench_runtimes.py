@@ -36,8 +36,7 @@ def run(runs: int = 15) -> list:
         client.pull(IMAGE, name)
         spec = client.spec(IMAGE, ["true"], cwd=work)
         inv, native, rt = client.invocation(spec, name)
-        for d in inv.mkdirs:
-            os.makedirs(d, exist_ok=True)
+        client.prepare(inv, rt)   # the private copy of a directory image first, then mount points
         results.append(compare_commands(
             f"nsdf-run run --runtime {name} -- true (planned)",
             [nsdf_run, "run", "--runtime", name, IMAGE, "--", "true"],

@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -42,13 +43,16 @@ def time_argv(argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
               cwd: Optional[str] = None) -> "tuple[float, float]":
     """Wall time (s) and peak RSS (MB) of one run of ``argv``."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {' '.join(argv)}")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        dt = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {' '.join(argv)}\n"
+                               f"{err.read()[-2000:].decode(errors='replace')}")
     return dt, usage.ru_maxrss / 1024.0
 
 
