@@ -11,7 +11,8 @@ recorded allow/deny lists, and replaces itself with the runtime (``os.execve``),
 code is the command's. Any doubt (a missing or changed file, an expired tag, a parse error)
 falls back to the planned path, which rewrites the record.
 
-This module imports nothing heavier than ``json`` and ``hashlib``; it is the one place besides
+This module imports nothing heavier than ``json`` (and CPython's own SHA-256, not hashlib's
+OpenSSL, which costs ~7 ms to load); it is the one place besides
 ``_exec.py`` that hands control to another program. One exception to the exec: a runtime whose
 container can outlive its own process (podman: ``Runtime.orphan_guard``) is not exec'd, since
 nobody would be left to remove a container that a signal reached too early; the record keeps
@@ -25,7 +26,6 @@ early signal until the command runs (``_exec._forward_signals``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -37,7 +37,6 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._version import __version__
-from ._fsutil import atomic_write_json
 from .paths import candidate_config_files, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
@@ -71,6 +70,19 @@ def _stat_id(path: str) -> Optional[Tuple[int, int, int]]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _sha256() -> Any:
+    """A SHA-256 object from CPython's built-in module (3.11: ``_sha256``, 3.12: ``_sha2``),
+    else hashlib's; the digests are the same."""
+    try:
+        from _sha256 import sha256   # type: ignore[import-not-found, unused-ignore]   # noqa: PLC0415
+    except ImportError:
+        try:
+            from _sha2 import sha256   # type: ignore[import-not-found, no-redef, unused-ignore]   # noqa: PLC0415
+        except ImportError:
+            from hashlib import sha256   # type: ignore[assignment, unused-ignore]   # noqa: PLC0415
+    return sha256()
+
+
 def record_dir(env: Mapping[str, str]) -> str:
     """Launch records live in the cache named by ``NSDF_HPC_CACHE`` when it is set (with the
     images they point at), else in the per-user state directory."""
@@ -81,7 +93,7 @@ def record_dir(env: Mapping[str, str]) -> str:
 def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
     """What the plan depends on: the command line, the directory, the config files, and every
     environment variable except the container allowlist's (rebuilt per call) and volatile ones."""
-    h = hashlib.sha256()
+    h = _sha256()
     h.update(json.dumps([FORMAT, __version__, os.getuid(), os.getgid(), cwd, list(args)]).encode(
         "utf-8", "surrogateescape"))
     for path in candidate_config_files(env):
@@ -148,6 +160,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
     d = record_dir(env)
     path = os.path.join(d, launch_key(_record_args(args, command_at, bool(marks)), env, cwd) + ".json")
     try:
+        from ._fsutil import atomic_write_json   # noqa: PLC0415 (a planned run writes; the fast path reads)
         atomic_write_json(path, record)
     except OSError:
         pass
