@@ -130,19 +130,19 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
     i = _separator(args)
     if command_at is not None and (i is None or tail[command_at:] != list(args[i + 1:])):
         command_at = None   # the words after `--` are not exactly the command: this line only
+    words: List[str] = []
     if marks and template is not None:
-        # values the record could not take again keep it for this exact line (a record of any
-        # value must serve the line that made it)
         words = [*template.head, *template.tail, *template.command]
         values = {name: value for _, name, _, value in env_options(args) or []}
-        if not all(_fillable(values.get(name, ""), any(m in w for w in words)) for m, name in marks.items()):
+        # values the record could not take again keep it for this exact line (a record of any
+        # value must serve the line that made it)
+        if all(_fillable(values.get(name, ""), any(m in w for w in words)) for m, name in marks.items()):
+            inv = template
+            tail = list(inv.tail) + list(inv.command)
+        else:
             marks = None
-    if marks and template is not None:
-        inv = template
-        tail = list(inv.tail) + list(inv.command)
     else:
         marks = None
-    words = [*inv.head, *tail]
     record = {
         "format": FORMAT, "encoding": inv.encoding.as_dict(), "head": list(inv.head),
         "tail": tail, "static_env": dict(inv.static_env),
