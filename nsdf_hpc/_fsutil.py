@@ -1,4 +1,5 @@
-"""The one atomic file write: a private temp file in the same directory, then ``os.replace``.
+"""The one atomic file write (a private temp file in the same directory, then
+``os.replace``), and paths inside an image's root filesystem.
 
 Standard library only: the launch fast path imports it.
 """
@@ -38,3 +39,41 @@ def atomic_write_json(path: str, data: Any, *, fsync: bool = False, indent: Any 
         except OSError:
             pass
         raise
+
+
+#: symlinks followed resolving one path in a root filesystem (Linux's own limit)
+MAX_LINKS = 40
+
+
+def resolve_in_root(root: str, rel: str, follow_last: bool = False) -> str:
+    """The host path of ``rel`` inside ``root``, following symlinks as if ``root`` were ``/``
+    (an absolute link target starts again at ``root``; ``..`` stops at it). ``ValueError``
+    for more than ``MAX_LINKS`` links or a path that ends outside ``root``."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    cur = root
+    links = 0
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if part == "..":
+            cur = os.path.dirname(cur) if cur != root else root
+            i += 1
+            continue
+        nxt = os.path.join(cur, part)
+        last = i == len(parts) - 1
+        if os.path.islink(nxt) and (not last or follow_last):
+            links += 1
+            if links > MAX_LINKS:
+                raise ValueError(f"too many symlinks resolving {rel}")
+            target = os.readlink(nxt)
+            rest = parts[i + 1:]
+            if target.startswith("/"):
+                cur = root
+            parts = [p for p in target.split("/") if p not in ("", ".")] + rest
+            i = 0
+            continue
+        cur = nxt
+        i += 1
+    if not (cur == root or cur.startswith(root.rstrip("/") + "/")):
+        raise ValueError(f"layer path {rel!r} escapes the root filesystem")
+    return cur

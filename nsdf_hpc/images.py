@@ -521,12 +521,17 @@ class ImageService:
             raise ImageError(f"{rt.name}: the converted image of {source.text} is broken: {found[0]}")
 
     def _has_shell(self, rt: Runtime, location: str) -> Optional[bool]:
-        """Whether the converted image runs ``/bin/sh`` (one container start per conversion);
-        None when the probe itself could not tell."""
+        """Whether the converted image runs ``/bin/sh``: read from the runtime's store when it
+        can tell (``Runtime.store_has_shell``), else one container start per conversion; None
+        when the probe itself could not tell."""
         spec = RunSpec(image=location, command=("/bin/sh", "-c", "exit 0"), bind_cwd=False)
         native = NativeImage(runtime=rt.name, source=location, location=location)
         try:
             env = self._step_env(rt)
+            known = rt.store_has_shell(location, env)
+            if known is not None:
+                logger.debug("%s has%s /bin/sh (read from the store)", location, "" if known else " no")
+                return known
             inv = rt.run_invocation(spec, native, {}, env)
             if inv.tree or inv.mkdirs or inv.mkfiles:
                 return None

@@ -19,10 +19,9 @@ import tarfile
 from contextlib import ExitStack
 from typing import IO, Any, List, Optional, Tuple
 
+from ._fsutil import MAX_LINKS as _MAX_LINKS, resolve_in_root
 from .errors import ImageError
 from .reference import ImageSource
-
-_MAX_LINKS = 40
 
 
 class _Archive:
@@ -170,34 +169,10 @@ class _Prefixed(io.RawIOBase):
 
 def _resolve(root: str, rel: str, follow_last: bool = False) -> str:
     """The host path of ``rel`` inside ``root``, following symlinks as if ``root`` were ``/``."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    cur = root
-    links = 0
-    i = 0
-    while i < len(parts):
-        part = parts[i]
-        if part == "..":
-            cur = os.path.dirname(cur) if cur != root else root
-            i += 1
-            continue
-        nxt = os.path.join(cur, part)
-        last = i == len(parts) - 1
-        if os.path.islink(nxt) and (not last or follow_last):
-            links += 1
-            if links > _MAX_LINKS:
-                raise ImageError(f"too many symlinks resolving {rel}")
-            target = os.readlink(nxt)
-            rest = parts[i + 1:]
-            if target.startswith("/"):
-                cur = root
-            parts = [p for p in target.split("/") if p not in ("", ".")] + rest
-            i = 0
-            continue
-        cur = nxt
-        i += 1
-    if not (cur == root or cur.startswith(root.rstrip("/") + "/")):
-        raise ImageError(f"layer path {rel!r} escapes the root filesystem")
-    return cur
+    try:
+        return resolve_in_root(root, rel, follow_last)
+    except ValueError as err:
+        raise ImageError(str(err)) from None
 
 
 def _remove(path: str) -> None:

@@ -312,6 +312,12 @@ class Runtime(abc.ABC):
         starting a process; None: ask ``holds_argv``. Default: None."""
         return None
 
+    def store_has_shell(self, location: str, env: Mapping[str, str]) -> Optional[bool]:
+        """Whether the image a plan made has an executable ``/bin/sh``, read from the store's
+        files when its root filesystem is a host directory; None (the default): start the
+        image once to find out (``ImageManager``'s shell probe)."""
+        return None
+
     def store_size_argv(self, location: str) -> Optional[List[str]]:
         """How to ask the runtime's store for the bytes an entry's image takes there (read by
         ``parse_store_size``); None: the cache entry's own files are the whole size."""

@@ -68,3 +68,38 @@ def test_relay_exits_with_its_childs_status(script, rc):
 def test_relay_without_a_command_is_a_usage_error():
     r = subprocess.run([sys.executable, "-I", "-S", RELAY], capture_output=True, text=True, timeout=30)
     assert r.returncode == 125 and "usage" in r.stderr
+
+
+def _store(tmp_path, sh: str = "relative"):
+    """A udocker container directory as `udocker create` leaves it (merged /usr)."""
+    root = tmp_path / "udocker" / "containers" / NATIVE.location / "ROOT"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")
+    if sh == "relative":
+        (root / "usr" / "bin" / "dash").write_text("")
+        (root / "usr" / "bin" / "sh").symlink_to("dash")
+    elif sh == "absolute":   # resolved inside ROOT, not on the host (which has /bin/dash)
+        (root / "usr" / "bin" / "sh").symlink_to("/bin/dash")
+    elif sh == "loop":
+        (root / "usr" / "bin" / "sh").symlink_to("sh")
+    return {"UDOCKER_DIR": str(tmp_path / "udocker")}
+
+
+@pytest.mark.parametrize("sh, expected", [("relative", True), ("absolute", False), ("none", False),
+                                          ("loop", False)])
+def test_the_store_says_whether_the_image_has_a_shell(tmp_path, sh, expected):
+    """The cold pull reads /bin/sh from the container's ROOT instead of starting udocker, and
+    gives the answer the run acts on (the in-container shell or not)."""
+    env = _store(tmp_path, sh)
+    ctx = RuntimeContext(1000, 1000, "alice", which=lambda n: None, python="/py/bin/python3")
+    rt = UDocker("/opt/bin/udocker", None, "1.3.17", ctx)
+    assert rt.store_has_shell(NATIVE.location, env) is expected
+    inv = rt.run_invocation(RunSpec(image="busybox", bind_cwd=False, command=("true",)), NATIVE, {},
+                            {**HOST, **env})
+    assert (inv.command[0] == "/bin/sh") is expected
+
+
+def test_a_container_not_created_yet_is_left_to_the_probe(tmp_path):
+    rt = _rt()
+    assert rt.store_has_shell(NATIVE.location, {"UDOCKER_DIR": str(tmp_path)}) is None
+    assert rt.store_has_shell(NATIVE.location, {}) is None
