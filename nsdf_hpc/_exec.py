@@ -6,48 +6,66 @@ shell string); tests hand a fake runner to the same seam. Output is decoded with
 """
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import (IO, TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Protocol, Sequence,
+                    Tuple, Union)
 
 from ._proctree import HOLD_LIMIT, innermost, still_starting, tree_io
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
+
+
+def _log() -> Optional[logging.Logger]:
+    """This module's logger; None while no module has imported :mod:`logging`: then nobody
+    configured it, and no message of this module (DEBUG and INFO) would show. The launch
+    fast path (a podman run from its record) starts its process here without loading
+    logging (~10 ms of its start-up)."""
+    mod = sys.modules.get("logging")
+    return None if mod is None else mod.getLogger(__name__)
 
 Argv = Sequence[str]
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 
 
-@dataclass(frozen=True)
-class CompletedCommand:
-    """The result of one external command: argv, exit status and captured output."""
+class CompletedCommand(NamedTuple):
+    """The result of one external command: argv, exit status and captured output.
+
+    A named tuple, not a dataclass: the launch fast path (a podman run from its record)
+    imports this module, and dataclasses with inspect is ~10 ms of that start-up."""
 
     argv: Tuple[str, ...]
     returncode: int
     stdout: str = ""
     stderr: str = ""
     duration: float = 0.0
-    env: Optional[Dict[str, str]] = field(default=None, repr=False, compare=False)
+    env: Optional[Dict[str, str]] = None
     #: the last signal passed on to a streamed command while it ran (``capture=False``)
-    forwarded: Optional[int] = field(default=None, compare=False)
+    forwarded: Optional[int] = None
     #: a signal still held (the runtime was still starting, see ``hold``) when the command
     #: ended: it never reached the command
-    held: Optional[int] = field(default=None, compare=False)
+    held: Optional[int] = None
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    def __repr__(self) -> str:
+        # not ``env``: a pull's process environment can hold a registry login
+        return (f"CompletedCommand(argv={self.argv!r}, returncode={self.returncode!r}, stdout={self.stdout!r}, "
+                f"stderr={self.stderr!r}, duration={self.duration!r}, forwarded={self.forwarded!r}, "
+                f"held={self.held!r})")
 
 
 class CommandRunner(Protocol):
@@ -145,7 +163,9 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
             except IndexError:   # a second release thread took it
                 break
             if not done.is_set():
-                logger.debug("passing on signal %d, held while the runtime started", signum)
+                log = _log()
+                if log:
+                    log.debug("passing on signal %d, held while the runtime started", signum)
                 send(signum)
 
     def forward(signum: int, frame: Any) -> None:
@@ -213,8 +233,9 @@ class SubprocessRunner:
         and raise :class:`CommandTimeoutError` (``.stalled`` tells which)."""
         args = tuple(str(a) for a in argv)
         child_env = _child_env(env, env_overrides)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("run: %s", shlex.join(args))
+        log = _log()
+        if log and log.isEnabledFor(10):   # logging.DEBUG
+            log.debug("run: %s", shlex.join(args))
         pipe = subprocess.PIPE if capture else None
         start = time.perf_counter()
         streamed = not capture and timeout is None
@@ -262,7 +283,8 @@ class SubprocessRunner:
         result = CompletedCommand(args, rc, _decode(out), _decode(err_out),
                                   time.perf_counter() - start, child_env, seen[-1] if seen else None,
                                   pending[-1] if pending else None)
-        logger.debug("rc=%s in %.1f ms", result.returncode, result.duration * 1000)
+        if log:
+            log.debug("rc=%s in %.1f ms", result.returncode, result.duration * 1000)
         if check and result.returncode != 0:
             raise CommandError(args, result.returncode, result.stdout, result.stderr)
         return result
@@ -276,7 +298,9 @@ class SubprocessRunner:
             env = envs[i] if envs else None
             child_env = None if env is None else dict(env)
             args = tuple(str(a) for a in argv)
-            logger.debug("probe: %s", shlex.join(args))
+            log = _log()
+            if log:
+                log.debug("probe: %s", shlex.join(args))
             try:
                 proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, env=child_env,
@@ -339,8 +363,10 @@ def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str,
     except OSError:
         existed = False
     if removed or not existed or res.held is not None:
-        logger.info("%s ended on signal %d before its container did (%s)", argv[0], res.forwarded,
-                    "removed it" if removed else "none was created" if not existed
-                    else "the command never got the signal")
-        return replace(res, returncode=128 + res.forwarded)
+        log = _log()
+        if log:
+            log.info("%s ended on signal %d before its container did (%s)", argv[0], res.forwarded,
+                     "removed it" if removed else "none was created" if not existed
+                     else "the command never got the signal")
+        return res._replace(returncode=128 + res.forwarded)
     return res
