@@ -1,5 +1,7 @@
 """Executor benchmark (issue 13), side by side in one run, on the testbed:
 
+* Slurm, one call: ``Executor.submit(fn, x).result()`` against submitit's ``submit`` of the same
+  function as one job: the time to submit, and from the result file written to the result in hand.
 * Slurm: a 200-item ``map`` of a trivial function with ``nsdf_hpc.Executor(on="slurm")``
   against submitit's ``map_array`` of the same function: the time to submit, and the time
   from the last result file written on the cluster to all results in hand.
@@ -64,6 +66,38 @@ def slurm_nsdf(items: int, runtime: str, work: str, batch_size: Optional[int] = 
     return {"submit_s": t_submit, "after_last_s": t_done - last, "total_s": t_done - t0, "tasks": tasks}
 
 
+def slurm_nsdf_one(runtime: str, work: str) -> dict:
+    """One call as one job: ``Executor.submit(fn, x).result()``."""
+    import nsdf_hpc
+    from nsdf_hpc.client import Client
+    client = Client(env={**os.environ, "NSDF_HPC_SLURM_DIR": work})
+    with nsdf_hpc.Executor(IMAGE, on="slurm", runtime=runtime, client=client, bind_cwd=False,
+                           time="0:10", keep=True) as ex:
+        ex.submit(trivial, 0).result()          # setup (pull, guard probe) outside the timing
+        t0 = time.time()
+        fut = ex.submit(trivial, 1)
+        t_submit = time.time() - t0
+        result = fut.result()
+        t_done = time.time()
+        assert result == trivial(1)
+        last = _last_mtime(os.path.join(ex.base or "", "calls", "*", "items", "*", "result.pkl"))
+    return {"submit_s": t_submit, "after_last_s": t_done - last, "total_s": t_done - t0, "tasks": 1}
+
+
+def slurm_submitit_one(work: str) -> dict:
+    import submitit  # type: ignore[import-not-found]  # only in the bench venv
+    ex = submitit.AutoExecutor(folder=os.path.join(work, "submitit-one-%j"), cluster="slurm")
+    ex.update_parameters(timeout_min=10)
+    t0 = time.time()
+    job = ex.submit(trivial, 1)
+    t_submit = time.time() - t0
+    result = job.result()
+    t_done = time.time()
+    assert result == trivial(1)
+    last = _last_mtime(os.path.join(work, "submitit-one-*", "*_result.pkl"))
+    return {"submit_s": t_submit, "after_last_s": t_done - last, "total_s": t_done - t0, "tasks": 1}
+
+
 def slurm_submitit(items: int, work: str) -> dict:
     import submitit  # type: ignore[import-not-found]  # only in the bench venv
     ex = submitit.AutoExecutor(folder=os.path.join(work, "submitit-%j"), cluster="slurm")
@@ -107,12 +141,20 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--runtime", default="apptainer")
     ap.add_argument("--calls", type=int, default=5)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["slurm", "local"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["one", "slurm", "local"])
     ap.add_argument("--json", metavar="FILE", help="also save the numbers as JSON")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-exec-", dir="/var/tmp/nsdf-scratch")
     out: dict = {"items": args.items, "runtime": args.runtime, "image": IMAGE}
     try:
+        if "one" not in args.skip:
+            runs = [("nsdf-hpc Executor.submit", slurm_nsdf_one(args.runtime, work)),
+                    ("submitit submit (host Python)", slurm_submitit_one(work))]
+            print("slurm, one call as one job:")
+            for name, r in runs:
+                print(f"  {name:34} {r['tasks']:4d} task   submit {r['submit_s']:5.2f} s  after its result "
+                      f"{r['after_last_s']:5.2f} s  total {r['total_s']:5.1f} s")
+            out["one"] = dict(runs)
         if "slurm" not in args.skip:
             runs = [("nsdf-hpc", slurm_nsdf(args.items, args.runtime, work)),
                     ("nsdf-hpc batch_size=1", slurm_nsdf(args.items, args.runtime, work, batch_size=1)),
