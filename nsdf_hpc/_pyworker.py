@@ -6,7 +6,8 @@ cloudpickle beside it, into a support directory that is bound read-only into the
 ``TASK*BATCH .. TASK*BATCH+BATCH-1`` of ROOT: each item directory ``ROOT/items/N`` holds
 ``call.pkl`` (function, args, kwargs); the worker writes ``stdout``, ``stderr`` and, last and
 atomically, ``result.pkl``: ``("ok", value)``, ``("error", pickled exception or None, type
-name, message, traceback text)`` or ``("died", status, how, oom)``.
+name, message, traceback text)`` or ``("died", status, how, oom)``; then it creates the empty
+``ROOT/done/N``, so that the host learns of finished items from one directory.
 
 Each item runs in a process of its own (forked from this one), so an item that ends its
 process (``os._exit``, a signal, the out-of-memory killer) loses neither the results written
@@ -107,9 +108,24 @@ def _oom_kills() -> int:
     return -1
 
 
+def _mark_done(d: str) -> None:
+    """An empty ``ROOT/done/N`` once item N's result is written: the host lists that one
+    directory to learn which items finished, rather than look for each item's result."""
+    root, n = os.path.split(os.path.split(d)[0])[0], os.path.basename(d)
+    try:
+        os.close(os.open(os.path.join(root, "done", n), os.O_WRONLY | os.O_CREAT, 0o644))
+    except OSError:   # the host still reads the result once the scheduler says the task ended
+        pass
+
+
 def _run_isolated(d: str, cloudpickle: Any) -> None:
     """Run item ``d`` in a child process; when the child ends without a result, write one
-    that says how it ended."""
+    that says how it ended. Then the item is marked done."""
+    _run_child(d, cloudpickle)
+    _mark_done(d)
+
+
+def _run_child(d: str, cloudpickle: Any) -> None:
     before = _oom_kills()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,6 +7,8 @@ PYTHONPATH is not used) and reads the result back. Layout of one executor's dire
 
     BASE/support/            worker, cloudpickle, fallback/ (bound read-only at the same path)
     BASE/calls/GROUP/items/N/call.pkl, stdout, stderr, result.pkl   (bound read-write)
+    BASE/calls/GROUP/done/N   empty, once item N's result is written (on Slurm, the host
+                              lists this one directory instead of looking at every item)
 
 Locally every call is one container run (``max_workers`` at a time); on Slurm a ``map`` is one
 array job whose tasks each run ``batch_size`` items, and ``submit`` a one-task array job.
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .models import NativeImage
     from .runtimes.base import Invocation, Runtime
+    from .schedulers.backoff import Backoff
     from .schedulers.job import Job
 
 __all__ = ["Executor", "CallFuture", "check_interpreter", "parse_version", "task_count"]
@@ -203,6 +206,35 @@ def load_result(item_dir: str, where: str = "the call") -> Tuple[bool, Any]:
 
 
 # ---------------------------------------------------------------------------- the executor
+
+class _JobWatch:
+    """When ``Executor._collect`` asks the scheduler about one Slurm job: as ``wait()`` does
+    (``schedulers.job``). While the job's exit-code files are watched, the first query comes
+    after about 10 s and then x1.5 up to the cap (a backstop for a task that writes no file:
+    killed, timed out, its node lost); once every file is there, 0.1 s later to confirm the
+    end, then 0.2, 0.4, ... A job without them is asked on the settings' plain schedule."""
+
+    def __init__(self, job: "Job", base: "Backoff") -> None:
+        from .schedulers.job import confirm_schedule, watch_schedule   # noqa: PLC0415
+        self.job = job
+        self._confirm = confirm_schedule
+        self.watching = job.exit_files_done() is not None
+        self.schedule = watch_schedule(base) if self.watching else base.derive(base.initial, base.factor)
+        self.confirming = False
+        self.due = base.clock() + self.schedule.next_interval()
+
+    def query_due(self) -> bool:
+        """Whether to ask the scheduler now (then the next time is set)."""
+        now = self.schedule.clock()
+        if self.watching and not self.confirming and self.job.exit_files_done():
+            self.confirming = True
+            self.schedule = self._confirm(self.schedule)
+            self.due = now + self.schedule.next_interval()
+        if now < self.due:
+            return False
+        self.due = now + self.schedule.next_interval()
+        return True
+
 class Executor:
     """Run Python functions inside ``image``, locally or on Slurm.
 
@@ -351,6 +383,7 @@ class Executor:
             self._groups += 1
             g = os.path.join(self.base, "calls", f"g{self._groups}")
         os.makedirs(os.path.join(g, "items"))
+        os.makedirs(os.path.join(g, "done"))   # the worker marks finished items here (_collect)
         return g
 
     @staticmethod
@@ -529,33 +562,41 @@ class Executor:
         return futs
 
     def _collect(self) -> None:
-        """Resolve Slurm futures as result files appear; one status query per round for each
-        unfinished job, with the scheduler's gentle backoff; a final job's items without a
-        result get a :class:`WorkerDiedError` (state, exit code, log tail)."""
-        backoff = self.client.scheduler().backoff()
+        """Resolve Slurm futures as their items finish. The worker marks each finished item in
+        its group's ``done`` directory, which is listed every ``WATCH_INTERVAL`` s (one
+        directory read on the shared work directory: it costs the scheduler nothing, whatever
+        the number of items). The scheduler is asked about a job on ``wait()``'s schedule
+        (``_JobWatch``); once it says a job is final, its items without a result get a
+        :class:`WorkerDiedError` (state, exit code, log tail)."""
+        from .schedulers.job import WATCH_INTERVAL   # noqa: PLC0415
+        base = self.client.scheduler().backoff()
+        watches: Dict[int, _JobWatch] = {}
         while True:
             with self._lock:
                 watch = list(self._watch)
             if not watch:
                 return
-            progressed = False
             for entry in watch:
                 job, group, batch, futs = entry
-                pending = [f for f in futs if not f.done()]
-                for f in pending:
-                    item = os.path.join(group, "items", str(f.index))
-                    if os.path.exists(os.path.join(item, "result.pkl")):
-                        self._finish(f, item, lambda: WorkerDiedError("no result"),
+                try:
+                    marked = set(os.listdir(os.path.join(group, "done")))
+                except OSError:
+                    marked = set()
+                for f in futs:
+                    if not f.done() and str(f.index) in marked:
+                        self._finish(f, os.path.join(group, "items", str(f.index)),
+                                     lambda: WorkerDiedError("no result"),
                                      self._slurm_where(job, f.index // batch, f.index))
-                        progressed = True
                 pending = [f for f in futs if not f.done()]
+                jw = watches.setdefault(id(job), _JobWatch(job, base))
                 final = False
-                if pending:
+                if pending and jw.query_due():
                     try:
                         final = job.status().final
                     except SchedulerError as err:
                         logger.info("status of %s failed (%s); polling again", job.job_id, err)
                 if final:
+                    # results written since the last look, or whose mark failed, are read here
                     for f in pending:
                         item = os.path.join(group, "items", str(f.index))
                         self._finish(f, item, self._slurm_died(job, f.index // batch, f.index, item),
@@ -563,10 +604,8 @@ class Executor:
                 if not pending or final:
                     with self._lock:
                         self._watch.remove(entry)
-                    progressed = True
-            if progressed:
-                backoff.reset()
-            backoff.sleep()
+                    watches.pop(id(job), None)
+            base.pause(WATCH_INTERVAL)
 
     def _slurm_where(self, job: "Job", task: int, n: int) -> str:
         rt = self._rt.name if self._rt is not None else "?"

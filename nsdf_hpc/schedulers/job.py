@@ -38,7 +38,7 @@ def group_by_job(table: Mapping[str, JobStatus]) -> Dict[str, Dict[str, JobStatu
 WATCH_INTERVAL = 0.1
 
 
-def _watch_schedule(backoff: Backoff) -> Backoff:
+def watch_schedule(backoff: Backoff) -> Backoff:
     """The scheduler-query schedule while the exit-code files are watched: they tell when a
     job ended, so the queries only back them up (a job cancelled, timed out, or whose node
     died writes none): 10 s, then x1.5 up to the cap, with the settings' jitter (defaults: the
@@ -46,7 +46,7 @@ def _watch_schedule(backoff: Backoff) -> Backoff:
     return backoff.derive(initial=10.0, factor=1.5)
 
 
-def _confirm_schedule(backoff: Backoff) -> Backoff:
+def confirm_schedule(backoff: Backoff) -> Backoff:
     """Once every exit-code file is there: query 0.1 s later (slurmctld and the accounting
     need a moment to record the end), then 0.2, 0.4, ... up to the cap."""
     return backoff.derive(initial=0.1, factor=2.0, jitter=0.0)
@@ -60,7 +60,7 @@ def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
     Jobs submitted by nsdf-hpc leave an exit-code file per task in their directory
     (``script.py``): these are watched every ``WATCH_INTERVAL`` s between queries, so the end
     is noticed within about 0.1 s plus one confirming query, and the queries themselves can
-    be few (``_watch_schedule``).
+    be few (``watch_schedule``).
     """
     if not jobs:
         return []
@@ -69,7 +69,7 @@ def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
     if backoff is None:
         backoff = scheduler.backoff()
         if watching:
-            backoff = _watch_schedule(backoff)
+            backoff = watch_schedule(backoff)
     clock = backoff.clock
     deadline = None if timeout is None else clock() + timeout
     unknown_rounds = 0
@@ -105,7 +105,7 @@ def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
         todo = [j for j in jobs if not (j.last and j.last.final)]
         if watching and schedule is backoff:
             if _sleep_watching(todo, backoff, deadline):
-                schedule = _confirm_schedule(backoff)   # every file is there: confirm soon
+                schedule = confirm_schedule(backoff)   # every file is there: confirm soon
                 schedule.sleep(deadline)
         elif schedule is backoff:
             backoff.sleep(deadline)

@@ -103,8 +103,12 @@ def test_an_item_that_kills_its_process_loses_neither_the_items_before_nor_after
         return x * 10
 
     _calls(tmp_path, [(work, (n,), {}) for n in range(4)])
+    (tmp_path / "done").mkdir()
     _worker(tmp_path, 0, 4)          # one task runs all four; the worker itself exits 0
     items = tmp_path / "items"
+    # every item is marked done once its result is written, the died ones too (the host
+    # lists this one directory on Slurm)
+    assert sorted(os.listdir(tmp_path / "done")) == ["0", "1", "2", "3"]
     assert [load_result(str(items / str(n))) for n in (0, 3)] == [(True, 0), (True, 30)]
     ok, killed = load_result(str(items / "1"), "item 1 somewhere")
     assert not ok and isinstance(killed, errors.WorkerDiedError) and killed.returncode == 137
@@ -130,3 +134,41 @@ def test_user_code_travels_by_value_installed_code_by_reference():
     assert user_module(os.path.join) is None                          # the standard library
     assert user_module(pytest.raises) is None                         # site-packages
     assert user_module(len) is None                                   # builtins
+
+
+class _Job:
+    """A job whose exit-code files appear at a given time (the part _JobWatch reads)."""
+
+    def __init__(self, clock, files_at):
+        self.clock, self.files_at = clock, files_at
+
+    def exit_files_done(self):
+        return None if self.files_at is None else self.clock() >= self.files_at
+
+
+def _queries(files_at, until=40.0, tick=0.1):
+    from nsdf_hpc.executor import _JobWatch
+    from nsdf_hpc.schedulers.backoff import Backoff
+    now = [0.0]
+    base = Backoff(initial=0.5, cap=15.0, jitter=0.0, clock=lambda: now[0], sleep=lambda dt: None)
+    watch = _JobWatch(_Job(lambda: now[0], files_at), base)
+    out = []
+    k = 0
+    while now[0] < until:
+        if watch.query_due():
+            out.append(round(now[0], 1))
+        k += 1
+        now[0] = round(k * tick, 6)
+    return out
+
+
+def test_slurm_results_cost_the_scheduler_a_query_only_as_wait_does():
+    """The Executor's collector asks about a job as wait() does: with its exit-code files
+    watched, the first query after 10 s and then x1.5 up to the 15 s cap; once the files
+    are there, 0.1 s later to confirm, then 0.2, 0.4, ..."""
+    def near(got, want):    # a query comes on the first 0.1 s tick at or after its time
+        return len(got) == len(want) and all(0 <= g - w <= 0.1 + 1e-9 for g, w in zip(got, want))
+    assert near(_queries(files_at=1e9), [10.0, 25.0])                     # a long job: 2 in 40 s
+    assert near(_queries(files_at=3.0, until=5.0), [3.1, 3.3, 3.7, 4.5])  # ended at 3 s
+    # a job without the files (not submitted by nsdf-hpc) is asked on the plain schedule
+    assert near(_queries(files_at=None, until=4.0), [0.5, 1.25, 2.425])
