@@ -588,7 +588,9 @@ class Executor:
                                      lambda: WorkerDiedError("no result"),
                                      self._slurm_where(job, f.index // batch, f.index))
                 pending = [f for f in futs if not f.done()]
-                jw = watches.setdefault(id(job), _JobWatch(job, base))
+                jw = watches.get(id(job))
+                if jw is None:
+                    jw = watches[id(job)] = _JobWatch(job, base)
                 final = False
                 if pending and jw.query_due():
                     try:
