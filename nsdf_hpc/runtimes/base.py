@@ -313,9 +313,9 @@ class Runtime(abc.ABC):
         return None
 
     def store_has_shell(self, location: str, env: Mapping[str, str]) -> Optional[bool]:
-        """Whether the image a plan made has an executable ``/bin/sh``, read from the store's
-        files when its root filesystem is a host directory; None (the default): start the
-        image once to find out (``ImageManager``'s shell probe)."""
+        """Whether the image a plan made has ``/bin/sh``, read from the store's files when its
+        root filesystem is a host directory; None (the default): start the image once to find
+        out (``ImageManager``'s shell probe)."""
         return None
 
     def store_size_argv(self, location: str) -> Optional[List[str]]:
