@@ -208,32 +208,27 @@ def load_result(item_dir: str, where: str = "the call") -> Tuple[bool, Any]:
 # ---------------------------------------------------------------------------- the executor
 
 class _JobWatch:
-    """When ``Executor._collect`` asks the scheduler about one Slurm job: as ``wait()`` does
-    (``schedulers.job``). While the job's exit-code files are watched, the first query comes
-    after about 10 s and then x1.5 up to the cap (a backstop for a task that writes no file:
-    killed, timed out, its node lost); once every file is there, 0.1 s later to confirm the
-    end, then 0.2, 0.4, ... A job without them is asked on the settings' plain schedule."""
+    """When ``Executor._collect`` asks the scheduler about one Slurm job: on the schedule
+    ``wait()`` keeps (``schedulers.job.QuerySchedule``), checking the job's exit-code files
+    each time the collector asks."""
 
     def __init__(self, job: "Job", base: "Backoff") -> None:
-        from .schedulers.job import confirm_schedule, watch_schedule   # noqa: PLC0415
+        from .schedulers.job import QuerySchedule   # noqa: PLC0415
         self.job = job
-        self._confirm = confirm_schedule
-        self.watching = job.exit_files_done() is not None
-        self.schedule = watch_schedule(base) if self.watching else base.derive(base.initial, base.factor)
-        self.confirming = False
-        self.due = base.clock() + self.schedule.next_interval()
+        self.plan = QuerySchedule.start(base, job.exit_files_done() is not None)
+        self.due = self.plan.clock() + self.plan.next_interval()
 
     def query_due(self) -> bool:
         """Whether to ask the scheduler now (then the next time is set)."""
-        now = self.schedule.clock()
-        if self.watching and not self.confirming and self.job.exit_files_done():
-            self.confirming = True
-            self.schedule = self._confirm(self.schedule)
-            self.due = now + self.schedule.next_interval()
+        now = self.plan.clock()
+        if self.plan.awaiting_files and self.job.exit_files_done():
+            self.plan.files_done()
+            self.due = now + self.plan.next_interval()
         if now < self.due:
             return False
-        self.due = now + self.schedule.next_interval()
+        self.due = now + self.plan.next_interval()
         return True
+
 
 class Executor:
     """Run Python functions inside ``image``, locally or on Slurm.

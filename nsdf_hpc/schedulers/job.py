@@ -20,7 +20,7 @@ from .states import JobState, JobStatus, aggregate
 if TYPE_CHECKING:
     from .slurm import Slurm
 
-__all__ = ["Job", "wait_all", "group_by_job"]
+__all__ = ["Job", "QuerySchedule", "wait_all", "group_by_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,60 @@ def confirm_schedule(backoff: Backoff) -> Backoff:
     return backoff.derive(initial=0.1, factor=2.0, jitter=0.0)
 
 
+class QuerySchedule:
+    """When to ask the scheduler about jobs whose end may also show in their exit-code files:
+    the one schedule of ``wait_all`` and of the Executor's collector (``executor._JobWatch``).
+
+    While the files are watched (``awaiting_files``), ``backoff`` is the backstop for a task
+    that writes none (``watch_schedule``). Once every file is there (``files_done``), the
+    queries confirm the end on ``confirm_schedule``. A confirmation that reaches the cap
+    without a final state (a job requeued after its files were written, an accounting that
+    lags) goes back to ``backoff`` for good, so such a job never costs more than the backstop.
+    Without files (``watching`` false), ``backoff`` is the plain schedule.
+    """
+
+    def __init__(self, backoff: Backoff, watching: bool) -> None:
+        self.watching = watching
+        self.clock = backoff.clock
+        self._backoff = backoff
+        self._current = backoff
+        self._confirmed = False
+
+    @classmethod
+    def start(cls, base: Backoff, watching: bool) -> "QuerySchedule":
+        """A schedule of its own from the settings' ``base``: the watch schedule when
+        ``watching``, else a copy of ``base``."""
+        return cls(watch_schedule(base) if watching else base.derive(base.initial, base.factor), watching)
+
+    @property
+    def awaiting_files(self) -> bool:
+        """The exit-code files are watched and have not yet all been seen."""
+        return self.watching and not self._confirmed
+
+    def files_done(self) -> None:
+        """Every exit-code file is there: the next queries confirm the end, soon."""
+        if self.awaiting_files:
+            self._confirmed = True
+            self._current = confirm_schedule(self._backoff)
+
+    def next_interval(self) -> float:
+        """Seconds to the next query."""
+        if self._current is not self._backoff and self._current.at_cap:
+            self._current = self._backoff
+        return self._current.next_interval()
+
+    def pause(self, dt: float) -> None:
+        self._backoff.pause(dt)
+
+    def sleep(self, deadline: Optional[float] = None) -> None:
+        """Sleep to the next query (never past ``deadline``, a ``clock()`` value)."""
+        dt = self.next_interval()
+        if deadline is not None:
+            dt = min(dt, deadline - self.clock())
+        if dt > 0:
+            self.pause(dt)
+
+
 def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
              backoff: Optional[Backoff] = None) -> List[JobStatus]:
     """Wait for every job; each round is ONE status query, whatever the number of jobs.
@@ -60,20 +114,17 @@ def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
     Jobs submitted by nsdf-hpc leave an exit-code file per task in their directory
     (``script.py``): these are watched every ``WATCH_INTERVAL`` s between queries, so the end
     is noticed within about 0.1 s plus one confirming query, and the queries themselves can
-    be few (``watch_schedule``).
+    be few (``QuerySchedule``).
     """
     if not jobs:
         return []
     scheduler = jobs[0].scheduler
     watching = all(j.exit_files_done() is not None for j in jobs)
-    if backoff is None:
-        backoff = scheduler.backoff()
-        if watching:
-            backoff = watch_schedule(backoff)
-    clock = backoff.clock
+    plan = (QuerySchedule.start(scheduler.backoff(), watching) if backoff is None
+            else QuerySchedule(backoff, watching))
+    clock = plan.clock
     deadline = None if timeout is None else clock() + timeout
     unknown_rounds = 0
-    schedule = backoff
     # watching: no query before the files or the first backstop interval say to make one
     skip_query = watching
     while True:
@@ -103,23 +154,18 @@ def wait_all(jobs: Sequence["Job"], timeout: Optional[float] = None,
         if deadline is not None and clock() >= deadline and all(j.last for j in jobs):
             return [j.last or JobStatus(job_id=j.job_id, state=JobState.UNKNOWN) for j in jobs]
         todo = [j for j in jobs if not (j.last and j.last.final)]
-        if watching and schedule is backoff:
-            if _sleep_watching(todo, backoff, deadline):
-                schedule = confirm_schedule(backoff)   # every file is there: confirm soon
-                schedule.sleep(deadline)
-        elif schedule is backoff:
-            backoff.sleep(deadline)
-        else:
-            schedule.sleep(deadline)
-            if schedule.at_cap:      # confirmed nothing for long: back to the
-                schedule = backoff                  # watch (a requeued job runs again)
+        if not plan.awaiting_files:
+            plan.sleep(deadline)
+        elif _sleep_watching(todo, plan, deadline):
+            plan.files_done()   # every file is there: confirm soon
+            plan.sleep(deadline)
 
 
-def _sleep_watching(jobs: Sequence["Job"], backoff: Backoff, deadline: Optional[float]) -> bool:
-    """Sleep the next interval of ``backoff``, looking at the exit-code files meanwhile;
+def _sleep_watching(jobs: Sequence["Job"], plan: QuerySchedule, deadline: Optional[float]) -> bool:
+    """Sleep the next interval of ``plan``, looking at the exit-code files meanwhile;
     True as soon as every job has all of them."""
-    clock = backoff.clock
-    end = clock() + backoff.next_interval()
+    clock = plan.clock
+    end = clock() + plan.next_interval()
     if deadline is not None:
         end = min(end, deadline)
     while True:
@@ -128,7 +174,7 @@ def _sleep_watching(jobs: Sequence["Job"], backoff: Backoff, deadline: Optional[
         left = end - clock()
         if left <= 0:
             return False
-        backoff.pause(min(WATCH_INTERVAL, left))
+        plan.pause(min(WATCH_INTERVAL, left))
 
 
 class Job:

@@ -322,8 +322,9 @@ class Slurm:
     # -------------------------------------------------------------- waiting
     def wait_all(self, jobs: Sequence[Job], timeout: Optional[float] = None,
                  backoff: Optional[Backoff] = None) -> List[JobStatus]:
-        """Wait for every job; each round is ONE status query (see :func:`.job.wait_all`)."""
-        return wait_all(jobs, timeout=timeout, backoff=backoff or self.backoff())
+        """Wait for every job; each round is ONE status query (see :func:`.job.wait_all`;
+        without ``backoff``, the schedule there starts from :meth:`backoff`)."""
+        return wait_all(jobs, timeout=timeout, backoff=backoff)
 
 
 def _read_json(path: str) -> Dict[str, Any]:

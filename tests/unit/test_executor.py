@@ -172,3 +172,7 @@ def test_slurm_results_cost_the_scheduler_a_query_only_as_wait_does():
     assert near(_queries(files_at=3.0, until=5.0), [3.1, 3.3, 3.7, 4.5])  # ended at 3 s
     # a job without the files (not submitted by nsdf-hpc) is asked on the plain schedule
     assert near(_queries(files_at=None, until=4.0), [0.5, 1.25, 2.425])
+    # files there but the scheduler never says final (requeued, accounting behind): the
+    # confirmation runs once up to the cap, then only the 15 s backstop, never a new burst
+    confirm = [3.1, 3.3, 3.7, 4.5, 6.1, 9.3, 15.7, 28.5]
+    assert near(_queries(files_at=3.0, until=120.0), confirm + [43.5, 58.5, 73.5, 88.5, 103.5, 118.5])

@@ -137,6 +137,22 @@ def test_polling_at_the_cap_is_at_most_six_calls_per_minute(tmp_path) -> None:
     assert clock.now == pytest.approx(1200, abs=1)
 
 
+def test_files_there_but_never_final_costs_one_confirmation_then_the_backstop(tmp_path) -> None:
+    """Exit-code files written, but Slurm keeps the job RUNNING (requeued, or the accounting
+    lags): one confirmation burst, then no more than the watch schedule's backstop."""
+    runner = FakeRunner({"sacct": [_sacct_answer(done_after=10 ** 9)]})
+    clock = FakeClock()
+    s = backend(runner, tmp_path, clock)
+    (tmp_path / "j" / "exit").mkdir(parents=True)
+    (tmp_path / "j" / "exit" / "7").write_text("0\n")
+    s.wait_all([Job(s, ["7"], directory=str(tmp_path / "j"))], timeout=600)
+    times = _call_times(clock)[1:]          # the first query is the confirmation's, at 0.1 s
+    assert sum(1 for t in times if t < 30) == 8          # 0.1, 0.2, 0.4, ... 12.8 s
+    gaps = [b - a for a, b in zip(times[7:-1], times[8:-1])]   # the last one ends at the timeout
+    assert min(gaps) >= 15 * 0.8 - 1e-9                  # then only the backstop: every 12-15 s
+    assert sum(1 for t in times if t >= 300) / 5 <= 5
+
+
 def _call_times(clock: FakeClock) -> List[float]:
     t, out = 0.0, [0.0]
     for dt in clock.sleeps:
