@@ -27,6 +27,10 @@ def run(runs: int = 21) -> list:
             compare_commands("nsdf-run images", [nsdf_run, "images"], [python, "-c", "pass"], runs=runs,
                              baseline_name="python -c pass", target="<= 100 ms",
                              check=lambda r: r.candidate_ms <= 100),
+            # the first listing of new settings (or NSDF_HPC_NO_FAST_PATH=1): click and the models
+            compare_commands("nsdf-run images, full path", [nsdf_run, "images"], [python, "-c", "pass"],
+                             runs=runs, env={**os.environ, "NSDF_HPC_NO_FAST_PATH": "1"},
+                             baseline_name="python -c pass"),
             compare_commands("nsdf-run runtimes", [nsdf_run, "runtimes"], [python, "-c", "pass"], runs=runs,
                              baseline_name="python -c pass", target="<= 100 ms",
                              check=lambda r: r.candidate_ms <= 100)] + _status(nsdf_run, runs)

@@ -2,6 +2,7 @@
 (start-up time matters on login nodes and in job scripts that call nsdf-run per task)."""
 from __future__ import annotations
 
+import os
 import sys
 # not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
 # the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
@@ -19,12 +20,32 @@ def main(argv: Optional[List[str]] = None) -> Optional[int]:
         from ._version import __version__
         sys.stdout.write(f"nsdf-run, version {__version__}\n")
         return None
-    from ._launch import try_fast_run
-    # returns None unless a valid launch record exists: then it execs, or for a runtime with
-    # an orphan guard (podman) runs and waits, and returns the exit status
-    status = try_fast_run(args)
-    if status is not None:
-        return status
+    fast = not os.environ.get("NSDF_HPC_NO_FAST_PATH")
+    if fast and args and args[0] == "run":
+        from ._launch import try_fast_run   # noqa: PLC0415
+        # returns None unless a valid launch record exists: then it execs, or for a runtime
+        # with an orphan guard (podman) runs and waits, and returns the exit status
+        status = try_fast_run(args)
+        if status is not None:
+            return status
+    elif fast and args and args[0] == "images":
+        # a bare listing, from the cache's files without the settings models (``_listing.py``)
+        from ._listing import fast_images   # noqa: PLC0415
+        out = fast_images(args, os.environ)
+        if out is not None:
+            return _write(out)
     from .cli import main as cli_main
     cli_main(args)
     return None
+
+
+def _write(text: str) -> int:
+    """Standard output as the click commands leave it: a reader that went away (``| head``)
+    ends the command quietly with status 1, as click does on EPIPE."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 1
+    return 0

@@ -34,7 +34,6 @@ import stat
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 from ._fsutil import atomic_write_json
@@ -97,13 +96,25 @@ def tree_digest(root: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-@dataclass
 class Entry:
-    """A published cache entry."""
+    """A published cache entry: its directory, its ``entry.json`` and its tier ("user" or
+    "site"). A plain class, not a dataclass: ``nsdf-run images`` lists entries without
+    importing dataclasses and inspect (``_listing.py``)."""
 
-    path: str
-    data: Dict[str, Any]
-    tier: str = "user"
+    __slots__ = ("path", "data", "tier")
+
+    def __init__(self, path: str, data: Dict[str, Any], tier: str = "user") -> None:
+        self.path, self.data, self.tier = path, data, tier
+
+    def __repr__(self) -> str:
+        return f"Entry(path={self.path!r}, data={self.data!r}, tier={self.tier!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return (self.path, self.data, self.tier) == (other.path, other.data, other.tier)
+
+    __hash__ = None   # type: ignore[assignment]   # mutable data, as the dataclass had
 
     @property
     def runtime(self) -> str:

@@ -10,7 +10,7 @@ error; 130 is Ctrl-C.
 The library (pydantic, the client) and rich are imported inside the functions that need them,
 on purpose: `nsdf-run --help`, `--version` and usage errors answer without those imports
 (start-up on login nodes and in job scripts). These are the package's only function-level
-imports besides the launch fast path (``_entry.py``, ``_launch.py``) and optional or
+imports besides the fast paths (``_entry.py``, ``_launch.py``, ``_listing.py``) and optional or
 version-dependent modules (pyslurm, tomli, ssl, pwd).
 """
 from __future__ import annotations

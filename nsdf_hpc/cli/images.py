@@ -1,12 +1,11 @@
 """``nsdf-run pull | images | prune``: the image cache from the command line."""
 from __future__ import annotations
 
-import json
-import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 
+from .._listing import human
 from ._common import AGE, SIZE, cli_errors, make_client
 
 if TYPE_CHECKING:
@@ -44,29 +43,11 @@ def pull(ctx: click.Context, image: str, runtime: Optional[str], platform: Optio
 @cli_errors()
 def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
     """List cached images: runtime, platform, digest, size, last use."""
+    from .._listing import image_output, image_rows, remember_valid_settings
     client = make_client(ctx)
-    rows: List[Dict[str, Any]] = []
-    for e in client.entries():
-        ok = client.verify(e, full=True) if verify else client.cache.check(e)
-        platform = e.data.get("platform")
-        rows.append({"runtime": e.runtime, "digest": e.digest, "source": e.data.get("source"),
-                     "platform": platform if isinstance(platform, str) and platform else None,
-                     "location": e.location, "size": e.size(), "last_use": e.last_use(),
-                     "tier": e.tier, "ok": ok})
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo(f"no cached images in {client.cache.root}")
-        return
-    click.echo(f"{'RUNTIME':<13} {'PLATFORM':<13} {'DIGEST':<19} {'SIZE':>9}  {'LAST USE':<16} SOURCE")
-    for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_use"]))
-        flag = "" if r["ok"] else "  [BROKEN]"
-        # "-": an entry made before platforms were recorded, or from an archive
-        click.echo(f"{r['runtime']:<13} {r['platform'] or '-':<13} {r['digest'][:19]:<19} "
-                   f"{_human(r['size']):>9}  {when:<16} "
-                   f"{r['source']}{' (site)' if r['tier'] == 'site' else ''}{flag}")
+    remember_valid_settings(client.env)   # the settings are valid: bare listings may go fast
+    check = (lambda e: client.verify(e, full=True)) if verify else client.cache.check
+    click.echo(image_output(image_rows(client.entries(), check), client.cache.root, as_json), nl=False)
 
 
 @click.command()
@@ -84,21 +65,11 @@ def prune(ctx: click.Context, older_than: Optional[float], max_size: Optional[in
         raise SpecError("say what to prune: --older-than AGE and/or --max-size SIZE")
     client = make_client(ctx)
     def kept(e: "Entry", why: str) -> None:
-        click.echo(f"kept {e.runtime} {e.digest} ({_human(e.size())}) {e.data.get('source')}: {why}",
+        click.echo(f"kept {e.runtime} {e.digest} ({human(e.size())}) {e.data.get('source')}: {why}",
                    err=True)
     removed = client.prune(older_than=older_than, max_size=max_size, dry_run=dry_run, on_kept=kept)
     verb = "would remove" if dry_run else "removed"
     for e in removed:
-        click.echo(f"{verb} {e.runtime} {e.digest} ({_human(e.size())}) {e.data.get('source')}")
+        click.echo(f"{verb} {e.runtime} {e.digest} ({human(e.size())}) {e.data.get('source')}")
     click.echo(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
-               f"{_human(sum(e.size() for e in removed))}")
-
-
-def _human(n: int) -> str:
-    """Bytes for people: 512 B, 1.5 KiB, ... TiB."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+               f"{human(sum(e.size() for e in removed))}")

@@ -274,6 +274,11 @@ def test_images_and_prune(tmp_path: Path) -> None:
         assert nsdf_root(["pull", "--runtime", rt, BUSYBOX], cache).returncode == 0
     listed = json.loads(nsdf_root(["images", "--json"], cache).stdout)
     assert {e["runtime"] for e in listed} == {"apptainer", "udocker"} and all(e["ok"] for e in listed)
+    # later bare listings come from the cache's files without the settings models (_listing.py,
+    # test_listing.py): the same rows and table as the click command's
+    assert json.loads(nsdf_root(["images", "--json"], cache).stdout) == listed
+    table = nsdf_root(["images"], cache).stdout
+    assert table == nsdf_root(["images"], cache, NSDF_HPC_NO_FAST_PATH="1").stdout and "busybox" in table
     r = nsdf_root(["prune", "--max-size", "0"], cache)
     assert r.returncode == 0 and "removed 2 entries" in r.stdout, r.stdout + r.stderr
     assert json.loads(nsdf_root(["images", "--json"], cache).stdout) == []
