@@ -2,7 +2,8 @@
 """How soon the end of a job is noticed, and what that costs the scheduler (issue 11 goal 5).
 
 For a 2 s job, a 60 s job and a 200-task array, side by side in one run:
-- nsdf-hpc: ``Job.wait()`` right after ``submit``; the latency is the time it returned minus
+- nsdf-hpc: ``Job.wait()`` right after ``submit`` (and for the 60 s job once more through the
+  public ``nsdf_hpc.wait_all([job])``, which goes by ``Slurm.wait_all``); the latency is the time it returned minus
   the moment the last task ended (the mtime of the last exit-code file the batch script
   writes as its last step, finer than sacct's whole-second End);
 - the tool alone: ``sbatch --wait`` of the same generated script, latency measured the same way.
@@ -27,6 +28,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import nsdf_hpc  # noqa: E402
 from nsdf_hpc.client import Client  # noqa: E402
 from nsdf_hpc.schedulers import Slurm, SlurmSettings  # noqa: E402
 
@@ -52,14 +54,16 @@ def _last_end(job_dir: str) -> float:
     return max(os.stat(os.path.join(d, n)).st_mtime for n in os.listdir(d) if not n.endswith(".tmp"))
 
 
-def case(client: Client, slurm: Slurm, name: str, runtime: str, seconds: int, tasks: int) -> Dict[str, Any]:
+def case(client: Client, slurm: Slurm, name: str, runtime: str, seconds: int, tasks: int,
+         api: bool = False) -> Dict[str, Any]:
     cmd = ["sleep", str(seconds)]
     kw: Dict[str, Any] = dict(runtime=runtime, scheduler=slurm, job_name=f"bench-{name}")
     job = (client.submit_array("busybox", [cmd] * tasks, **kw) if tasks > 1
            else client.submit("busybox", cmd, **kw))
     before = counters()
     t0 = time.time()
-    st = job.wait(timeout=seconds * 4 + 300)
+    st = (nsdf_hpc.wait_all([job], timeout=seconds * 4 + 300)[0] if api
+          else job.wait(timeout=seconds * 4 + 300))
     t1 = time.time()
     after = counters()
     assert st.final, st
@@ -89,6 +93,7 @@ def measure(runtime: str, work_dir: str) -> List[Dict[str, Any]]:
     client.pull("busybox", runtime)
     return [case(client, slurm, "2 s job", runtime, 2, 1),
             case(client, slurm, "60 s job", runtime, 60, 1),
+            case(client, slurm, "60 s, wait_all", runtime, 60, 1, api=True),
             case(client, slurm, "200-task array", runtime, 1, 200)]
 
 
