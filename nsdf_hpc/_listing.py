@@ -5,12 +5,13 @@ the read-only fast path of ``_entry.py``: a bare ``nsdf-run images`` or ``nsdf-r
 --json`` is answered from the cache's own files, without importing the library's settings
 models (about 0.3 s of imports on a login node for a listing of a few files).
 
-The fast path needs the cache directories, which come from the config files and ``NSDF_HPC_*``
-(``_config_files.merged_values``), not yet validated. It trusts them only when the settings
-last validated by the full path are still the same: ``cli/images.py`` writes a stamp (the
-config files' text and the ``NSDF_HPC_*`` variables) after the click command built its
-client, so an invalid setting keeps failing as it does for every other command. Any doubt (no
-stamp, a changed file, an odd value, any error) leaves the answer to the click command.
+The fast path needs the cache directories, which come from the settings. It takes them from a
+stamp that the click command writes after it built its client (``remember_valid_settings``):
+the validated ``cache_dir`` and ``site_cache_dirs``, with what they were made from (the config
+files' text and the ``NSDF_HPC_*`` variables). When that still matches, the listing needs
+neither the settings models nor a TOML parser; otherwise (no stamp, a changed file or
+variable, an odd value, any error) the click command answers, and reports an invalid
+setting as every other command does.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import time
 # not `from typing import ...` at run time: this module is on the start-up path
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+    from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
     from .cache import Entry
 
@@ -78,63 +79,90 @@ def _stamp_path(env: Mapping[str, str]) -> str:
     return os.path.join(user_state_dir(env), "settings-valid")
 
 
+def _referenced(text: str) -> List[str]:
+    """The variable names a config file's text names as ``$NAME`` or ``${NAME}`` (a
+    ``cache_dir`` is expanded with them; a name in a comment only costs a needless miss)."""
+    names: List[str] = []
+    i = text.find("$")
+    while i != -1:
+        j = i + 1 + (text[i + 1:i + 2] == "{")
+        k = j
+        while k < len(text) and (text[k].isalnum() or text[k] == "_"):
+            k += 1
+        if k > j:
+            names.append(text[j:k])
+        i = text.find("$", k)
+    return names
+
+
 def settings_stamp(env: Mapping[str, str]) -> str:
-    """What the validity of the settings depends on: nsdf-hpc's version, each candidate config
-    file's text (the first MiB) or absence, and every ``NSDF_HPC_*`` variable (but the
-    one that turns the fast paths off)."""
+    """What the validated settings were made from: nsdf-hpc's version, each candidate config
+    file's text (the first MiB) or absence, every ``NSDF_HPC_*`` variable (but the one that
+    turns the fast paths off), ``HOME`` and every variable the files name (``cache_dir =
+    "$SCRATCH/nsdf"`` on a home directory that two clusters share)."""
     parts: List[Any] = [__version__, os.getuid()]
+    names = {"HOME"}
     for path in candidate_config_files(env):
         try:   # the text itself, not its mtime: an edit within the clock's tick still counts
             with open(path, "rb") as fh:
-                parts.append([path, fh.read(1 << 20).decode("utf-8", "surrogateescape")])
+                text = fh.read(1 << 20).decode("utf-8", "surrogateescape")
         except OSError:
             parts.append([path, None])
+            continue
+        parts.append([path, text])
+        names.update(_referenced(text))
     parts.append(sorted((k, v) for k, v in env.items()
-                        if k.startswith("NSDF_HPC_") and k != "NSDF_HPC_NO_FAST_PATH"))
+                        if (k.startswith("NSDF_HPC_") and k != "NSDF_HPC_NO_FAST_PATH") or k in names))
     return json.dumps(parts)
 
 
-def remember_valid_settings(env: Mapping[str, str]) -> None:
-    """Called after the full path validated the settings (best effort: a read-only home only
+def remember_valid_settings(env: Mapping[str, str], cache_dir: Optional[str],
+                            site_cache_dirs: Sequence[str]) -> None:
+    """Called with the settings the full path validated (best effort: a read-only home only
     means the next listing takes the full path again)."""
     path = _stamp_path(env)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="ascii") as fh:
-            fh.write(settings_stamp(env))
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"key": settings_stamp(env), "cache_dir": cache_dir,
+                       "site_cache_dirs": list(site_cache_dirs)}, fh)
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, ValueError):   # ValueError: a path json cannot write (a lone surrogate)
         try:
             os.unlink(tmp)
         except OSError:
             pass
 
 
-def _settings_still_valid(env: Mapping[str, str]) -> bool:
+def _validated_dirs(env: Mapping[str, str]) -> Optional[Tuple[Optional[str], Tuple[str, ...]]]:
+    """``(cache_dir, site_cache_dirs)`` from the stamp when it still matches, else None."""
     try:
-        with open(_stamp_path(env), encoding="ascii", errors="replace") as fh:
-            return fh.read() == settings_stamp(env)
-    except OSError:
-        return False
+        with open(_stamp_path(env), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != settings_stamp(env):
+        return None
+    cache_dir, tiers = data.get("cache_dir"), data.get("site_cache_dirs")
+    if not (cache_dir is None or isinstance(cache_dir, str)) or not isinstance(tiers, list) \
+            or not all(isinstance(t, str) for t in tiers):
+        return None
+    return cache_dir, tuple(tiers)
 
 
 def fast_images(args: List[str], env: Mapping[str, str]) -> Optional[str]:
     """The whole output of ``nsdf-run images [--json]`` when it can be made without the
     settings models, else None: the click command then answers (and reports any error)."""
-    if args not in FAST_ARGS or not _settings_still_valid(env):
+    if args not in FAST_ARGS:
         return None
     try:
-        from ._config_files import merged_values   # noqa: PLC0415
+        dirs = _validated_dirs(env)
+        if dirs is None:
+            return None
         from .cache import ImageCache   # noqa: PLC0415
         from .paths import default_cache_dir   # noqa: PLC0415
-        values, _, _ = merged_values(env)
-        cache_dir = values.get("cache_dir")
-        tiers = values.get("site_cache_dirs", ())
-        if not (cache_dir is None or isinstance(cache_dir, str)) or not isinstance(tiers, (list, tuple)) \
-                or not all(isinstance(t, str) for t in tiers):
-            return None
-        cache = ImageCache(cache_dir or default_cache_dir(env), tuple(tiers))
+        cache = ImageCache(dirs[0] or default_cache_dir(env), dirs[1])
         return image_output(image_rows(cache.entries(), cache.check), cache.root, "--json" in args)
     except Exception:   # noqa: BLE001 - the click command answers instead, and says what is wrong
         return None

@@ -27,6 +27,7 @@ monkeypatch. Files are TOML::
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
@@ -34,7 +35,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 
 from . import paths
 from .errors import ConfigError
-from ._config_files import key_names, read_toml, config_files, merged_values
+from .paths import candidate_config_files
 from .environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY
 from .models import Model
 
@@ -71,16 +72,109 @@ class Settings(Model):
     files: Tuple[str, ...] = ()
 
 
+def _read_toml(path: str) -> Dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.9/3.10
+        import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:   # tomllib decodes the bytes itself, before parsing
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): "
+                          "save it as UTF-8") from err
+
+
+_FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_registry",
+              "mirrors", "insecure_registries", "pull_on_compute", "probe_timeout", "env",
+              "detect_cache", "tag_ttl", "registry_timeout", "registry_attempts", "registry_backoff",
+              "pull_stall_timeout"}
+
+
+def _key_names(keys: Any) -> str:
+    """Keys for a one-line message: bare keys as written, any other (a quoted TOML key with a
+    newline or a space) as a Python literal."""
+    return ", ".join(k if k.replace("_", "").replace("-", "").isalnum() and k.isascii() else repr(k)
+                     for k in sorted(keys))
+
+
+def _merge_file(values: Dict[str, Any], sources: Dict[str, str], data: Mapping[str, Any],
+                path: str) -> None:
+    unknown = set(data) - _FILE_KEYS - {"slurm"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {_key_names(unknown)}; "
+                          f"known: {', '.join(sorted(_FILE_KEYS))}")
+    for key, value in data.items():
+        if key == "slurm":
+            continue
+        if key == "env":
+            # [env] allow/deny ADD to the built-in lists (an MPI job still needs SLURM_*,
+            # PMI*, OMP_*...); replace = true makes the file's lists replace them instead
+            keys = {"allow", "deny", "replace"}
+            if not isinstance(value, dict) or set(value) - keys:
+                raise ConfigError(f"{path}: [env] takes 'allow' and 'deny' lists (and 'replace')")
+            replace = value.get("replace", False)
+            if not isinstance(replace, bool):
+                raise ConfigError(f"{path}: [env] replace must be true or false")
+            defaults = {"allow": DEFAULT_ENV_ALLOW, "deny": DEFAULT_ENV_DENY}
+            for sub in ("allow", "deny"):
+                if sub in value:
+                    items = value[sub]
+                    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                        raise ConfigError(f"{path}: [env] {sub} must be a list of strings")
+                    base = () if replace else tuple(values.get(f"env_{sub}", defaults[sub]))
+                    values[f"env_{sub}"] = base + tuple(x for x in items if x not in base)
+                    sources[f"env_{sub}"] = f"config:{path}"
+            continue
+        if key in ("mirrors", "runtime_paths") and isinstance(value, dict):
+            values[key] = {**values.get(key, {}), **value}
+        elif key == "cache_dir" and isinstance(value, str):
+            values[key] = os.path.expandvars(os.path.expanduser(value))
+        else:
+            values[key] = value
+        sources[key] = f"config:{path}"
+
+
+def config_files(env: Mapping[str, str]) -> List[str]:
+    """The config files that apply, site first, user last (existing ones only)."""
+    files = [p for p in candidate_config_files(env) if p and os.path.isfile(p)]
+    if env.get("NSDF_HPC_CONFIG") and not os.path.isfile(env["NSDF_HPC_CONFIG"]):
+        what = "is not a file" if os.path.exists(env["NSDF_HPC_CONFIG"]) else "does not exist"
+        raise ConfigError(f"NSDF_HPC_CONFIG={env['NSDF_HPC_CONFIG']} {what}")
+    return files
+
+
 def load_settings(env: Optional[Mapping[str, str]] = None, files: Optional[List[str]] = None,
                   **overrides: Any) -> Settings:
     """Build :class:`Settings` from defaults, config files, ``NSDF_HPC_*`` and ``overrides``."""
     env = os.environ if env is None else env
-    values, sources, files = merged_values(env, files, overrides)
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    files = config_files(env) if files is None else files
+    for path in files:
+        _merge_file(values, sources, _read_toml(path), path)
+    if env.get("NSDF_HPC_RUNTIME"):
+        values["runtime"] = env["NSDF_HPC_RUNTIME"]
+        sources["runtime"] = "env:NSDF_HPC_RUNTIME"
+    if env.get("NSDF_HPC_CACHE"):
+        values["cache_dir"] = env["NSDF_HPC_CACHE"]
+        sources["cache_dir"] = "env:NSDF_HPC_CACHE"
+    if env.get("NSDF_HPC_PULL_ON_COMPUTE"):
+        values["pull_on_compute"] = env["NSDF_HPC_PULL_ON_COMPUTE"].lower() in ("1", "true", "yes")
+        sources["pull_on_compute"] = "env:NSDF_HPC_PULL_ON_COMPUTE"
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = value
+            sources[key] = "argument"
     try:
         return Settings(**values, sources=sources, files=tuple(files))
     except ValidationError as err:   # one line naming the key and where its value came from
         e = err.errors()[0]
-        key = ".".join(key_names([str(x)]) for x in e.get("loc", ())) or "?"
+        key = ".".join(_key_names([str(x)]) for x in e.get("loc", ())) or "?"
         where = sources.get(key.split(".")[0], "default")
         raise ConfigError(f"invalid setting {key} ({where}): {e.get('msg')}") from None
 
@@ -140,7 +234,7 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     for path in (config_files(env) if files is None else files):
-        table = read_toml(path).get("slurm", {})
+        table = _read_toml(path).get("slurm", {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [slurm] must be a table")
         values.update(table)
@@ -157,7 +251,7 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
     unknown = set(values) - known
     if unknown:
         files_named = sorted({sources.get(k, "argument").replace("config:", "") for k in unknown})
-        raise ConfigError(f"unknown [slurm] setting(s) {key_names(unknown)} (in {', '.join(files_named)}); "
+        raise ConfigError(f"unknown [slurm] setting(s) {_key_names(unknown)} (in {', '.join(files_named)}); "
                           f"known: {', '.join(sorted(known))}")
     if isinstance(values.get("extra_directives"), list):
         values["extra_directives"] = tuple(values["extra_directives"])
@@ -170,7 +264,7 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
         return SlurmSettings(**values, sources=sources)
     except ValidationError as err:
         e = err.errors()[0]
-        key = ".".join(key_names([str(x)]) for x in e.get("loc", ())) or "?"
+        key = ".".join(_key_names([str(x)]) for x in e.get("loc", ())) or "?"
         where = sources.get(key.split(".")[0], "default")
         raise ConfigError(f"invalid Slurm setting {key}={values.get(key.split('.')[0])!r} "
                           f"(from {where}): {e.get('msg')}") from None

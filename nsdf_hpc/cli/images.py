@@ -45,7 +45,8 @@ def images(ctx: click.Context, as_json: bool, verify: bool) -> None:
     """List cached images: runtime, platform, digest, size, last use."""
     from .._listing import image_output, image_rows, remember_valid_settings
     client = make_client(ctx)
-    remember_valid_settings(client.env)   # the settings are valid: bare listings may go fast
+    # the settings are valid: later bare listings may go fast
+    remember_valid_settings(client.env, client.settings.cache_dir, client.settings.site_cache_dirs)
     check = (lambda e: client.verify(e, full=True)) if verify else client.cache.check
     click.echo(image_output(image_rows(client.entries(), check), client.cache.root, as_json), nl=False)
 

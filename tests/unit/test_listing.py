@@ -96,3 +96,16 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly(env: Dict[str, str]) -
         lines = p.stderr.splitlines()
         assert ("pydantic" in p.stderr) is not fast
         assert p.returncode == 1 and [x for x in lines if not x.startswith("import time:")] == [], p.stderr
+
+
+def test_a_cache_dir_made_of_variables_follows_them(env: Dict[str, str], tmp_path: Path) -> None:
+    """``cache_dir = "$SCRATCH/cache"`` in a home shared by two clusters: the stamp holds the
+    expanded directory, so it is only used while the variables it came from are the same."""
+    env = {k: v for k, v in env.items() if k != "NSDF_HPC_CACHE"}
+    Path(env["NSDF_HPC_CONFIG"]).write_text('cache_dir = "${SCRATCH}/cache"  # $SCRATCH: per cluster\n')
+    first = _images(env, SCRATCH=str(tmp_path))
+    assert first[3] and "nsdf/one:v1.0.0" in first[1]
+    again = _images(env, SCRATCH=str(tmp_path))
+    assert not again[3] and again[1] == first[1]
+    other = _images(env, SCRATCH=str(tmp_path / "elsewhere"))
+    assert other[3] and other[1] == f"no cached images in {tmp_path / 'elsewhere' / 'cache'}\n"
