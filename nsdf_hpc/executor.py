@@ -273,6 +273,7 @@ class Executor:
         self._lock = threading.Lock()
         self._rt: Optional["Runtime"] = None
         self._native: Optional["NativeImage"] = None
+        self._submit_image = image
         self._template: Optional["Invocation"] = None
         self._pool: Optional[ThreadPoolExecutor] = None
         self._groups = 0
@@ -302,6 +303,16 @@ class Executor:
             check_interpreter(self.image, self.python, self.image_python, host_python())
             self.base = self._make_base()
             self._rt, self._native = rt, native
+            self._submit_image = self._pinned(client, native)
+
+    def _pinned(self, client: "Client", native: "NativeImage") -> str:
+        """What each Slurm submission names: a registry tag pinned to the digest resolved here.
+        The interpreter was checked on that image, a tag that moves later does not change what
+        this Executor runs, and each submission's pull is a cache hit with no registry request."""
+        src = client.parse_image(self.image)
+        if src.kind != "registry" or src.ref is None or src.ref.digest or not native.digest:
+            return self.image
+        return str(src.ref.pinned(native.digest))
 
     def _image_python(self, client: "Client", rt: "Runtime", native: "NativeImage") -> Tuple[int, int, int]:
         """The image's Python version: probed once per image digest and interpreter, kept in
@@ -538,7 +549,7 @@ class Executor:
         tasks, batch = task_count(len(calls), self.batch_size, self.max_tasks)
         opts = {k: v for k, v in self.options.items() if k != "binds"}
         opts.setdefault("job_name", "nsdf-exec")
-        job = self.client.submit_array(self.image, template=self._command(group, "{index}", batch),
+        job = self.client.submit_array(self._submit_image, template=self._command(group, "{index}", batch),
                                        indices=tasks, runtime=self._rt.name, binds=self._binds(), **opts)
         from .schedulers.job import Job   # noqa: PLC0415
         if not isinstance(job, Job):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from .helpers import PYDEB, RUNTIME_PARAMS, root_env, user_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.registry]
 
+REG = PYDEB.split("/", 1)[0]   # the TLS registry
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -228,6 +230,47 @@ def test_slurm_map_and_submit_on_every_runtime(runtime: str, slurm_client: Clien
                            time="0:05") as ex:
         assert list(ex.map(square_and_print, [2, 3])) == [4, 9]
         assert ex.submit(pow, 2, 10).result(timeout=300) == 1024
+
+
+def read_marker() -> str:
+    with open("/etc/nsdf-marker") as fh:
+        return fh.read().strip()
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+@pytest.mark.podman
+def test_slurm_calls_run_the_image_resolved_at_setup_when_the_tag_moves(slurm_client: Client) -> None:
+    """Each Slurm submission of an Executor names the tag pinned to the digest its setup
+    resolved (and checked the interpreter of): a tag pushed again meanwhile changes nothing
+    for it, and a new Executor gets the new image."""
+    ref = f"{REG}/test/exmove:{uuid.uuid4().hex[:8]}"
+    local = {}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        for v in ("v1", "v2"):
+            (Path(d) / "Containerfile").write_text(f"FROM {PYDEB}\nRUN echo {v} > /etc/nsdf-marker\n")
+            local[v] = f"localhost/nsdf-exmove:{v}"
+            r = subprocess.run(["podman", "build", "-q", "--tls-verify=false", "-t", local[v], d],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+
+    def push(v: str) -> None:
+        r = subprocess.run(["podman", "push", "-q", "--tls-verify=false", local[v], f"docker://{ref}"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    try:
+        push("v1")
+        with nsdf_hpc.Executor(ref, on="slurm", runtime="apptainer", client=slurm_client,
+                               bind_cwd=False, time="0:05") as ex:
+            assert ex.submit(read_marker).result(timeout=300) == "v1"
+            push("v2")
+            assert ex.submit(read_marker).result(timeout=300) == "v1"
+            assert list(ex.map(lambda _: read_marker(), range(2))) == ["v1", "v1"]
+        with nsdf_hpc.Executor(ref, on="slurm", runtime="apptainer", client=slurm_client,
+                               bind_cwd=False, time="0:05") as ex:
+            assert ex.submit(read_marker).result(timeout=300) == "v2"
+    finally:
+        subprocess.run(["podman", "rmi", *local.values()], capture_output=True)
 
 
 def sleep_long() -> None:
