@@ -23,6 +23,7 @@ before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import math
@@ -131,13 +132,21 @@ def user_module(fn: Any) -> Optional[types.ModuleType]:
     path = getattr(module, "__file__", None)
     if module is None or name == "__main__" or not path:
         return None
-    import sysconfig   # noqa: PLC0415
-    installed = {os.path.realpath(p) for key in ("stdlib", "platstdlib", "purelib", "platlib")
-                 if (p := sysconfig.get_paths().get(key))}
     real = os.path.realpath(path)
-    if any(real.startswith(p + os.sep) for p in installed):
+    if any(real.startswith(p + os.sep) for p in _installed_roots()):
         return None
     return module
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_roots() -> Tuple[str, ...]:
+    """The interpreter's standard library and site-packages directories, resolved once per
+    process (``sysconfig.get_paths`` costs about 0.5 ms a call: 4 calls per item made a
+    200-item ``map`` spend 0.2-0.4 s in it)."""
+    import sysconfig   # noqa: PLC0415
+    paths = sysconfig.get_paths()
+    return tuple(dict.fromkeys(os.path.realpath(p) for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                               if (p := paths.get(key))))
 
 
 def _tail(text: str, lines: int = 20) -> str:
