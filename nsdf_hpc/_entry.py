@@ -31,7 +31,11 @@ def main(argv: Optional[List[str]] = None) -> Optional[int]:
     elif fast and args and args[0] == "images":
         # a bare listing, from the cache's files without the settings models (``_listing.py``)
         from ._listing import fast_images   # noqa: PLC0415
-        out = fast_images(args, os.environ)
+        try:
+            out = fast_images(args, os.environ)
+        except KeyboardInterrupt:   # Ctrl-C on a slow shared filesystem: as the click path says it
+            sys.stderr.write("\nnsdf-run: interrupted by SIGINT\n")
+            return 130
         if out is not None:
             return _write(out)
     from .cli import main as cli_main

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 # not `from typing import ...` at run time: this module is on the start-up path
 TYPE_CHECKING = False
@@ -95,6 +96,21 @@ def _referenced(text: str) -> List[str]:
     return names
 
 
+def _regular_file_text(path: str) -> Optional[str]:
+    """The text of a regular file (the first MiB: the text itself, not its mtime, so an edit
+    within the clock's tick still counts); None for anything else. Opened without blocking:
+    ``NSDF_HPC_CONFIG`` naming a FIFO must not hang the listing (the click path says it is
+    not a file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return fh.read(1 << 20).decode("utf-8", "surrogateescape")
+
+
 def settings_stamp(env: Mapping[str, str]) -> str:
     """What the validated settings were made from: nsdf-hpc's version, each candidate config
     file's text (the first MiB) or absence, every ``NSDF_HPC_*`` variable (but the one that
@@ -103,14 +119,10 @@ def settings_stamp(env: Mapping[str, str]) -> str:
     parts: List[Any] = [__version__, os.getuid()]
     names = {"HOME"}
     for path in candidate_config_files(env):
-        try:   # the text itself, not its mtime: an edit within the clock's tick still counts
-            with open(path, "rb") as fh:
-                text = fh.read(1 << 20).decode("utf-8", "surrogateescape")
-        except OSError:
-            parts.append([path, None])
-            continue
+        text = _regular_file_text(path)
         parts.append([path, text])
-        names.update(_referenced(text))
+        if text:
+            names.update(_referenced(text))
     parts.append(sorted((k, v) for k, v in env.items()
                         if (k.startswith("NSDF_HPC_") and k != "NSDF_HPC_NO_FAST_PATH") or k in names))
     return json.dumps(parts)

@@ -109,3 +109,33 @@ def test_a_cache_dir_made_of_variables_follows_them(env: Dict[str, str], tmp_pat
     assert not again[3] and again[1] == first[1]
     other = _images(env, SCRATCH=str(tmp_path / "elsewhere"))
     assert other[3] and other[1] == f"no cached images in {tmp_path / 'elsewhere' / 'cache'}\n"
+
+
+def test_a_fifo_for_a_config_file_is_an_error_not_a_hang(env: Dict[str, str], tmp_path: Path) -> None:
+    assert _images(env)[0] == 0                          # a stamp for the settings as they are
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    status, out, err, _ = _images(env, NSDF_HPC_CONFIG=str(fifo))   # _images has a 60 s timeout
+    assert (status, out) == (2, "") and "is not a file" in err, err
+
+
+def test_ctrl_c_during_a_slow_listing_says_so_and_exits_130(env: Dict[str, str]) -> None:
+    """A listing that re-hashes a big image (its mtime changed) on a slow filesystem: Ctrl-C
+    ends it as it ends the click path, with one line and 130, no traceback."""
+    import signal
+    import time
+    cache = ImageCache(env["NSDF_HPC_CACHE"])
+    big = Path(_publish(cache, "apptainer", "sha256:" + "c" * 64, "big:latest", b""), "image.sif")
+    with open(big, "r+b") as fh:                         # 4 GiB, sparse: its hash takes seconds
+        fh.truncate(4 << 30)
+    entry = json.loads((big.parent / "entry.json").read_text())
+    entry["files"]["image.sif"]["size"] = 4 << 30        # the size recorded, the mtime not:
+    (big.parent / "entry.json").write_text(json.dumps(entry))   # check() hashes it
+    assert _images(env, "--json", NSDF_HPC_NO_FAST_PATH="1")[0] == 0   # writes the stamp
+    for _ in range(3):                                   # a signal's moment: more than once
+        p = subprocess.Popen([sys.executable, "-m", "nsdf_hpc", "images"], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert (p.returncode, out, err) == (130, "", "\nnsdf-run: interrupted by SIGINT\n")
