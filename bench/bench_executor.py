@@ -70,43 +70,41 @@ def _medians(rows: List[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
+def _one_calls(submit: Callable[[int], object], results: str, repeat: int) -> dict:
+    """``repeat`` single calls in a row, each waited for (``submit(i)`` returns something with
+    ``result()``); medians of the time to submit, from the newest file matching ``results``
+    to the result in hand, and in all."""
+    rows = []
+    for i in range(repeat):
+        t0 = time.time()
+        handle = submit(i)
+        t_submit = time.time() - t0
+        result = handle.result()   # type: ignore[attr-defined]
+        t_done = time.time()
+        assert result == trivial(i)
+        rows.append({"submit_s": t_submit, "after_last_s": t_done - _last_mtime(results),
+                     "total_s": t_done - t0, "tasks": 1})
+    return _medians(rows)
+
+
 def slurm_nsdf_one(runtime: str, work: str, repeat: int = 5) -> dict:
-    """One call as one job, ``repeat`` times in a row: ``Executor.submit(fn, x).result()``
-    (medians)."""
+    """One call as one job, ``repeat`` times in a row: ``Executor.submit(fn, x).result()``."""
     import nsdf_hpc
     from nsdf_hpc.client import Client
     client = Client(env={**os.environ, "NSDF_HPC_SLURM_DIR": work})
-    rows = []
     with nsdf_hpc.Executor(IMAGE, on="slurm", runtime=runtime, client=client, bind_cwd=False,
                            time="0:10", keep=True) as ex:
         ex.submit(trivial, 0).result()          # setup (pull, guard probe) outside the timing
-        for i in range(repeat):
-            t0 = time.time()
-            fut = ex.submit(trivial, i)
-            t_submit = time.time() - t0
-            result = fut.result()
-            t_done = time.time()
-            assert result == trivial(i)
-            last = _last_mtime(os.path.join(ex.base or "", "calls", "*", "items", "*", "result.pkl"))
-            rows.append({"submit_s": t_submit, "after_last_s": t_done - last, "total_s": t_done - t0, "tasks": 1})
-    return _medians(rows)
+        return _one_calls(lambda i: ex.submit(trivial, i),
+                          os.path.join(ex.base or "", "calls", "*", "items", "*", "result.pkl"), repeat)
 
 
 def slurm_submitit_one(work: str, repeat: int = 5) -> dict:
     import submitit  # type: ignore[import-not-found]  # only in the bench venv
     ex = submitit.AutoExecutor(folder=os.path.join(work, "submitit-one-%j"), cluster="slurm")
     ex.update_parameters(timeout_min=10)
-    rows = []
-    for i in range(repeat):
-        t0 = time.time()
-        job = ex.submit(trivial, i)
-        t_submit = time.time() - t0
-        result = job.result()
-        t_done = time.time()
-        assert result == trivial(i)
-        last = _last_mtime(os.path.join(work, "submitit-one-*", "*_result.pkl"))
-        rows.append({"submit_s": t_submit, "after_last_s": t_done - last, "total_s": t_done - t0, "tasks": 1})
-    return _medians(rows)
+    return _one_calls(lambda i: ex.submit(trivial, i), os.path.join(work, "submitit-one-*", "*_result.pkl"),
+                      repeat)
 
 
 def slurm_submitit(items: int, work: str) -> dict:
