@@ -182,13 +182,16 @@ class Job:
 
     def __init__(self, scheduler: "Slurm", job_ids: Sequence[str], *, directory: Optional[str] = None,
                  provenance: Optional[Mapping[str, Any]] = None, script: Optional[str] = None,
-                 user: str = "") -> None:
+                 user: str = "", paths: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
         self.scheduler = scheduler
         self.job_ids: Tuple[str, ...] = tuple(str(j) for j in job_ids)
         self.directory = directory
         self.provenance: Dict[str, Any] = dict(provenance or {})
         self.script = script or (os.path.join(directory, "job.sh") if directory else None)
         self.user = user                    # for %u in log patterns (never read from os.environ)
+        # a job nsdf-hpc did not submit: its log paths, asked of slurmctld when a log is read
+        # (not at attach: `status` and `cancel` stay one scheduler call each)
+        self._paths = paths
         self.last: Optional[JobStatus] = None
         self.tasks: Dict[str, JobStatus] = {}
         self._files_done = False
@@ -221,7 +224,9 @@ class Job:
             else:
                 mine.update(grouped.get(j, {}))
         self.tasks = mine
-        if len(mine) == 1 and not self.is_array:
+        # a job without provenance (not submitted by nsdf-hpc) is an array when Slurm lists tasks
+        array = self.is_array if "array" in self.provenance else any("_" in k for k in mine)
+        if len(mine) == 1 and not array:
             st = next(iter(mine.values()))
             self.last = st.model_copy(update={"job_id": self.job_id})
             return self.last
@@ -307,6 +312,9 @@ class Job:
 
     def log_path(self, stream: str = "stdout", task: Optional[Union[int, str]] = None) -> Optional[str]:
         """The file Slurm writes ``stream`` of this job (an array: task 0, or ``task``) to."""
+        if self._paths is not None:
+            ask, self._paths = self._paths, None
+            self.provenance = {**ask(), **self.provenance}   # what attach decided stays
         key = "output" if stream == "stdout" else "error"
         pattern = self.provenance.get(key)
         if not pattern:

@@ -304,12 +304,12 @@ class Slurm:
         for i in ids:
             if d:
                 self.dirs[_base(i)] = d
-        if not prov:
-            prov = self.paths_from_scontrol(jid)
+        foreign = not prov
         if task:
             # one task of an array: a plain job for status/logs/cancel, its log paths kept
             prov = {**prov, "array": False, "indices": [], "chunks": [], "task_of": base}
-        return Job(self, ids, directory=d, provenance=prov, user=self.user)
+        return Job(self, ids, directory=d, provenance=prov, user=self.user,
+                   paths=(lambda: self.paths_from_scontrol(jid)) if foreign else None)
 
     def paths_from_scontrol(self, job_id: str) -> Dict[str, Any]:
         """stdout/stderr paths of a job nsdf-hpc did not submit (while slurmctld knows it)."""

@@ -549,6 +549,40 @@ def test_cli_submit_wait_status_logs_cancel(cache: Path, work_dir: Path) -> None
     assert "CANCELED" in run("status", jid).stdout
 
 
+def _rpc_counts() -> Dict[str, int]:
+    """The daemons' own counters of status queries: slurmctld's job-info RPCs (``sdiag``) and
+    slurmdbd's job queries (``sacctmgr show stats``)."""
+    import re
+    out = {}
+    for name, argv, rpcs in (("slurmctld", ["sdiag"], ("REQUEST_JOB_INFO", "REQUEST_JOB_INFO_SINGLE")),
+                             ("slurmdbd", ["sacctmgr", "show", "stats"], ("DBD_GET_JOBS_COND",))):
+        text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        out[name] = sum(int(m.group(1)) for r in rpcs
+                        for m in [re.search(rf"^\s*{r}\s+\(\s*\d+\)\s+count:(\d+)", text, re.M)] if m)
+    return out
+
+
+def test_cli_status_of_a_job_nsdf_hpc_did_not_submit_is_one_query(work_dir: Path, tmp_path: Path) -> None:
+    """`nsdf-run status` of a plain sbatch job asks slurmdbd once and slurmctld not at all (it
+    asked `scontrol show job` for log paths it does not print, 2026-12-02); `logs` still finds
+    the job's output through slurmctld."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env.update(NSDF_HPC_SLURM_DIR=str(work_dir))
+    out = subprocess.run(["sbatch", "--parsable", "--wait", "-o", str(tmp_path / "foreign-%j.out"),
+                          "--wrap", "echo foreign"], capture_output=True, text=True, timeout=120, check=True)
+    jid = out.stdout.strip().split(";")[0]
+    for _ in range(3):
+        before = _rpc_counts()
+        st = subprocess.run([sys.executable, "-m", "nsdf_hpc", "status", jid], env=env, capture_output=True,
+                            text=True, timeout=60, cwd="/tmp")
+        after = _rpc_counts()
+        assert st.returncode == 0 and st.stdout.startswith(f"{jid}\tCOMPLETED\tCOMPLETED exit=0"), st
+        assert {k: after[k] - before[k] for k in after} == {"slurmctld": 0, "slurmdbd": 1}
+    logs = subprocess.run([sys.executable, "-m", "nsdf_hpc", "logs", jid], env=env, capture_output=True,
+                          text=True, timeout=60, cwd="/tmp")
+    assert (logs.returncode, logs.stdout) == (0, "foreign\n"), logs.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_signal_to_submit_wait_stops_the_waiting_and_says_how_to_cancel(cache: Path, work_dir: Path,
                                                                          sig: int) -> None:

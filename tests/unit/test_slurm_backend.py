@@ -330,6 +330,29 @@ def test_attach_status_and_cancel_one_array_task(tmp_path) -> None:
     assert runner.calls[-1] == ("scancel", "1349_10")
 
 
+def test_a_foreign_job_costs_one_query_for_status_and_asks_its_log_paths_only_for_logs(tmp_path) -> None:
+    """A job nsdf-hpc did not submit: `status` and `cancel` are one scheduler call each (the
+    log paths come from scontrol when a log is read), and an array is still told by its tasks."""
+    ctl = (f"JobId=90 ArrayJobId=90 ArrayTaskId=0 JobName=x StdErr={tmp_path}/e-90.err StdIn=/dev/null "
+           f"StdOut={tmp_path}/o-90.out Power=\n")
+    runner = FakeRunner({"sacct": [ok("90_0|COMPLETED|0:0|None|c1|x\n"), ok("91|COMPLETED|0:0|None|c1|x\n")],
+                         "scontrol": [ok(ctl)], "scancel": [ok()]})
+    s = backend(runner, tmp_path)
+    arr = s.attach("90")
+    st = arr.status()
+    assert [c[0] for c in runner.calls] == ["sacct"]
+    assert (st.job_id, st.state, st.native_state, st.tasks) == ("90", JobState.COMPLETED, "COMPLETED:1", 1)
+    plain = s.attach("91")
+    assert plain.status().native_state == "COMPLETED" and [c[0] for c in runner.calls] == ["sacct"] * 2
+    plain.cancel()
+    assert [c[0] for c in runner.calls] == ["sacct", "sacct", "scancel"]
+    (tmp_path / "o-90.out").write_text("out\n")
+    assert arr.logs() == "out\n" and arr.is_array
+    assert arr.logs() == "out\n" and [c[0] for c in runner.calls].count("scontrol") == 1   # asked once
+    task = s.attach("90_0")
+    assert task.log_path() == f"{tmp_path}/o-90.out" and not task.is_array   # attach's choice stays
+
+
 def test_a_pending_reason_never_shows_on_a_final_task(tmp_path) -> None:
     from nsdf_hpc.schedulers.commands import parse_sacct
     t = parse_sacct(SACCT_TASKS)
