@@ -8,11 +8,24 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 # not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
 # the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Dict
+
+
+def load_toml(path: str) -> Dict[str, Any]:
+    """A TOML file's table (tomllib, or tomli before Python 3.11). Raises ``OSError``, and
+    ``ValueError`` for a file that is not TOML or not UTF-8 text (``tomllib.TOMLDecodeError``
+    and ``UnicodeDecodeError`` are both ValueErrors)."""
+    if sys.version_info >= (3, 11):
+        import tomllib   # noqa: PLC0415 (not on the launch path)
+    else:  # pragma: no cover - exercised on 3.9/3.10
+        import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]   # noqa: PLC0415
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
 
 
 def atomic_write_json(path: str, data: Any, *, fsync: bool = False, indent: Any = None,

@@ -27,13 +27,13 @@ monkeypatch. Files are TOML::
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 
 from . import paths
+from ._fsutil import load_toml
 from .errors import ConfigError
 from .paths import candidate_config_files
 from .environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY
@@ -73,20 +73,15 @@ class Settings(Model):
 
 
 def _read_toml(path: str) -> Dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on 3.9/3.10
-        import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        return load_toml(path)
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
     except UnicodeDecodeError as err:   # tomllib decodes the bytes itself, before parsing
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): "
                           "save it as UTF-8") from err
+    except ValueError as err:   # tomllib.TOMLDecodeError
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
 
 
 _FILE_KEYS = {"runtime", "runtime_paths", "cache_dir", "site_cache_dirs", "nsdf_registry",

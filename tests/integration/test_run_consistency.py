@@ -721,6 +721,29 @@ def test_podman_launch_record_recovers_when_the_store_image_is_gone() -> None:
 
 
 @pytest.mark.podman
+def test_a_planned_podman_run_reads_the_store_and_asks_podman_only_when_the_image_is_gone() -> None:
+    """A planned run whose entry podman's store lists (its own images.json, as storage.conf
+    places it) starts no `podman image exists` (about 50 ms); once the image is gone behind
+    the cache's back, podman is asked, says no, and the run pulls it again."""
+    ref, ident = _own_podman_image(uuid.uuid4().hex[:10])
+    c = Path(tempfile.mkdtemp(prefix="nsdf-runfix-S-", dir="/var/tmp"))
+    cmd = ["-vv", "run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"]
+    try:
+        location = json.loads(nsdf(["pull", "--json", "-r", "podman", ref], c).stdout)["location"]
+        for _ in range(3):
+            r = nsdf(cmd, c, NSDF_HPC_NO_FAST_PATH="1")        # planned each time
+            assert (r.returncode, out(r)) == (0, ident), err(r)
+            assert " image exists " not in err(r) and " pull " not in err(r), err(r)
+        assert subprocess.run(["podman", "rmi", location], capture_output=True).returncode == 0
+        r = nsdf(cmd, c, NSDF_HPC_NO_FAST_PATH="1")
+        assert (r.returncode, out(r)) == (0, ident), err(r)
+        assert f"image exists {location}" in err(r) and " pull " in err(r), err(r)
+        nsdf(["prune", "--max-size", "0"], c)
+    finally:
+        shutil.rmtree(c, ignore_errors=True)
+
+
+@pytest.mark.podman
 @pytest.mark.unprivileged
 def test_podman_prune_and_verify_as_unprivileged_user(as_user) -> None:
     """Rootless podman keeps one store per user ($HOME/.local/share/containers): the same

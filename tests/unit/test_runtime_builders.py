@@ -338,3 +338,58 @@ def test_env_template_marks_only_values_it_can_put_back(tmp_path, runtime, name,
         assert list(marks.values()) == [name] and template.explicit_env[name] in marks
     # the command line must say exactly what the spec has
     assert client.env_template(args[:3] + args[5:], spec, rt, native, inv) is None
+
+
+def test_podman_finds_its_store_as_containers_storage_does():
+    """Where podman's store lists its images, from storage.conf and the defaults (pure); None
+    whenever the reading is not certain, and the caller then asks podman."""
+    from nsdf_hpc.runtimes.podman import store_images_file
+
+    def files(**tables):
+        return lambda path: tables.get(path)
+    debian = {"/usr/share/containers/storage.conf": {"driver": "overlay", "graphroot": "/var/lib/containers/storage"}}
+    home = {"HOME": "/home/u"}
+    both = lambda p: True   # noqa: E731
+    assert store_images_file(home, 0, files(**debian), both) == "/var/lib/containers/storage/overlay-images/images.json"
+    # /etc overrides /usr/share; CONTAINERS_STORAGE_CONF overrides both
+    etc = {**debian, "/etc/containers/storage.conf": {"driver": "vfs", "graphroot": "/srv/store"}}
+    assert store_images_file(home, 0, files(**etc), both) == "/srv/store/vfs-images/images.json"
+    mine = {**etc, "/x.conf": {"driver": "overlay", "graphroot": "/x"}}
+    assert store_images_file({**home, "CONTAINERS_STORAGE_CONF": "/x.conf"}, 0, files(**mine), both) == \
+        "/x/overlay-images/images.json"
+    # rootless: the user's data directory (the system's graphroot is root's), the system's driver
+    assert store_images_file(home, 1000, files(**debian), both) == \
+        "/home/u/.local/share/containers/storage/overlay-images/images.json"
+    assert store_images_file({**home, "XDG_DATA_HOME": "/d"}, 1000, files(**debian), both) == \
+        "/d/containers/storage/overlay-images/images.json"
+    rsp = {"/usr/share/containers/storage.conf": {"driver": "overlay", "rootless_storage_path": "/scratch/u/c"}}
+    assert store_images_file(home, 1000, files(**rsp), both) == "/scratch/u/c/overlay-images/images.json"
+    user = {**debian, "/home/u/.config/containers/storage.conf": {"driver": "vfs", "graphroot": "/u/g"}}
+    assert store_images_file(home, 1000, files(**user), both) == "/u/g/vfs-images/images.json"
+    # not certain: $VARs in the path, an unreadable file, no driver with both stores present
+    dollar = {"/usr/share/containers/storage.conf": {"rootless_storage_path": "$HOME/s", "driver": "overlay"}}
+    assert store_images_file(home, 1000, files(**dollar), both) is None
+    broken = {"/etc/containers/storage.conf": {"?": "not TOML"}}
+    assert store_images_file(home, 0, files(**broken), both) is None
+    assert store_images_file(home, 0, files(), both) is None
+    assert store_images_file(home, 0, files(), lambda p: p.endswith("/vfs-images")) == \
+        "/var/lib/containers/storage/vfs-images/images.json"
+    assert store_images_file({}, 1000, files(**debian), both) is None      # no HOME: no data directory
+
+
+def test_podman_store_holds_only_what_its_images_file_lists(tmp_path):
+    import json
+    store = tmp_path / "store"
+    (store / "overlay-images").mkdir(parents=True)
+    (store / "overlay-images" / "images.json").write_text(json.dumps(
+        [{"id": "f" * 64, "digest": "sha256:" + "ab" * 32, "names": ["localhost/nsdf-hpc/ab:o"]}]))
+    conf = tmp_path / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{store}"\nrootless_storage_path = "{store}"\n')
+    rt = _rt("podman")
+    env = {"HOME": str(tmp_path), "CONTAINERS_STORAGE_CONF": str(conf)}
+    assert rt.store_holds("localhost/nsdf-hpc/ab:o", env) is True
+    assert rt.store_holds("localhost/nsdf-hpc/cd:o", env) is None        # not listed: ask podman
+    (store / "overlay-images" / "images.json").write_text("{half")
+    assert rt.store_holds("localhost/nsdf-hpc/ab:o", env) is None
+    conf.write_text("driver = [\n")
+    assert rt.store_holds("localhost/nsdf-hpc/ab:o", env) is None
