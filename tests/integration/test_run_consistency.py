@@ -770,6 +770,10 @@ def test_podman_prune_and_verify_as_unprivileged_user(as_user) -> None:
         assert r[0] == 0 and "removed 1 entry" in r[1], r
         r = in_cache(a)(["run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"])
         assert (r[0], r[1]) == (0, ident), f"prune in the user's cache B broke cache A: {r[2]}"
+        # the user's own store is read from its files (no `podman image exists`)
+        r2 = nsdf_user(as_user, ["-vv", "run", "-r", "podman", "--no-bind-cwd", ref, "--", "cat", "/etc/id"], a,
+                       cwd="/", NSDF_HPC_NO_FAST_PATH="1")
+        assert (r2.returncode, r2.stdout) == (0, ident) and " image exists " not in r2.stderr, r2.stderr
         in_cache(a)(["prune", "--max-size", "0"])
         _verify_notices(in_cache(c), ["runuser", "-u", as_user.user, "--", "env", "-i",
                                       *[f"{k}={v}" for k, v in as_user.env().items()], "podman"],
