@@ -37,21 +37,27 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._version import __version__
-from .paths import candidate_config_files, user_state_dir
+from .paths import candidate_config_files, split_bind, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 7   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
+FORMAT = 8   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
 #            6: the guard's ``started`` file (podman: a signal held until the container runs);
-#            7: any ``--env`` values
+#            7: any ``--env`` values; 8: any ``--bind`` directories
 #: stands for the command in the key of a record that any command after ``--`` reuses
 COMMAND_SLOT = "\x00command"
 #: stands for an ``--env NAME=VALUE`` value in the key of a record that any value reuses
 VALUE_SLOT = "\x00value"
+#: stands for a ``--bind`` value in the key of a record that any directory bind reuses (with
+#: ``:ro`` after it for a read-only one: the mode stays in the key)
+BIND_SLOT = "\x00bind"
 #: ``nsdf-run run`` options that take the next word as their value (``--env`` aside)
 _VALUE_OPTIONS = frozenset({"-r", "--runtime", "-B", "--bind", "-w", "--workdir", "--runtime-arg", "--platform"})
 #: characters a value may not have when the runtime also puts it in a word of its argv
 #: (``--set-env=NAME=VALUE``): a quoted value can take another path through the planner
 _WORD_UNSAFE = frozenset("'\"\\`$")
+#: characters a bind path may not have to fill a record's marks: the runtimes' bind syntax
+#: (``SRC:DST``, Apptainer's ``--mount`` CSV form for ``,``) plans such a path apart
+_BIND_UNSAFE = _WORD_UNSAFE | frozenset(":,=")
 #: stand-ins in a record's orphan guard for the name and path each run gets (``_exec.run_scratch``)
 GUARD_NAME = "{nsdf-run-name}"
 GUARD_PATH = "{nsdf-run-path}"
@@ -134,9 +140,11 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
     if marks and template is not None:
         words = [*template.head, *template.tail, *template.command]
         values = {name: value for _, name, _, value in env_options(args) or []}
+        binds = bind_values(args, cwd) if any(_is_bind(n) for n in marks.values()) else {}
         # values the record could not take again keep it for this exact line (a record of any
         # value must serve the line that made it)
-        if all(_fillable(values.get(name, ""), any(m in w for w in words)) for m, name in marks.items()):
+        if binds is not None and all(_is_bind(name) or _fillable(values.get(name, ""), any(m in w for w in words))
+                                     for m, name in marks.items()):
             inv = template
             tail = list(inv.tail) + list(inv.command)
         else:
@@ -158,7 +166,9 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "use": None if use is None else list(use),
     }
     d = record_dir(env)
-    path = os.path.join(d, launch_key(_record_args(args, command_at, bool(marks)), env, cwd) + ".json")
+    names = list((marks or {}).values())
+    key = _record_args(args, command_at, any(not _is_bind(n) for n in names), any(_is_bind(n) for n in names))
+    path = os.path.join(d, launch_key(key, env, cwd) + ".json")
     try:
         from ._fsutil import atomic_write_json   # noqa: PLC0415 (a planned run writes; the fast path reads)
         atomic_write_json(path, record)
@@ -193,14 +203,19 @@ def _separator(args: Sequence[str]) -> Optional[int]:
     return i if i + 1 < len(args) else None
 
 
-def _record_args(args: Sequence[str], command_at: Optional[int], values: bool = False) -> List[str]:
+def _record_args(args: Sequence[str], command_at: Optional[int], values: bool = False,
+                 binds: bool = False) -> List[str]:
     """What a record is keyed by: the whole command line, or, when the command's place in the
     runtime argv is known, everything up to ``--`` (any command then reuses the record); with
-    ``values``, each ``--env`` value is a slot too (the names stay in the key)."""
+    ``values``, each ``--env`` value is a slot too (the names stay in the key); with ``binds``,
+    each ``--bind`` value (its ``:ro`` stays in the key)."""
     out = list(args)
     if values:
         for at, name, prefix, _ in env_options(args) or []:
             out[at] = f"{prefix}{name}={VALUE_SLOT}"
+    if binds:
+        for at, prefix, text in bind_options(args):
+            out[at] = prefix + BIND_SLOT + (":ro" if text.endswith(":ro") else "")
     i = _separator(args)
     if command_at is None or i is None:
         return out
@@ -241,6 +256,58 @@ def env_options(args: Sequence[str]) -> Optional[List[Tuple[int, str, str, str]]
     return out
 
 
+def bind_options(args: Sequence[str]) -> List[Tuple[int, str, str]]:
+    """The ``--bind`` options of an ``nsdf-run run`` command line, in order, as (index of the
+    word, what precedes the value in that word, value). The planner checks this reading
+    against its own (``Client.binds_template``) before a record relies on it."""
+    out: List[Tuple[int, str, str]] = []
+    i = 1
+    while i < len(args):
+        w = args[i]
+        if w == "--" or not w.startswith("-"):
+            break
+        if w in ("-B", "--bind"):
+            if i + 1 < len(args):
+                out.append((i + 1, "", args[i + 1]))
+            i += 2
+            continue
+        if w in _VALUE_OPTIONS or w in ("-e", "--env"):
+            i += 2
+            continue
+        if w.startswith("--bind="):
+            out.append((i, "--bind=", w[len("--bind="):]))
+        elif w.startswith("-B"):
+            out.append((i, "-B", w[2:]))
+        i += 1
+    return out
+
+
+def _is_bind(name: str) -> bool:
+    """A mark's name: an ``--env`` variable, or ``-B<i>:source`` / ``-B<i>:target``."""
+    return name.startswith("-B")
+
+
+def bind_values(args: Sequence[str], cwd: str) -> Optional[Dict[str, str]]:
+    """This call's ``--bind`` paths by mark name (``-B0:source``, ``-B0:target``, ...), as a
+    record made by ``Client.binds_template`` takes them: None when one needs planning (a
+    source that is not an existing directory, the current directory or ``/`` as the
+    destination, a character of the runtimes' bind syntax, not valid text)."""
+    out: Dict[str, str] = {}
+    for i, (_, _, text) in enumerate(bind_options(args)):
+        try:
+            source, target, _ = split_bind(text)
+        except ValueError:
+            return None
+        source, target = os.path.normpath(source), os.path.normpath(target)
+        if target in ("/", cwd) or not os.path.isdir(source):
+            return None
+        for p in (source, target):
+            if not _fillable(p, False) or _BIND_UNSAFE.intersection(p):
+                return None
+        out[f"-B{i}:source"], out[f"-B{i}:target"] = source, target
+    return out
+
+
 def _fillable(value: str, in_word: bool) -> bool:
     """Whether a record with marks may take ``value`` (else planning does): valid text, no
     control character, and no quote or ``$`` when a runtime word carries it."""
@@ -251,16 +318,20 @@ def _fillable(value: str, in_word: bool) -> bool:
     return not (any(ord(c) < 32 or ord(c) == 127 for c in value) or (in_word and _WORD_UNSAFE.intersection(value)))
 
 
-def _fill_values(rec: Dict[str, Any], args: Sequence[str]) -> bool:
-    """Put this call's ``--env`` values in place of the record's marks; False when a value
-    needs planning (not valid text, a control character, or a quote in a runtime word)."""
+def _fill_values(rec: Dict[str, Any], args: Sequence[str], cwd: str) -> bool:
+    """Put this call's ``--env`` values and ``--bind`` paths in place of the record's marks;
+    False when a value needs planning (not valid text, a control character, or a quote in a
+    runtime word; a bind as ``bind_values`` says)."""
     marks: Dict[str, str] = rec.get("marks") or {}
     values = {name: value for _, name, _, value in env_options(args) or []}
     in_words = set(rec.get("marks_in_words") or [])
+    binds = bind_values(args, cwd) if any(_is_bind(n) for n in marks.values()) else {}
+    if binds is None or len(binds) != sum(1 for n in marks.values() if _is_bind(n)):
+        return False
     fill: Dict[str, str] = {}
     for mark, name in marks.items():
-        v = values.get(name)
-        if v is None or not _fillable(v, mark in in_words):
+        v = binds.get(name) if _is_bind(name) else values.get(name)
+        if v is None or not (_is_bind(name) or _fillable(v, mark in in_words)):
             return False
         fill[mark] = v
 
@@ -272,6 +343,7 @@ def _fill_values(rec: Dict[str, Any], args: Sequence[str]) -> bool:
     rec["head"] = [put(w) for w in rec["head"]]
     rec["tail"] = [put(w) for w in rec["tail"]]
     rec["explicit"] = {k: put(v) for k, v in rec["explicit"].items()}
+    rec["mkdirs"] = [put(p) for p in rec.get("mkdirs", [])]   # mount points at a bind's destination
     return True
 
 
@@ -296,24 +368,37 @@ def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str
     one of its arguments up to ``--`` with this call's command put in its place."""
     d = record_dir(env)
     i = _separator(args)
-    values = bool(env_options(args))
-    # this exact line; any command; any --env values; both
-    for command, slots in ((False, False), (True, False), (False, True), (True, True)):
-        if (command and i is None) or (slots and not values):
+    values, binds = bool(env_options(args)), bool(bind_options(args))
+    # this exact line; any command; any --env values; any --bind directories; each mixed
+    for slots, bslots in ((False, False), (True, False), (False, True), (True, True)):
+        if (slots and not values) or (bslots and not binds):
             continue
-        path = os.path.join(d, launch_key(_record_args(args, 0 if command else None, slots), env, cwd) + ".json")
-        rec = _load_valid(path)
-        if rec is None:
-            continue
-        if command and i is not None:
-            at = rec.get("cmd_at")
-            if not (isinstance(at, int) and 0 <= at <= len(rec["tail"])):
+        for command in (False, True):
+            if command and i is None:
                 continue
-            rec["tail"] = [*rec["tail"][:at], *args[i + 1:]]
-        if rec.get("marks") and not _fill_values(rec, args):
-            continue
-        return rec, path
+            rec, path = _lookup(d, args, env, cwd, command, slots, bslots)
+            if rec is not None:
+                return rec, path
     return None, os.path.join(d, launch_key(args, env, cwd) + ".json")
+
+
+def _lookup(d: str, args: Sequence[str], env: Mapping[str, str], cwd: str, command: bool, slots: bool,
+            bslots: bool) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The record of one way of keying ``args``, filled in for this call (None: there is none,
+    or it cannot serve this call)."""
+    i = _separator(args)
+    path = os.path.join(d, launch_key(_record_args(args, 0 if command else None, slots, bslots), env, cwd) + ".json")
+    rec = _load_valid(path)
+    if rec is None:
+        return None, path
+    if command and i is not None:
+        at = rec.get("cmd_at")
+        if not (isinstance(at, int) and 0 <= at <= len(rec["tail"])):
+            return None, path
+        rec["tail"] = [*rec["tail"][:at], *args[i + 1:]]
+    if rec.get("marks") and not _fill_values(rec, args, cwd):
+        return None, path
+    return rec, path
 
 
 def try_fast_run(args: Sequence[str]) -> Optional[int]:

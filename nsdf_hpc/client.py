@@ -317,6 +317,59 @@ class Client:
             return None
         return marks, probed
 
+    def binds_template(self, args: Sequence[str], spec: RunSpec, rt: Runtime, native: NativeImage,
+                       inv: Invocation) -> Optional[Tuple[Dict[str, str], Invocation]]:
+        """How a launch record serves other directories in the ``--bind`` options of ``args``:
+        each path's mark (mark -> ``-B<i>:source`` / ``-B<i>:target``) and ``inv`` planned
+        again with the marks as the binds (``spec`` and ``inv`` may carry ``env_template``'s
+        marks already). None when the record must stay with these binds: the command line's
+        binds are not exactly ``spec.binds``; a source is not a directory; a destination is
+        the current directory (its automatic bind) or takes an MPI launcher's directory; the
+        runtime lists the image for its mount points (a SquashFS file); or the plan again
+        differs in anything but the marks, or has them anywhere but in argv words and the
+        mount points to make (Charliecloud's private copy of a directory image, made only
+        for a destination the image lacks, is such a difference)."""
+        options = _launch.bind_options(args)
+        try:
+            parsed = tuple(Bind.parse(text) for _, _, text in options)
+        except SpecError:
+            return None
+        if not options or parsed != spec.binds or any(
+                not os.path.isdir(b.source) or b.target in ("/", spec.cwd) for b in spec.binds):
+            return None
+        if with_launcher_binds(spec, self.env) is not spec or \
+                rt.listing_argv(native, [b.target for b in spec.binds]) is not None:
+            return None
+        tag = os.urandom(6).hex()
+        marks: Dict[str, str] = {}
+        values: Dict[str, str] = {}
+        probe: List[Bind] = []
+        for i, b in enumerate(spec.binds):
+            s, t = f"/NSDFBIND{tag}S{i}X", f"/NSDFBIND{tag}T{i}X"
+            marks.update({s: f"-B{i}:source", t: f"-B{i}:target"})
+            values.update({s: b.source, t: b.target})
+            probe.append(Bind(source=s, target=t, read_only=b.read_only))
+        try:
+            again = self._assemble(spec, rt, native, self.env)
+            probed = self._assemble(spec.model_copy(update={"binds": tuple(probe)}), rt, native, self.env)
+        except (RunError, SpecError):
+            return None
+
+        def back(word: str) -> str:
+            for mark, value in values.items():
+                word = word.replace(mark, value)
+            return word
+        elsewhere = [*probed.command, *probed.explicit_env.values(), *probed.static_env.values(),
+                     *probed.mkfiles, *(probed.tree or ())]
+        if again != inv or any(m in w for m in marks for w in elsewhere):
+            return None
+        if (tuple(map(back, probed.head)) != inv.head or tuple(map(back, probed.tail)) != inv.tail
+                or tuple(map(back, probed.mkdirs)) != inv.mkdirs or probed.command != inv.command
+                or probed.explicit_env != inv.explicit_env or probed.static_env != inv.static_env
+                or probed.encoding != inv.encoding or probed.mkfiles != inv.mkfiles or probed.tree != inv.tree):
+            return None
+        return marks, probed
+
     def bind_template(self, spec: RunSpec, rt: Runtime, native: NativeImage, inv: Invocation, *,
                       env: Mapping[str, str], probe: str) -> Optional[Tuple[Tuple[str, ...], Tuple[str, ...]]]:
         """How ``rt`` takes one more directory bind at job time (a batch script binds each
@@ -467,6 +520,11 @@ class Client:
         n, tail = len(spec.command), [*inv.tail, *inv.command]
         at = len(tail) - n if n and tuple(tail[len(tail) - n:]) == tuple(spec.command) else None
         template = self.env_template(args, spec, rt, native, inv)
+        # and other directories in the --bind options, over the --env marks when there are any
+        marked = spec.model_copy(update={"env": {n: m for m, n in template[0].items()}}) if template else spec
+        binds = self.binds_template(args, marked, rt, native, template[1] if template else inv)
+        if binds:
+            template = ({**(template[0] if template else {}), **binds[0]}, binds[1])
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,
                      self.settings.env_deny, checks, expires, exists,
                      guard=rt.orphan_guard(_launch.GUARD_NAME, _launch.GUARD_PATH), hold=rt.startup_names,

@@ -8,6 +8,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import SpecError
+from .paths import split_bind
 from .reference import ImageSource, Platform
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,25 +53,12 @@ class Bind(Model):
         """Parse ``SRC``, ``SRC:DST``, ``SRC:DST:ro`` or ``SRC:DST:rw`` (SRC may be relative)."""
         if not text:
             raise SpecError("empty --bind value (expected SRC[:DST[:ro|rw]])")
-        parts = text.split(":")
-        mode = "rw"
-        if len(parts) == 3:
-            mode = parts[2]
-            if mode not in ("ro", "rw"):
-                raise SpecError(f"invalid --bind {text!r}: option must be 'ro' or 'rw', got {mode!r}")
-        elif len(parts) > 3:
-            raise SpecError(f"invalid --bind {text!r}: expected SRC[:DST[:ro|rw]] "
-                            "(paths containing ':' need the Python API)")
-        source = parts[0]
-        target = parts[1] if len(parts) > 1 else ""
-        if not source:
-            raise SpecError(f"invalid --bind {text!r}: empty source")
-        source = os.path.abspath(os.path.expanduser(source))
-        target = target or source
-        if not target.startswith("/"):
-            raise SpecError(f"invalid --bind {text!r}: destination {target!r} must be absolute")
         try:
-            return cls(source=source, target=target, read_only=mode == "ro")
+            source, target, read_only = split_bind(text)
+        except ValueError as err:
+            raise SpecError(f"invalid --bind {text!r}: {err}") from None
+        try:
+            return cls(source=source, target=target, read_only=read_only)
         except ValueError as err:
             raise SpecError(f"invalid --bind {text!r}: {first_error(err)}") from None
 

@@ -9,7 +9,7 @@ import os
 # the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Mapping
+    from typing import List, Mapping, Tuple
 
 #: the site-wide config file (``NSDF_HPC_SITE_CONFIG`` overrides it, for tests and odd sites)
 SITE_CONFIG = "/etc/nsdf-hpc/config.toml"
@@ -55,3 +55,24 @@ def default_cache_dir(env: Mapping[str, str]) -> str:
 def user_state_dir(env: Mapping[str, str]) -> str:
     """Per-user, per-machine files that describe this host (the detection cache)."""
     return os.path.join(xdg_cache_home(env), "nsdf-hpc")
+
+
+def split_bind(text: str) -> Tuple[str, str, bool]:
+    """``SRC``, ``SRC:DST``, ``SRC:DST:ro`` or ``SRC:DST:rw`` -> (source made absolute, the
+    destination as given or the source, read-only). ``ValueError`` says what is wrong. One
+    reading for ``models.Bind.parse`` and the launch fast path (``_launch.py``)."""
+    parts = text.split(":")
+    mode = "rw"
+    if len(parts) == 3:
+        mode = parts[2]
+        if mode not in ("ro", "rw"):
+            raise ValueError(f"option must be 'ro' or 'rw', got {mode!r}")
+    elif len(parts) > 3:
+        raise ValueError("expected SRC[:DST[:ro|rw]] (paths containing ':' need the Python API)")
+    if not parts[0]:
+        raise ValueError("empty source")
+    source = os.path.abspath(os.path.expanduser(parts[0]))
+    target = (parts[1] if len(parts) > 1 else "") or source
+    if not target.startswith("/"):
+        raise ValueError(f"destination {target!r} must be absolute")
+    return source, target, mode == "ro"

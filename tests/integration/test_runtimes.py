@@ -273,3 +273,50 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
     for value in ("third ü", "", "a=b,c:d/e", HOSTILE[2] + HOSTILE[9]):
         with_h(value)
     assert [p.stat().st_mtime_ns for p in any_value] == stamp, "the record of any value was reused"
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_a_launch_record_serves_other_bind_directories(runtime: str, shared_cache: Path, tmp_path: Path) -> None:
+    """`-B DIR:DST` with another directory or destination each call (a task's own input)
+    replays the launch record (issue 11 goal 1) with the same results as planning, the
+    command's writes landing in the directory given, and a read-only bind staying read-only
+    where the runtime enforces it. Another mode (`:ro`) is another record."""
+    os.chmod(tmp_path, 0o755)
+    dirs = []
+    for i, name in enumerate(("d1", "d2", "d 3", "d4")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "f").write_text(f"input {i}\n")
+        dirs.append(d)
+    launch = shared_cache / "launch"
+
+    def run(bind: str, target: str, planned: bool = False) -> subprocess.CompletedProcess:
+        args = ["run", "--runtime", runtime, "-B", bind, BUSYBOX, "--", "sh", "-c",
+                'cat "$1/f"; touch "$1/w" 2>/dev/null && echo wrote; exit 3', "sh", target]
+        extra = {"NSDF_HPC_NO_FAST_PATH": "1"} if planned else {}
+        return nsdf_root(args, shared_cache, cwd=str(tmp_path), **extra)
+
+    def written() -> List[str]:
+        found = sorted(d.name for d in dirs if (d / "w").exists())
+        for d in dirs:
+            (d / "w").unlink(missing_ok=True)
+        return found
+
+    for mode in ("", ":ro"):
+        before = set(launch.glob("*.json"))
+        stamps = None
+        for d, target in zip(dirs, ("/data", "/data", "/elsewhere/x", str(dirs[3]))):
+            planned = run(f"{d}:{target}{mode}", target, planned=True)
+            wrote_planned = written()
+            r = run(f"{d}:{target}{mode}", target)
+            assert (r.returncode, r.stdout) == (planned.returncode, planned.stdout) == (
+                3, f"input {dirs.index(d)}\n" + ("wrote\n" if wrote_planned else "")), r.stderr
+            assert written() == wrote_planned
+            assert wrote_planned == ([] if mode and runtime in ("apptainer", "podman", "podman-hpc") else [d.name])
+            new = set(launch.glob("*.json")) - before
+            if runtime == "charliecloud":
+                continue   # its mount points are planned: /data and /elsewhere are not in busybox
+            assert len(new) == 1, f"{runtime}: one record for every directory ({mode or 'rw'}): {new}"
+            now = [p.stat().st_mtime_ns for p in new]
+            assert stamps is None or now == stamps, "the record was replayed, not planned again"
+            stamps = now

@@ -210,3 +210,66 @@ def test_a_value_or_name_the_record_cannot_take_goes_to_planning(env: dict, tmp_
     _save_template(env, tmp_path)
     assert _launch.load(ENV_ARGS, env, "/work") is not None
     assert _launch.load(args, env, "/work") is None
+
+
+@pytest.mark.parametrize("args, want", [
+    (["run", "-B", "/a:/b", "--bind", "/c", "--bind=/d:/e:ro", "-B/f", "-e", "A=1", "img", "--", "-B", "/x"],
+     [(2, "", "/a:/b"), (4, "", "/c"), (5, "--bind=", "/d:/e:ro"), (6, "-B", "/f")]),
+    (["run", "--runtime-arg", "-B", "img", "--", "true"], []),         # a value, not the option
+    (["run", "-e", "-B", "img"], []),
+    (["run", "-B"], []),
+])
+def test_bind_options_reads_the_bind_values_before_the_image(args, want) -> None:
+    assert _launch.bind_options(args) == want
+
+
+def _save_bind_template(env: dict, tmp_path: Path) -> Path:
+    """A record as ``Client.binds_template`` makes it for udocker: the bind in one ``-v`` word
+    and its destination's mount point in the container's ROOT, both given by marks."""
+    binary = tmp_path / "udocker"
+    binary.write_text("#!/bin/sh\n")
+    (tmp_path / "user.toml").write_text("")
+    (tmp_path / "d1").mkdir()
+    s, t = "/NSDFBINDabcS0X", "/NSDFBINDabcT0X"
+    real = Invocation((str(binary), "-v", f"{tmp_path}/d1:/data"), ("img",), ("cat", "/data/f"), {},
+                      EnvEncoding("process"), {}, {}, (f"{tmp_path}/ROOT/data",))
+    template = Invocation((str(binary), "-v", f"{s}:{t}"), ("img",), ("cat", "/data/f"), {},
+                          EnvEncoding("process"), {}, {}, (f"{tmp_path}/ROOT{t}",))
+    _launch.save(["run", "-B", f"{tmp_path}/d1:/data", "img", "--", "cat", "/data/f"], env, "/work", real,
+                 DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)], 2e9, command_at=1,
+                 marks={s: "-B0:source", t: "-B0:target"}, template=template)
+    return binary
+
+
+def test_a_record_with_bind_marks_serves_any_directory_at_any_destination(env: dict, tmp_path: Path) -> None:
+    binary = _save_bind_template(env, tmp_path)
+    (tmp_path / "d 2").mkdir()
+    for bind, source, target in ((f"{tmp_path}/d1:/data", f"{tmp_path}/d1", "/data"),
+                                 (f"{tmp_path}/d 2/:/elsewhere//x", f"{tmp_path}/d 2", "/elsewhere/x"),
+                                 (f"{tmp_path}/d 2", f"{tmp_path}/d 2", f"{tmp_path}/d 2")):
+        got = _launch.load(["run", "-B", bind, "img", "--", "ls"], env, "/work")
+        assert got is not None, bind
+        argv, _, points = got
+        assert argv == [str(binary), "-v", f"{source}:{target}", "img", "ls"]
+        assert points == [(f"{tmp_path}/ROOT{target}", False)]
+
+
+@pytest.mark.parametrize("bind", [
+    "{t}/d1:/data:ro",          # another mode: another record
+    "{t}/nope:/data",           # no such directory: planning says so
+    "{t}/file:/data",           # a file: its mount point is a file, planned
+    "{t}/d1:/work",             # the current directory's own bind is planned
+    "{t}/d1:/",
+    "{t}/d1:/a,b",              # Apptainer plans a ',' as a --mount
+    "{t}/d1:/a=b", "{t}/d1:/q'uote", "{t}/d1:/new\nline", "{t}/d1:/\udcff",
+    "{t}/d1:rel",               # not absolute: planning gives the error
+])
+def test_a_bind_the_record_cannot_take_goes_to_planning(env: dict, tmp_path: Path, bind: str) -> None:
+    _save_bind_template(env, tmp_path)
+    (tmp_path / "file").write_text("")
+    assert _launch.load(["run", "-B", f"{tmp_path}/d1:/x", "img", "--", "true"], env, "/work") is not None
+    assert _launch.load(["run", "-B", bind.format(t=tmp_path), "img", "--", "true"], env, "/work") is None
+    # one bind more or fewer is another command line
+    assert _launch.load(["run", "-B", f"{tmp_path}/d1", "-B", f"{tmp_path}/d1:/y", "img", "--", "true"],
+                        env, "/work") is None
+    assert _launch.load(["run", "img", "--", "true"], env, "/work") is None

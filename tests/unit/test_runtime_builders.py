@@ -340,6 +340,41 @@ def test_env_template_marks_only_values_it_can_put_back(tmp_path, runtime, name,
     assert client.env_template(args[:3] + args[5:], spec, rt, native, inv) is None
 
 
+# which runtimes take other --bind directories from a launch record (issue 11 goal 1): all
+# whose bind is argv words and mount points made at its destination (udocker's in the
+# container's ROOT; charliecloud's in its private copy of a directory image that lacks them)
+BIND_SERVED = {"apptainer", "singularity", "charliecloud", "podman", "podman-hpc", "shifter", "udocker"}
+
+
+@pytest.mark.parametrize("runtime", NAMES)
+def test_binds_template_marks_directories_it_can_put_back(tmp_path, runtime):
+    client, _ = _client(tmp_path, {})
+    rt = _rt(runtime)
+    src = tmp_path / "in"
+    src.mkdir()
+    (tmp_path / "img").mkdir()     # a directory image without /data
+    args = ["run", "-r", runtime, "-B", f"{src}:/data:ro", f"--bind={src}", "ubuntu", "--", "true"]
+    spec = RunSpec(image="ubuntu", command=("true",), bind_cwd=False, cwd=str(tmp_path),
+                   binds=(Bind(source=str(src), target="/data", read_only=True), Bind(source=str(src), target=str(src))))
+    native = NativeImage(runtime=runtime, source="ubuntu", location="/cache/x.sif" if rt.storage == "file"
+                         else str(tmp_path / "img") if rt.storage == "directory" else "docker:ubuntu:22.04",
+                         digest="sha256:" + "ab" * 32)
+    inv = client._assemble(spec, rt, native, client.env)
+    got = client.binds_template(args, spec, rt, native, inv)
+    assert (got is not None) == (runtime in BIND_SERVED), got
+    if got is not None:
+        marks, template = got
+        assert sorted(marks.values()) == ["-B0:source", "-B0:target", "-B1:source", "-B1:target"]
+        words = " ".join([*template.head, *template.tail])
+        assert all(m in words for m in marks) and str(src) not in words
+    # what the command line says must be exactly the spec's binds, and each source a directory
+    assert client.binds_template(args[:3] + args[5:], spec, rt, native, inv) is None
+    (tmp_path / "file").write_text("")
+    filed = spec.model_copy(update={"binds": (Bind(source=str(tmp_path / "file"), target="/f"),)})
+    assert client.binds_template(["run", "-B", f"{tmp_path}/file:/f", "ubuntu"], filed, rt, native,
+                                 client._assemble(filed, rt, native, client.env)) is None
+
+
 def test_podman_finds_its_store_as_containers_storage_does():
     """Where podman's store lists its images, from storage.conf and the defaults (pure); None
     whenever the reading is not certain, and the caller then asks podman."""
