@@ -101,6 +101,12 @@ def _child_env(env: Optional[Mapping[str, str]],
 
 
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: TERM/INT/HUP that the CLI's own handler took (``cli.main`` appends them) while this process
+#: worked before a streamed run. Its exception should have ended the process, but one raised
+#: while Python runs a finalizer (``__del__``, a weakref callback) is only printed, and the
+#: planning then went on: a streamed run does not start once one is here (a container would
+#: run on with nobody left to pass the signal to it).
+received: List[int] = []
 
 
 def _note_early(early: List[int]) -> Dict[int, Any]:
@@ -239,6 +245,11 @@ class SubprocessRunner:
         pipe = subprocess.PIPE if capture else None
         start = time.perf_counter()
         streamed = not capture and timeout is None
+        if streamed and received:
+            # nothing is started: the handler that took the signal decides again (the CLI's
+            # raises, and nsdf-run ends with 128+N)
+            signal.raise_signal(received[0])
+            raise InterruptedError(f"signal {received[0]} came before {args[0]} started")
         early: List[int] = []
         original = _note_early(early) if streamed else {}
         try:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 import click
 
+from .. import _exec
 from .._version import __version__
 from . import build, images, runtimes, slurm
 from . import run as _run
@@ -54,6 +55,7 @@ _received: List[int] = []
 
 def _interrupt(signum: int, frame: Any) -> None:
     _received.append(signum)
+    _exec.received.append(signum)   # a streamed run refuses to start after it (``_exec.received``)
     raise _Interrupted(signum)
 
 
@@ -69,6 +71,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     container runs, the executor passes the signal on to it instead (``_exec.py``)."""
     args = sys.argv[1:] if argv is None else list(argv)
     _received.clear()
+    _exec.received.clear()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _interrupt)

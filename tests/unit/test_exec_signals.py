@@ -145,3 +145,36 @@ def test_a_signal_right_after_the_launch_record_path_spawned_reaches_the_runtime
     """)
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == [str(128 + int(signal.SIGTERM))], (out.stdout, out.stderr)
+
+
+def test_a_signal_the_cli_took_while_planning_stops_a_streamed_run_from_starting() -> None:
+    """The CLI's handler raises Interrupted; raised while Python runs a finalizer (``__del__``)
+    the exception is only printed and the planning goes on. The container then ran with
+    nobody left to pass the signal on (an `nsdf-run run` hung in 1 of 25 planned-path trials of
+    the Apptainer signal test, 2026-12-02). A streamed run now refuses to start after it."""
+    child = textwrap.dedent("""
+        import os, signal, subprocess, sys
+        from nsdf_hpc import cli
+        from nsdf_hpc._exec import SubprocessRunner
+        signal.signal(signal.SIGTERM, cli._interrupt)
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)   # the handler runs in here
+                for _ in range(1000):
+                    pass
+        Finalized()
+        started = []
+        real = subprocess.Popen
+        class Popen(real):
+            def __init__(self, *a, **kw):
+                started.append(a[0])
+                super().__init__(*a, **kw)
+        subprocess.Popen = Popen
+        try:
+            res = SubprocessRunner().run(["sleep", "30"], check=False, capture=False)
+            print("ran", res.returncode, started)
+        except BaseException as e:
+            print(type(e).__name__, started)
+    """)
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in out.stderr and out.stdout.split() == ["Interrupted", "[]"], (out.stdout, out.stderr)
