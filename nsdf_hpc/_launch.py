@@ -167,7 +167,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
     }
     d = record_dir(env)
     names = list((marks or {}).values())
-    key = _record_args(args, command_at, any(not _is_bind(n) for n in names), any(_is_bind(n) for n in names))
+    key = _record_args(args, command_at, any(not _is_bind(n) for n in names), _bind_slots(names))
     path = os.path.join(d, launch_key(key, env, cwd) + ".json")
     try:
         from ._fsutil import atomic_write_json   # noqa: PLC0415 (a planned run writes; the fast path reads)
@@ -204,18 +204,22 @@ def _separator(args: Sequence[str]) -> Optional[int]:
 
 
 def _record_args(args: Sequence[str], command_at: Optional[int], values: bool = False,
-                 binds: bool = False) -> List[str]:
+                 binds: str = "") -> List[str]:
     """What a record is keyed by: the whole command line, or, when the command's place in the
     runtime argv is known, everything up to ``--`` (any command then reuses the record); with
-    ``values``, each ``--env`` value is a slot too (the names stay in the key); with ``binds``,
-    each ``--bind`` value (its ``:ro`` stays in the key)."""
+    ``values``, each ``--env`` value is a slot too (the names stay in the key); with ``binds``
+    ``"any"``, each ``--bind`` value (its ``:ro`` stays in the key), with ``"source"`` the
+    source of each ``SRC:DST[:MODE]`` (the rest stays in the key)."""
     out = list(args)
     if values:
         for at, name, prefix, _ in env_options(args) or []:
             out[at] = f"{prefix}{name}={VALUE_SLOT}"
-    if binds:
-        for at, prefix, text in bind_options(args):
+    for at, prefix, text in bind_options(args) if binds else ():
+        rest = text.partition(":")[2]
+        if binds == "any":
             out[at] = prefix + BIND_SLOT + (":ro" if text.endswith(":ro") else "")
+        elif rest:
+            out[at] = prefix + BIND_SLOT + ":" + rest
     i = _separator(args)
     if command_at is None or i is None:
         return out
@@ -287,6 +291,14 @@ def _is_bind(name: str) -> bool:
     return name.startswith("-B")
 
 
+def _bind_slots(names: Sequence[str]) -> str:
+    """How a record with marks of these names keys its ``--bind`` values (``_record_args``):
+    ``"any"`` when the destinations have marks too, ``"source"`` when only the sources do."""
+    if any(n.endswith(":target") for n in names if _is_bind(n)):
+        return "any"
+    return "source" if any(_is_bind(n) for n in names) else ""
+
+
 def bind_values(args: Sequence[str], cwd: str) -> Optional[Dict[str, str]]:
     """This call's ``--bind`` paths by mark name (``-B0:source``, ``-B0:target``, ...), as a
     record made by ``Client.binds_template`` takes them: None when one needs planning (a
@@ -326,7 +338,9 @@ def _fill_values(rec: Dict[str, Any], args: Sequence[str], cwd: str) -> bool:
     values = {name: value for _, name, _, value in env_options(args) or []}
     in_words = set(rec.get("marks_in_words") or [])
     binds = bind_values(args, cwd) if any(_is_bind(n) for n in marks.values()) else {}
-    if binds is None or len(binds) != sum(1 for n in marks.values() if _is_bind(n)):
+    # every bind of this call has its marks (a record of the sources keeps the rest in its key)
+    if binds is None or {n.partition(":")[0] for n in binds} != {n.partition(":")[0] for n in marks.values()
+                                                                    if _is_bind(n)}:
         return False
     fill: Dict[str, str] = {}
     for mark, name in marks.items():
@@ -370,7 +384,8 @@ def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str
     i = _separator(args)
     values, binds = bool(env_options(args)), bool(bind_options(args))
     # this exact line; any command; any --env values; any --bind directories; each mixed
-    for slots, bslots in ((False, False), (True, False), (False, True), (True, True)):
+    for slots, bslots in ((False, ""), (True, ""), (False, "any"), (True, "any"), (False, "source"),
+                          (True, "source")):
         if (slots and not values) or (bslots and not binds):
             continue
         for command in (False, True):
@@ -383,7 +398,7 @@ def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str
 
 
 def _lookup(d: str, args: Sequence[str], env: Mapping[str, str], cwd: str, command: bool, slots: bool,
-            bslots: bool) -> Tuple[Optional[Dict[str, Any]], str]:
+            bslots: str) -> Tuple[Optional[Dict[str, Any]], str]:
     """The record of one way of keying ``args``, filled in for this call (None: there is none,
     or it cannot serve this call)."""
     i = _separator(args)

@@ -318,11 +318,14 @@ class Client:
         return marks, probed
 
     def binds_template(self, args: Sequence[str], spec: RunSpec, rt: Runtime, native: NativeImage,
-                       inv: Invocation) -> Optional[Tuple[Dict[str, str], Invocation]]:
+                       inv: Invocation, *, targets: bool = True) -> Optional[Tuple[Dict[str, str], Invocation]]:
         """How a launch record serves other directories in the ``--bind`` options of ``args``:
         each path's mark (mark -> ``-B<i>:source`` / ``-B<i>:target``) and ``inv`` planned
         again with the marks as the binds (``spec`` and ``inv`` may carry ``env_template``'s
-        marks already). None when the record must stay with these binds: the command line's
+        marks already). Without ``targets``, only the sources have marks: the record then
+        serves other directories at the same destinations (each option must name one), which
+        is what a runtime that plans mount points from the destination can take (Charliecloud
+        on a directory image that has them). None when the record must stay with these binds: the command line's
         binds are not exactly ``spec.binds``; a source is not a directory; a destination is
         the current directory (its automatic bind) or takes an MPI launcher's directory; the
         runtime lists the image for its mount points (a SquashFS file); or the plan again
@@ -337,6 +340,8 @@ class Client:
         if not options or parsed != spec.binds or any(
                 not os.path.isdir(b.source) or b.target in ("/", spec.cwd) for b in spec.binds):
             return None
+        if not targets and not all(text.count(":") for _, _, text in options):
+            return None
         if with_launcher_binds(spec, self.env) is not spec or \
                 rt.listing_argv(native, [b.target for b in spec.binds]) is not None:
             return None
@@ -345,9 +350,10 @@ class Client:
         values: Dict[str, str] = {}
         probe: List[Bind] = []
         for i, b in enumerate(spec.binds):
-            s, t = f"/NSDFBIND{tag}S{i}X", f"/NSDFBIND{tag}T{i}X"
-            marks.update({s: f"-B{i}:source", t: f"-B{i}:target"})
-            values.update({s: b.source, t: b.target})
+            s, t = f"/NSDFBIND{tag}S{i}X", f"/NSDFBIND{tag}T{i}X" if targets else b.target
+            marks[s], values[s] = f"-B{i}:source", b.source
+            if targets:
+                marks[t], values[t] = f"-B{i}:target", b.target
             probe.append(Bind(source=s, target=t, read_only=b.read_only))
         try:
             again = self._assemble(spec, rt, native, self.env)
@@ -522,7 +528,9 @@ class Client:
         template = self.env_template(args, spec, rt, native, inv)
         # and other directories in the --bind options, over the --env marks when there are any
         marked = spec.model_copy(update={"env": {n: m for m, n in template[0].items()}}) if template else spec
-        binds = self.binds_template(args, marked, rt, native, template[1] if template else inv)
+        base = template[1] if template else inv
+        binds = self.binds_template(args, marked, rt, native, base) or \
+            self.binds_template(args, marked, rt, native, base, targets=False)
         if binds:
             template = ({**(template[0] if template else {}), **binds[0]}, binds[1])
         _launch.save(args, self.env, spec.cwd or os.getcwd(), inv, self.settings.env_allow,

@@ -273,3 +273,24 @@ def test_a_bind_the_record_cannot_take_goes_to_planning(env: dict, tmp_path: Pat
     assert _launch.load(["run", "-B", f"{tmp_path}/d1", "-B", f"{tmp_path}/d1:/y", "img", "--", "true"],
                         env, "/work") is None
     assert _launch.load(["run", "img", "--", "true"], env, "/work") is None
+
+
+def test_a_record_of_the_sources_serves_other_directories_at_the_same_destination(env: dict, tmp_path: Path) -> None:
+    binary = tmp_path / "ch-run"
+    binary.write_text("#!/bin/sh\n")
+    (tmp_path / "user.toml").write_text("")
+    for d in ("d1", "d2"):
+        (tmp_path / d).mkdir()
+    s = "/NSDFBINDabcS0X"
+    real = Invocation((str(binary), f"--bind={tmp_path}/d1:/data"), ("img", "--"), ("true",), {},
+                      EnvEncoding("process"), {}, {})
+    template = Invocation((str(binary), f"--bind={s}:/data"), ("img", "--"), ("true",), {},
+                          EnvEncoding("process"), {}, {})
+    _launch.save(["run", "-B", f"{tmp_path}/d1:/data", "img", "--", "true"], env, "/work", real,
+                 DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, [str(binary)], 2e9, command_at=2,
+                 marks={s: "-B0:source"}, template=template)
+    got = _launch.load(["run", "-B", f"{tmp_path}/d2:/data", "img", "--", "ls"], env, "/work")
+    assert got is not None and got[0] == [str(binary), f"--bind={tmp_path}/d2:/data", "img", "--", "ls"]
+    assert _launch.load(["run", "-B", f"{tmp_path}/d2:/other", "img", "--", "ls"], env, "/work") is None
+    assert _launch.load(["run", "-B", f"{tmp_path}/d2:/data:ro", "img", "--", "ls"], env, "/work") is None
+    assert _launch.load(["run", "-B", f"{tmp_path}/file:/data", "img", "--", "ls"], env, "/work") is None

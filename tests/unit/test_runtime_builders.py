@@ -375,6 +375,30 @@ def test_binds_template_marks_directories_it_can_put_back(tmp_path, runtime):
                                  client._assemble(filed, rt, native, client.env)) is None
 
 
+def test_charliecloud_serves_other_sources_at_a_destination_its_image_has(tmp_path):
+    """A destination the directory image has needs no mount point; a mark in its place would
+    (a private copy): the record then keeps the destination and marks the source only."""
+    client, _ = _client(tmp_path, {})
+    rt = _rt("charliecloud")
+    src = tmp_path / "in"
+    src.mkdir()
+    (tmp_path / "img" / "data").mkdir(parents=True)
+    native = NativeImage(runtime="charliecloud", source="ubuntu", location=str(tmp_path / "img"),
+                         digest="sha256:" + "ab" * 32)
+    spec = RunSpec(image="ubuntu", command=("true",), bind_cwd=False, cwd=str(tmp_path),
+                   binds=(Bind(source=str(src), target="/data"),))
+    inv = client._assemble(spec, rt, native, client.env)
+    args = ["run", "-r", "charliecloud", "-B", f"{src}:/data", "ubuntu", "--", "true"]
+    assert inv.tree is None and client.binds_template(args, spec, rt, native, inv) is None
+    marks, template = client.binds_template(args, spec, rt, native, inv, targets=False)
+    assert list(marks.values()) == ["-B0:source"] and template.tree is None
+    assert [w for w in template.head if w.startswith("--bind=")] == [f"--bind={next(iter(marks))}:/data"]
+    # a bind that names no destination cannot keep one in the key
+    alone = spec.model_copy(update={"binds": (Bind(source=str(src), target=str(src)),)})
+    assert client.binds_template(["run", "-B", str(src), "ubuntu"], alone, rt, native,
+                                 client._assemble(alone, rt, native, client.env), targets=False) is None
+
+
 def test_podman_finds_its_store_as_containers_storage_does():
     """Where podman's store lists its images, from storage.conf and the defaults (pure); None
     whenever the reading is not certain, and the caller then asks podman."""
