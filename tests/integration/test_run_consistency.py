@@ -371,6 +371,46 @@ def _children(pid: int) -> List[str]:
         return []
 
 
+@pytest.mark.apptainer
+@pytest.mark.unprivileged
+def test_unprivileged_apptainer_signal_while_it_mounts_the_image_is_not_lost(as_user) -> None:
+    """Unprivileged, Apptainer's starter mounts the SIF with squashfuse_ll, a child that
+    appears before the command's exec and lives on. A signal passed on when it appeared
+    was lost: nsdf-run (planned) hung in 2 of 40 trials before squashfuse_ll and the other FUSE
+    helpers joined ``startup_names`` (hpcuser, 2026-12-02). Many trials over the window."""
+    cache = user_cache(as_user)
+    r = nsdf_user(as_user, ["pull", "-r", "apptainer", BUSYBOX], cache, cwd="/")
+    assert r.returncode == 0, r.stderr
+    arg = str(3000 + uuid.uuid4().int % 6000)
+    env = as_user.env(NSDF_HPC_CACHE=str(cache), NSDF_HPC_NO_FAST_PATH="1")
+    argv = ["runuser", "-u", as_user.user, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()],
+            "nsdf-run", "run", "-r", "apptainer", "--no-bind-cwd", BUSYBOX, "--", "sleep", arg]
+    trials, hung = 30, []
+    try:
+        for i in range(trials):
+            delay = 0.1 + 0.6 * i / (trials - 1)
+            sig = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
+            proc = subprocess.Popen(argv, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            nsdf_pid = _descendant(proc.pid, "nsdf-run", timeout=10)   # runuser is only the wrapper
+            assert nsdf_pid is not None, "nsdf-run never started"
+            time.sleep(delay)
+            os.kill(nsdf_pid, sig)
+            try:
+                _, stderr = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                hung.append(f"{sig.name} at {delay:.3f} s: left {_procs_with(f'sleep {arg}')}")
+                proc.kill()
+                _cleanup(f"sleep {arg}")
+                proc.communicate(timeout=30)
+                continue
+            assert proc.returncode == 128 + sig, f"{sig.name} at {delay:.3f} s: {stderr.decode(errors='replace')}"
+            assert not _procs_with(f"sleep {arg}"), f"{sig.name} at {delay:.3f} s: the container ran on"
+    finally:
+        _cleanup(f"sleep {arg}")
+    assert not hung, f"nsdf-run did not end within 20 s of a signal in {len(hung)} of {trials} trials: {hung}"
+
+
 @pytest.mark.podman
 @pytest.mark.parametrize("delay", [0.06, 0.09, 0.12, 0.15])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
