@@ -42,25 +42,27 @@ def run(runs: int = 15) -> list:
             [nsdf_run, "run", "--runtime", name, IMAGE, "--", "true"],
             list(inv.argv), env={**env, "NSDF_HPC_NO_FAST_PATH": "1"}, baseline_env=inv.env, cwd=work,
             runs=max(5, runs // 3), baseline_name=f"{os.path.basename(inv.argv[0])} directly"))
-        results.append(compare_commands(
-            f"nsdf-run run --runtime {name} -- true", [nsdf_run, "run", "--runtime", name, IMAGE, "--", "true"],
-            list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,
-            baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 40 ms added",
-            check=lambda r: r.added_ms <= 40))
-        # a new command line each run (issue 11 goal 1): a job script's per-task arguments and
-        # values, served by the record of any command and any --env values
-        results.append(compare_commands(
-            f"nsdf-run run -r {name} -- echo N (new each run)",
-            lambda i: [nsdf_run, "run", "--runtime", name, IMAGE, "--", "echo", str(i)],
-            list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,
-            baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 40 ms added",
-            check=lambda r: r.added_ms <= 40))
-        results.append(compare_commands(
-            f"nsdf-run run -r {name} -e TASK=N -- true (new each run)",
-            lambda i: [nsdf_run, "run", "--runtime", name, "-e", f"TASK=task {i}", IMAGE, "--", "true"],
-            list(inv.argv), env=env, baseline_env=inv.env, cwd=work, runs=runs,
-            baseline_name=f"{os.path.basename(inv.argv[0])} directly", target="<= 40 ms added",
-            check=lambda r: r.added_ms <= 40))
+        # another directory bound each run (a task's own input: -B $SCRATCH/run$ID:/mnt), against
+        # the runtime's argv for one such bind; /mnt is in busybox (charliecloud keeps it)
+        dirs = [os.path.join(work, f"task-{i}") for i in range(runs + 8)]   # warm-up runs included
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+        binv, _, _ = client.invocation(client.spec(IMAGE, ["true"], cwd=work, binds=[f"{dirs[0]}:/mnt"]), name)
+        client.prepare(binv, rt)
+        # the same line again (the launch record), then a new command line each run (issue 11
+        # goal 1): a job script's per-task arguments, values and directories, served by the
+        # record of any command, any --env values and any bind directories
+        for label, argv_of, base in (
+                ("-- true", lambda i: [IMAGE, "--", "true"], inv),
+                ("-- echo N (new each run)", lambda i: [IMAGE, "--", "echo", str(i)], inv),
+                ("-e TASK=N -- true (new each run)", lambda i: ["-e", f"TASK=task {i}", IMAGE, "--", "true"], inv),
+                ("-B DIR_N:/mnt -- true (new each run)",
+                 lambda i: ["-B", f"{dirs[i % len(dirs)]}:/mnt", IMAGE, "--", "true"], binv)):
+            results.append(compare_commands(
+                f"nsdf-run run -r {name} {label}", lambda i, f=argv_of: [nsdf_run, "run", "--runtime", name, *f(i)],
+                list(base.argv), env=env, baseline_env=base.env, cwd=work, runs=runs,
+                baseline_name=f"{os.path.basename(base.argv[0])} directly", target="<= 40 ms added",
+                check=lambda r: r.added_ms <= 40))
         # a fresh research script: import nsdf_hpc and one run() (issue 11 goal 2)
         script = f"import nsdf_hpc; nsdf_hpc.run({IMAGE!r}, ['true'], runtime={name!r}, cwd={work!r})"
         results.append(compare_commands(
