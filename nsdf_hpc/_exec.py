@@ -12,14 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from typing import (IO, TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Protocol, Sequence,
                     Tuple, Union)
 
-from ._proctree import HOLD_LIMIT, innermost, still_starting, tree_io
+from ._proctree import HOLD_LIMIT, exists, innermost, still_starting, tree_io
+from .paths import make_run_scratch
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
 if TYPE_CHECKING:
@@ -160,8 +160,9 @@ def _forward_signals(proc: "subprocess.Popen[bytes]", seen: List[int], hold: Seq
                and still_starting(proc.pid, hold, started)):
             done.wait(0.005)
         # `done`: the caller's wait returned. (proc.poll() alone can say None while that wait
-        # holds Popen's waitpid lock, even though the child has ended.)
-        if done.is_set() or proc.poll() is not None:
+        # holds Popen's waitpid lock, even though the child has ended; and then, reaped, it
+        # is no longer in /proc, which still_starting reads as "not starting")
+        if done.is_set() or proc.poll() is not None or not exists(proc.pid):
             return      # it ended while the signal was held: left in `pending` for the caller
         while pending:
             try:
@@ -342,9 +343,9 @@ class SubprocessRunner:
 def run_scratch() -> Iterator[Tuple[str, str]]:
     """A name and a file path unique to one run (the path in a private directory that is
     removed afterwards), for a runtime's orphan guard (``Runtime.orphan_guard``)."""
-    d = tempfile.mkdtemp(prefix="nsdf-run-")
+    name, d = make_run_scratch(os.environ)
     try:
-        yield f"nsdf-{os.getpid()}-{os.urandom(4).hex()}", os.path.join(d, "run")
+        yield name, os.path.join(d, "run")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -366,6 +367,16 @@ def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str,
     res = runner.run(argv, check=False, env=env, capture=capture, hold=hold, started=started)
     if res.forwarded is None or not remove:
         return res
+    if ended_by_signal(runner, argv[0], env, res.forwarded, res.held, remove, created):
+        return res._replace(returncode=128 + res.forwarded)
+    return res
+
+
+def ended_by_signal(runner: CommandRunner, program: str, env: Optional[Mapping[str, str]], forwarded: int,
+                    held: Optional[int], remove: Sequence[str], created: Optional[str]) -> bool:
+    """After the signal ``forwarded`` was passed on to a guarded run (:func:`run_guarded`; the
+    launch record's own spawn, ``_launch._spawn_wait``): remove its container if it is still
+    there, and say whether the run ended by the signal rather than by its command."""
     # its own session: a second Ctrl-C at the terminal does not interrupt the removal
     left = runner.run(remove, check=False, env=env, timeout=120)
     removed = left.returncode == 0 and bool(left.stdout.strip())
@@ -373,11 +384,11 @@ def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str,
         existed = created is None or os.path.getsize(created) > 0
     except OSError:
         existed = False
-    if removed or not existed or res.held is not None:
+    if removed or not existed or held is not None:
         log = _log()
         if log:
-            log.info("%s ended on signal %d before its container did (%s)", argv[0], res.forwarded,
+            log.info("%s ended on signal %d before its container did (%s)", program, forwarded,
                      "removed it" if removed else "none was created" if not existed
                      else "the command never got the signal")
-        return res._replace(returncode=128 + res.forwarded)
-    return res
+        return True
+    return False

@@ -16,8 +16,9 @@ OpenSSL, which costs ~7 ms to load); it is the one place besides
 ``_exec.py`` that hands control to another program. One exception to the exec: a runtime whose
 container can outlive its own process (podman: ``Runtime.orphan_guard``) is not exec'd, since
 nobody would be left to remove a container that a signal reached too early; the record keeps
-the guard, and the run goes through ``_exec.run_guarded`` (the one executor), as a planned
-run does, at the cost of a Python parent that waits for podman. Being the parent also lets
+the guard, and this process spawns podman and waits for it (``_spawn_wait``: signals passed
+on as the executor's ``_exec._forward_signals`` does, without its imports), leaving a removal
+after a signal to the executor (``_exec.ended_by_signal``). Being the parent also lets
 it notice a record gone stale in a way no stat shows: when podman fails (125) before any
 container existed (the image left its store), the record is dropped and the planned path
 takes over, which checks the store and pulls again. A runtime that can lose a signal while
@@ -37,7 +38,7 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._version import __version__
-from .paths import candidate_config_files, split_bind, user_state_dir
+from .paths import candidate_config_files, make_run_scratch, split_bind, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
 FORMAT = 8   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
@@ -442,7 +443,8 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
     except Exception:   # any doubt: the planned path decides
         return None
     if hold and not guard:
-        return _run_held(argv, penv, hold)
+        ran = _spawn_wait(argv, penv, hold)
+        return None if ran is None else ran[0]
     if guard:
         status = _run_guarded(rec, guard, hold)
         if status is None:
@@ -454,8 +456,8 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
             except OSError:
                 pass
         return status
-    os.execve(argv[0], argv, penv)
-    return None   # not reached
+    _exec(argv, penv)
+    return None   # the exec failed
 
 
 def _hold_use(lock: str, entry: str) -> bool:
@@ -481,72 +483,136 @@ def _hold_use(lock: str, entry: str) -> bool:
     return True
 
 
-def _run_held(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str]) -> Optional[int]:
+def _signals() -> Any:
+    """CPython's built-in ``_signal``: the ``signal`` module wraps it in enums, and enum costs
+    about 8 ms on this path (``signal`` where there is no ``_signal``)."""
+    try:
+        import _signal   # type: ignore[import-not-found, unused-ignore]   # noqa: PLC0415
+    except ImportError:   # pragma: no cover - not CPython
+        import signal as _signal   # noqa: PLC0415
+    return _signal
+
+
+def _restore_signals(sig: Any) -> Tuple[int, ...]:
+    """The signals Python ignores at start-up (SIGPIPE, SIGXFSZ) and a program it starts must
+    not inherit ignored (``subprocess``'s ``restore_signals``): ``yes | head`` in the container
+    would print "Broken pipe" and fail instead of ending quietly."""
+    return tuple(getattr(sig, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(sig, name))
+
+
+def _exec(argv: Sequence[str], penv: Mapping[str, str]) -> None:
+    """Replace this process with the runtime, its signal dispositions as a shell would leave
+    them; returns only when the exec failed (then the planned path says why)."""
+    sig = _signals()
+    restored = [(signum, sig.signal(signum, sig.SIG_DFL)) for signum in _restore_signals(sig)]
+    try:
+        os.execve(argv[0], list(argv), penv)
+    except OSError:
+        for signum, handler in restored:
+            sig.signal(signum, handler)
+
+
+def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str], started: Optional[str] = None
+                ) -> Optional[Tuple[int, Optional[int], Optional[int]]]:
     """Start the runtime and wait for it, passing SIGTERM/SIGINT/SIGHUP on, but holding one
-    that arrives while the runtime still sets up (``Runtime.startup_names``) until the
-    command runs: what ``_exec._forward_signals`` does, without the executor's imports (this
-    is the start-up path). The hold re-checks on a 5 ms SIGALRM timer, so no thread is
-    needed. Returns the runtime's status (128+N when a signal ended it), or None when it could
-    not be started (the planned path then says why)."""
-    import signal   # noqa: PLC0415 (only on this path)
-    from ._proctree import HOLD_LIMIT, still_starting   # noqa: PLC0415
+    that arrives while the runtime still sets up (``Runtime.startup_names``; ``started``:
+    ``OrphanGuard.started``) until the command runs: what ``_exec._forward_signals`` does,
+    without the executor's imports (this is the start-up path). The hold re-checks on a 5 ms
+    SIGALRM timer, so no thread is needed. Returns the runtime's status (128+N when a signal
+    ended it), the last signal this process got while it ran, and one still held when it
+    ended (it never reached the command); None when it could not be started (the planned
+    path then says why)."""
+    from ._proctree import HOLD_LIMIT, innermost, still_starting   # noqa: PLC0415 (only on this path)
+    sig = _signals()
     # blocked from before the spawn until the handlers are in place: a signal in between
     # would otherwise end this process (SIGTERM's default) and leave the runtime running
-    relayed = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, relayed)
+    relayed = (sig.SIGTERM, sig.SIGINT, sig.SIGHUP)
+    mask = sig.pthread_sigmask(sig.SIG_BLOCK, relayed)
     try:
-        pid = os.posix_spawn(argv[0], list(argv), dict(penv), setsigmask=mask)
+        pid = os.posix_spawn(argv[0], list(argv), dict(penv), setsigmask=mask, setsigdef=_restore_signals(sig))
     except OSError:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        sig.pthread_sigmask(sig.SIG_SETMASK, mask)
         return None
+    seen: List[int] = []
     pending: List[int] = []
     since = [0.0]
+    done = [False]
 
     def send(signum: int) -> None:
         try:
-            os.kill(pid, signum)
+            os.kill(innermost(pid) if started is not None else pid, signum)
         except OSError:
             pass
 
     def release(signum: int = 0, frame: Any = None) -> None:
-        if still_starting(pid, hold) and time.monotonic() - since[0] < HOLD_LIMIT:
-            signal.setitimer(signal.ITIMER_REAL, 0.005)
+        if done[0]:
+            return
+        if still_starting(pid, hold, started) and time.monotonic() - since[0] < HOLD_LIMIT:
+            sig.setitimer(sig.ITIMER_REAL, 0.005)
             return
         while pending:
             send(pending.pop(0))
 
     def forward(signum: int, frame: Any) -> None:
-        if pending or still_starting(pid, hold):
+        seen.append(signum)
+        if pending or (hold and still_starting(pid, hold, started)):
             if not pending:
                 since[0] = time.monotonic()
-                signal.setitimer(signal.ITIMER_REAL, 0.005)
+                sig.setitimer(sig.ITIMER_REAL, 0.005)
             pending.append(signum)
             return
         send(signum)
-    signal.signal(signal.SIGALRM, release)
-    for signum in relayed:
-        signal.signal(signum, forward)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # one that came meanwhile arrives now
-    _, status = os.waitpid(pid, 0)
-    signal.setitimer(signal.ITIMER_REAL, 0)
+    previous = [(sig.SIGALRM, sig.signal(sig.SIGALRM, release))]
+    previous += [(signum, sig.signal(signum, forward)) for signum in relayed]
+    sig.pthread_sigmask(sig.SIG_SETMASK, mask)   # one that came meanwhile arrives now
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        done[0] = True
+        sig.setitimer(sig.ITIMER_REAL, 0)
+        for signum, handler in previous:
+            sig.signal(signum, handler)
     code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+    return (128 - code if code < 0 else code, seen[-1] if seen else None, pending[-1] if pending else None)
 
 
 def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str] = ()) -> Optional[int]:
     """The exit status, or None when the runtime failed (125) before any container existed
-    (an empty ``guard``: nothing to remove, only ``hold``)."""
-    from ._exec import SubprocessRunner, run_guarded, run_scratch   # noqa: PLC0415 (only here)
-    with run_scratch() as (name, scratch):
+    (an empty ``guard``: nothing to remove, only ``hold``), or could not be started (a
+    scratch directory or the spawn failed: the planned path then says why)."""
+    try:
+        name, scratch_dir = make_run_scratch(os.environ)
+    except OSError:
+        return None
+    try:
+        scratch = os.path.join(scratch_dir, "run")
+
         def fill(word: str) -> str:
             return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
         argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
         created = fill(guard["created"]) if guard.get("created") else None
         started = fill(guard["started"]) if guard.get("started") else None
-        res = run_guarded(SubprocessRunner(), argv, env=penv, capture=False,
-                          remove=[fill(w) for w in guard.get("remove", [])], created=created, hold=hold,
-                          started=started)
+        ran = _spawn_wait(argv, penv, hold, started)
+        if ran is None:
+            return None
+        code, forwarded, held = ran
+        remove = [fill(w) for w in guard.get("remove", [])]
+        if forwarded is not None and remove:
+            # rare (a signal came): the executor removes a container left behind
+            from ._exec import SubprocessRunner, ended_by_signal   # noqa: PLC0415
+            if ended_by_signal(SubprocessRunner(), argv[0], penv, forwarded, held, remove, created):
+                code = 128 + forwarded
         never_created = created is not None and not (os.path.isfile(created) and os.path.getsize(created))
-    if res.returncode == 125 and res.forwarded is None and never_created:
+    finally:
+        for entry in os.listdir(scratch_dir):   # the runtime's files (--cidfile, --pidfile)
+            try:
+                os.unlink(os.path.join(scratch_dir, entry))
+            except OSError:
+                pass
+        try:
+            os.rmdir(scratch_dir)
+        except OSError:
+            pass
+    if code == 125 and forwarded is None and never_created:
         return None
-    return res.returncode
+    return code

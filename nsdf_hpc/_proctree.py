@@ -40,6 +40,11 @@ def _comm(pid: int) -> Optional[str]:
         return None
 
 
+def exists(pid: int) -> bool:
+    """Whether ``pid`` is a process (a zombie too: it ended and was not reaped yet)."""
+    return _comm(pid) is not None
+
+
 def still_starting(pid: int, names: Sequence[str], started: Optional[str] = None) -> bool:
     """True while every process in ``pid``'s tree runs under one of the runtime's own
     ``names`` (``Runtime.startup_names``): the command has not been started yet. Where

@@ -76,3 +76,26 @@ def split_bind(text: str) -> Tuple[str, str, bool]:
     if not target.startswith("/"):
         raise ValueError(f"destination {target!r} must be absolute")
     return source, target, mode == "ro"
+
+
+def make_run_scratch(env: Mapping[str, str]) -> Tuple[str, str]:
+    """A name and a new private directory (mode 0700) unique to one run, for a runtime's orphan
+    guard (``Runtime.orphan_guard``); the caller removes the directory. The first temporary
+    directory that takes it, in ``tempfile.gettempdir``'s order (``TMPDIR``, ``TEMP``, ``TMP``,
+    ``/tmp``, ``/var/tmp``, ``/usr/tmp``, the current directory), without importing tempfile
+    (the launch fast path makes one). Raises ``OSError`` when none does."""
+    error: OSError = FileNotFoundError("no temporary directory")
+    for base in [*(env[k] for k in ("TMPDIR", "TEMP", "TMP") if env.get(k)), "/tmp", "/var/tmp", "/usr/tmp",
+                 os.getcwd()]:
+        for _ in range(10):   # another run's name: try another
+            d = os.path.join(os.path.abspath(base), f"nsdf-run-{os.urandom(6).hex()}")
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError as err:
+                error = err
+                continue
+            except OSError as err:   # not there, not writable: the next directory
+                error = err
+                break
+            return f"nsdf-{os.getpid()}-{os.urandom(4).hex()}", d
+    raise error

@@ -285,6 +285,27 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+def test_a_closed_pipe_ends_the_writer_quietly_planned_and_from_the_record(runtime: str, shared_cache: Path,
+                                                                           tmp_path: Path) -> None:
+    """`yes | head -n 1` in the container: yes ends by SIGPIPE, quietly, as in a shell. Python
+    ignores SIGPIPE and SIGXFSZ, and the launch record's exec (and spawn) passed that on: from
+    the record, Charliecloud ran every command with SIGPIPE ignored ("yes: Broken pipe")."""
+    os.chmod(tmp_path, 0o755)
+    args = ["run", "--runtime", runtime, _pinned(BUSYBOX), "--", "sh", "-c",
+            "yes | head -n 1; grep SigIgn /proc/self/status"]
+    launch = shared_cache / "launch"
+    before = set(launch.glob("*.json"))
+    for fast in ("1", "", ""):   # planned; planned, writing the record; from the record
+        extra = {"NSDF_HPC_NO_FAST_PATH": "1"} if fast else {}
+        r = nsdf_root(args, shared_cache, cwd=str(tmp_path), **extra)
+        assert r.returncode == 0 and r.stdout.split()[:2] == ["y", "SigIgn:"], (r.stdout, r.stderr)
+        assert "Broken pipe" not in r.stderr, r.stderr
+        ignored = int(r.stdout.split()[2], 16)
+        assert not ignored & (1 << 12) and not ignored & (1 << 24), hex(ignored)   # SIGPIPE, SIGXFSZ
+    assert len(set(launch.glob("*.json")) - before) == 1, "the last run used the record"
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
 def test_a_launch_record_serves_other_bind_directories(runtime: str, shared_cache: Path, tmp_path: Path) -> None:
     """`-B DIR:DST` with another directory or destination each call (a task's own input)
     replays the launch record (issue 11 goal 1) with the same results as planning, the

@@ -7,6 +7,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from nsdf_hpc._proctree import _comm, _tree, still_starting
 
 
@@ -31,33 +33,89 @@ def test_a_vanished_process_is_not_starting() -> None:
     assert not still_starting(proc.pid, ("true",))
 
 
-def test_a_signal_is_held_until_the_command_runs_then_passed_on() -> None:
+#: the two executors of a streamed run, each printing "status forwarded held" for ARGV, HOLD
+#: and STARTED: the executor, and the launch-record path's own spawn (``_launch._spawn_wait``)
+RUNNERS = {
+    "executor": """
+        from nsdf_hpc._exec import SubprocessRunner
+        res = SubprocessRunner().run(ARGV, check=False, capture=False, hold=HOLD, started=STARTED)
+        print(res.returncode, res.forwarded, res.held, flush=True)
+    """,
+    "launch-record": """
+        import os
+        from nsdf_hpc import _launch
+        print(*_launch._spawn_wait(ARGV, dict(os.environ), HOLD, STARTED), flush=True)
+    """,
+}
+
+
+def _streamed(runner: str, argv: list, hold: tuple, started=None) -> "subprocess.Popen[str]":
+    """A Python child that says "ready", then runs ``argv`` with ``runner`` and prints its result."""
+    code = (f"import sys\nARGV, HOLD, STARTED = {argv!r}, {hold!r}, {started!r}\n"
+            "print('ready', flush=True)\n" + textwrap.dedent(RUNNERS[runner]))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_a_signal_is_held_until_the_command_runs_then_passed_on(runner: str) -> None:
     # the "runtime" is a shell that ignores SIGTERM (a stand-in for a runtime that drops it)
     # while it "sets up" for 0.5 s (sh and sleep are its startup names), then starts the
     # command (tail) and traps SIGTERM: a signal sent during the set-up is held, and passed on
     # once tail exists, which the trap turns into exit 7
-    child = textwrap.dedent("""
-        import sys
-        from nsdf_hpc._exec import SubprocessRunner
-        script = ("trap '' TERM; sleep 0.5; trap 'kill $!; exit 7' TERM; "
-                  "tail -f /dev/null >/dev/null 2>&1 & wait")
-        sys.stdout.write("ready\\n")
-        sys.stdout.flush()
-        res = SubprocessRunner().run(["sh", "-c", script], check=False, capture=False,
-                                     hold=("sh", "sleep"))
-        sys.stdout.write(f"{res.returncode} {res.forwarded}\\n")
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    script = ("trap '' TERM; sleep 0.5; trap 'kill $!; exit 7' TERM; "
+              "tail -f /dev/null >/dev/null 2>&1 & wait")
+    proc = _streamed(runner, ["/bin/sh", "-c", script], ("sh", "sleep"))
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         time.sleep(0.2)   # the handler is installed and the shell is in its 0.5 s
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
-        assert out.split() == ["7", str(int(signal.SIGTERM))], out
+        assert out.split() == ["7", str(int(signal.SIGTERM)), "None"], out
         assert time.monotonic() - t0 < 10
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_a_signal_is_not_held_once_the_started_file_names_the_command(runner: str, tmp_path) -> None:
+    """``OrphanGuard.started``: once the file names a process that is not a startup name, a
+    signal goes on at once (to the innermost process of the runtime's own name)."""
+    started = tmp_path / "run.pid"
+    script = f"trap 'kill $!; exit 7' TERM; sleep 30 & echo $! > {started}; wait"
+    proc = _streamed(runner, ["/bin/sh", "-c", script], ("sh",), str(started))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while not (started.exists() and started.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=5)
+        assert out.split() == ["7", str(int(signal.SIGTERM)), "None"], out
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_the_runtime_starts_with_pipe_and_file_size_signals_at_their_defaults(runner: str, tmp_path) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; a runtime it starts must not inherit that, or
+    ``yes | head`` in the container prints "Broken pipe" and fails (found by hand: the
+    Charliecloud launch record, exec'd, ran every command with SIGPIPE ignored)."""
+    out = tmp_path / "sigign"
+    proc = _streamed(runner, ["/bin/sh", "-c", f"grep SigIgn /proc/self/status > {out}"], ())
+    assert proc.communicate(timeout=20)[0].split()[-3:] == ["0", "None", "None"]
+    ignored = int(out.read_text().split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1)), hex(ignored)
+
+
+def test_the_launch_record_exec_restores_them_too(tmp_path) -> None:
+    """The same for the records that replace nsdf-run with the runtime (``_launch._exec``)."""
+    out = tmp_path / "sigign"
+    code = ("import os\nfrom nsdf_hpc import _launch\n"
+            f"_launch._exec(['/bin/sh', '-c', 'grep SigIgn /proc/self/status > {out}'], dict(os.environ))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=20)
+    ignored = int(out.read_text().split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1)), hex(ignored)
 
 
 def test_with_a_started_file_the_process_it_names_decides(tmp_path) -> None:
@@ -81,10 +139,24 @@ def test_with_a_started_file_the_process_it_names_decides(tmp_path) -> None:
     assert not still_starting(proc.pid, ("sleep",), str(started))          # it ended
 
 
-def test_a_signal_still_held_when_the_runtime_ends_is_reported_as_held(tmp_path) -> None:
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_a_signal_still_held_when_the_runtime_ends_is_reported_as_held(runner: str, tmp_path) -> None:
     """A runtime that ends by itself while a signal is held (the container never started: the
-    started file stays empty) never passed the signal on: ``held`` says so, and
-    ``run_guarded`` reports 128+N, not the runtime's own 0."""
+    started file stays empty) never passed the signal on: ``held`` says so."""
+    proc = _streamed(runner, ["/bin/sh", "-c", "trap '' TERM; sleep 0.6"], ("x",), str(tmp_path / "never"))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        term = int(signal.SIGTERM)
+        assert out.split() == ["0", str(term), str(term)], out
+    finally:
+        proc.kill()
+
+
+def test_run_guarded_reports_a_signal_held_to_the_end_as_the_runs_end(tmp_path) -> None:
+    """...and ``run_guarded`` then reports 128+N, not the runtime's own 0."""
     child = textwrap.dedent(f"""
         import sys
         from nsdf_hpc._exec import SubprocessRunner, run_guarded
@@ -130,7 +202,7 @@ def test_a_signal_right_after_the_child_started_reaches_it() -> None:
 
 
 def test_a_signal_right_after_the_launch_record_path_spawned_reaches_the_runtime() -> None:
-    """The same window on the launch-record path (``_launch._run_held``, posix_spawn): the
+    """The same window on the launch-record path (``_launch._spawn_wait``, posix_spawn): the
     signals are blocked from before the spawn until the handlers are in place."""
     child = textwrap.dedent("""
         import os, signal, sys
@@ -141,10 +213,11 @@ def test_a_signal_right_after_the_launch_record_path_spawned_reaches_the_runtime
             os.kill(os.getpid(), signal.SIGTERM)          # lands before the handlers exist
             return pid
         os.posix_spawn = spawn
-        sys.stdout.write(f"{_launch._run_held(['/bin/sleep', '30'], dict(os.environ), ('x',))}\\n")
+        print(*_launch._spawn_wait(['/bin/sleep', '30'], dict(os.environ), ('x',)))
     """)
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == [str(128 + int(signal.SIGTERM))], (out.stdout, out.stderr)
+    term = int(signal.SIGTERM)
+    assert out.stdout.split() == [str(128 + term), str(term), "None"], (out.stdout, out.stderr)
 
 
 def test_a_signal_the_cli_took_while_planning_stops_a_streamed_run_from_starting() -> None:
