@@ -30,8 +30,14 @@ def load_toml(path: str) -> Dict[str, Any]:
 
 def atomic_write_json(path: str, data: Any, *, fsync: bool = False, indent: Any = None,
                       make_dirs: bool = True) -> None:
-    """Write ``data`` as JSON to ``path`` so that readers see the old or the new file, never a
-    part of one. The temp file is removed on any failure; ``OSError`` propagates.
+    """Write ``data`` as JSON to ``path``, atomically (:func:`atomic_write`)."""
+    atomic_write(path, json.dumps(data, indent=indent).encode("utf-8", "surrogateescape"), fsync=fsync,
+                 make_dirs=make_dirs)
+
+
+def atomic_write(path: str, data: bytes, *, fsync: bool = False, make_dirs: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part of
+    one. The temp file is removed on any failure; ``OSError`` propagates.
 
     ``fsync`` flushes the data before the rename (cache metadata that must survive a crash).
     """
@@ -40,8 +46,8 @@ def atomic_write_json(path: str, data: Any, *, fsync: bool = False, indent: Any 
         os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
-            json.dump(data, fh, indent=indent)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -11,8 +11,10 @@ recorded allow/deny lists, and replaces itself with the runtime (``os.execve``),
 code is the command's. Any doubt (a missing or changed file, an expired tag, a parse error)
 falls back to the planned path, which rewrites the record.
 
-This module imports nothing heavier than ``json`` (and CPython's own SHA-256, not hashlib's
-OpenSSL, which costs ~7 ms to load); it is the one place besides
+This module imports nothing but ``os``, ``time`` and ``marshal`` (built in) at start-up; a record
+is marshal data, not JSON (``json`` imports ``re`` and ``enum``: ~12 ms where a console-script
+wrapper of pip >= 25 or uv did not import them already), keyed by CPython's own SHA-256 (not
+hashlib's OpenSSL, which costs ~7 ms to load); it is the one place besides
 ``_exec.py`` that hands control to another program. One exception to the exec: a runtime whose
 container can outlive its own process (podman: ``Runtime.orphan_guard``) is not exec'd, since
 nobody would be left to remove a container that a signal reached too early; the record keeps
@@ -27,7 +29,7 @@ early signal until the command runs (``_exec._forward_signals``).
 """
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import time
 # not `from typing import TYPE_CHECKING`: typing (with re and enum) costs about as much as
@@ -41,9 +43,11 @@ from ._version import __version__
 from .paths import candidate_config_files, make_run_scratch, split_bind, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 8   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
+FORMAT = 9   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
 #            6: the guard's ``started`` file (podman: a signal held until the container runs);
-#            7: any ``--env`` values; 8: any ``--bind`` directories
+#            7: any ``--env`` values; 8: any ``--bind`` directories; 9: marshal, not JSON
+#: a record file's name after its key
+SUFFIX = ".rec"
 #: stands for the command in the key of a record that any command after ``--`` reuses
 COMMAND_SLOT = "\x00command"
 #: stands for an ``--env NAME=VALUE`` value in the key of a record that any value reuses
@@ -101,8 +105,9 @@ def launch_key(args: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
     """What the plan depends on: the command line, the directory, the config files, and every
     environment variable except the container allowlist's (rebuilt per call) and volatile ones."""
     h = _sha256()
-    h.update(json.dumps([FORMAT, __version__, os.getuid(), os.getgid(), cwd, list(args)]).encode(
-        "utf-8", "surrogateescape"))
+    # each word with its length before it: no two lists give the same text
+    words = [str(FORMAT), __version__, str(os.getuid()), str(os.getgid()), cwd, *args]
+    h.update("".join(f"{len(w)}:{w}" for w in words).encode("utf-8", "surrogateescape"))
     for path in candidate_config_files(env):
         h.update(f"|{path}|{_stat_id(path)}".encode("utf-8", "surrogateescape"))
     h.update(f"|alloc={bool(env.get('SLURM_JOB_ID'))}".encode())
@@ -169,11 +174,11 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
     d = record_dir(env)
     names = list((marks or {}).values())
     key = _record_args(args, command_at, any(not _is_bind(n) for n in names), _bind_slots(names))
-    path = os.path.join(d, launch_key(key, env, cwd) + ".json")
+    path = os.path.join(d, launch_key(key, env, cwd) + SUFFIX)
     try:
-        from ._fsutil import atomic_write_json   # noqa: PLC0415 (a planned run writes; the fast path reads)
-        atomic_write_json(path, record)
-    except OSError:
+        from ._fsutil import atomic_write   # noqa: PLC0415 (a planned run writes; the fast path reads)
+        atomic_write(path, marshal.dumps(record, 4))
+    except (OSError, ValueError):   # ValueError: a value marshal cannot write (none expected)
         pass
 
 
@@ -364,15 +369,15 @@ def _fill_values(rec: Dict[str, Any], args: Sequence[str], cwd: str) -> bool:
 
 def _load_valid(path: str) -> Optional[Dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-            rec: Dict[str, Any] = json.load(fh)
-    except (OSError, ValueError):
+        with open(path, "rb") as fh:
+            rec: Dict[str, Any] = marshal.loads(fh.read())
+    except (OSError, ValueError, EOFError, TypeError):   # marshal's errors for a bad file
         return None
-    if rec.get("format") != FORMAT or time.time() > float(rec.get("expires", 0)):
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT or time.time() > float(rec.get("expires", 0)):
         return None
     for p, ident in rec.get("checks", []):
         now = _stat_id(p)
-        if now is None or (ident is not None and list(now) != ident):
+        if now is None or (ident is not None and tuple(now) != tuple(ident)):
             return None
     return rec
 
@@ -395,7 +400,7 @@ def _valid_record(args: Sequence[str], env: Mapping[str, str], cwd: str
             rec, path = _lookup(d, args, env, cwd, command, slots, bslots)
             if rec is not None:
                 return rec, path
-    return None, os.path.join(d, launch_key(args, env, cwd) + ".json")
+    return None, os.path.join(d, launch_key(args, env, cwd) + SUFFIX)
 
 
 def _lookup(d: str, args: Sequence[str], env: Mapping[str, str], cwd: str, command: bool, slots: bool,
@@ -403,7 +408,7 @@ def _lookup(d: str, args: Sequence[str], env: Mapping[str, str], cwd: str, comma
     """The record of one way of keying ``args``, filled in for this call (None: there is none,
     or it cannot serve this call)."""
     i = _separator(args)
-    path = os.path.join(d, launch_key(_record_args(args, 0 if command else None, slots, bslots), env, cwd) + ".json")
+    path = os.path.join(d, launch_key(_record_args(args, 0 if command else None, slots, bslots), env, cwd) + SUFFIX)
     rec = _load_valid(path)
     if rec is None:
         return None, path

@@ -244,15 +244,15 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
     stamps = []
     # NSDF_HPC_CACHE is set: the records live in the cache, beside other tests' records
     launch = shared_cache / "launch"
-    before = set(launch.glob("*.json"))
+    before = set(launch.glob("*.rec"))
     for procid, fast in (("0", "1"), ("0", ""), ("1", ""), ("2", "")):
         extra = {"XDG_CACHE_HOME": str(xdg), "SLURM_PROCID": procid, "PYTHONPATH": "/leak"}
         if fast:
             extra["NSDF_HPC_NO_FAST_PATH"] = "1"
         r = nsdf_root(args, shared_cache, cwd=str(tmp_path), **extra)
         outs.append((r.returncode, r.stdout))
-        stamps.append([p.stat().st_mtime_ns for p in set(launch.glob("*.json")) - before])
-    records = set(launch.glob("*.json")) - before
+        stamps.append([p.stat().st_mtime_ns for p in set(launch.glob("*.rec")) - before])
+    records = set(launch.glob("*.rec")) - before
     assert len(records) == 1, "the planned run without NSDF_HPC_NO_FAST_PATH wrote one record"
     assert not (xdg / "nsdf-hpc" / "launch").exists(), "records follow NSDF_HPC_CACHE (issue 14.17)"
     assert stamps[0] == [] and stamps[1] == stamps[2] == stamps[3], "later runs used the record as is"
@@ -264,7 +264,7 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
     r = nsdf_root(other, shared_cache, cwd=str(tmp_path), XDG_CACHE_HOME=str(xdg), SLURM_PROCID="3",
                   PYTHONPATH="/leak")
     assert (r.returncode, r.stdout) == (6, f"<{HOSTILE[4]}{HOSTILE[9]}><{HOSTILE[3]}>"), r.stderr
-    assert set(launch.glob("*.json")) - before == records
+    assert set(launch.glob("*.rec")) - before == records
     assert [p.stat().st_mtime_ns for p in records] == stamps[3], "the record was reused, not rewritten"
     # and any --env values of the same variables (issue 11 goal 1). The value above has a
     # newline, so its record serves that value only; a plain value plans once and records a
@@ -276,7 +276,7 @@ def test_launch_record_fast_path_matches_the_planned_path(runtime: str, shared_c
         assert (r.returncode, r.stdout) == (5, f"[{value}][4][unset][{tmp_path}]"), r.stderr
         return r
     with_h("second value")
-    any_value = set(launch.glob("*.json")) - before - records
+    any_value = set(launch.glob("*.rec")) - before - records
     assert len(any_value) == 1
     stamp = [p.stat().st_mtime_ns for p in any_value]
     for value in ("third ü", "", "a=b,c:d/e", HOSTILE[2] + HOSTILE[9]):
@@ -294,7 +294,7 @@ def test_a_closed_pipe_ends_the_writer_quietly_planned_and_from_the_record(runti
     args = ["run", "--runtime", runtime, _pinned(BUSYBOX), "--", "sh", "-c",
             "yes | head -n 1; grep SigIgn /proc/self/status"]
     launch = shared_cache / "launch"
-    before = set(launch.glob("*.json"))
+    before = set(launch.glob("*.rec"))
     for fast in ("1", "", ""):   # planned; planned, writing the record; from the record
         extra = {"NSDF_HPC_NO_FAST_PATH": "1"} if fast else {}
         r = nsdf_root(args, shared_cache, cwd=str(tmp_path), **extra)
@@ -302,7 +302,7 @@ def test_a_closed_pipe_ends_the_writer_quietly_planned_and_from_the_record(runti
         assert "Broken pipe" not in r.stderr, r.stderr
         ignored = int(r.stdout.split()[2], 16)
         assert not ignored & (1 << 12) and not ignored & (1 << 24), hex(ignored)   # SIGPIPE, SIGXFSZ
-    assert len(set(launch.glob("*.json")) - before) == 1, "the last run used the record"
+    assert len(set(launch.glob("*.rec")) - before) == 1, "the last run used the record"
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
@@ -335,7 +335,7 @@ def test_a_launch_record_serves_other_bind_directories(runtime: str, shared_cach
         return found
 
     for mode in ("", ":ro"):
-        before = set(launch.glob("*.json"))
+        before = set(launch.glob("*.rec"))
         stamps = None
         # charliecloud plans the mount point of a destination its image lacks (a private copy):
         # its record keeps one the image has (busybox's /mnt) and serves other sources there
@@ -348,7 +348,7 @@ def test_a_launch_record_serves_other_bind_directories(runtime: str, shared_cach
                 3, f"input {dirs.index(d)}\n" + ("wrote\n" if wrote_planned else "")), r.stderr
             assert written() == wrote_planned
             assert wrote_planned == ([] if mode and runtime in ("apptainer", "podman", "podman-hpc") else [d.name])
-            new = set(launch.glob("*.json")) - before
+            new = set(launch.glob("*.rec")) - before
             assert len(new) == 1, f"{runtime}: one record for every directory ({mode or 'rw'}): {new}"
             now = [p.stat().st_mtime_ns for p in new]
             assert stamps is None or now == stamps, "the record was replayed, not planned again"

@@ -66,6 +66,24 @@ def test_other_args_or_directory_change_the_key(env: dict) -> None:
     assert _launch.launch_key(ARGS, env, "/elsewhere") != k
 
 
+def test_the_key_tells_word_boundaries_apart(env: dict) -> None:
+    """Each word is keyed with its length: ["a b"] is not ["a", "b"], nor an empty word
+    before "command" the slot of any command (which starts with a NUL)."""
+    keys = {_launch.launch_key(args, env, "/work") for args in
+            (["run", "a b"], ["run", "a", "b"], ["run", "ab"], ["run", "", "command"], ["run", _launch.COMMAND_SLOT])}
+    assert len(keys) == 5
+
+
+@pytest.mark.parametrize("content", [b"", b"not marshal", b"\xff" * 64, b"{\xda\x01a", "marshal of a list"])
+def test_a_damaged_record_file_goes_to_planning(env: dict, tmp_path: Path, content) -> None:
+    """A truncated or foreign file where a record should be: planned, never an error."""
+    import marshal
+    _save(env, tmp_path)
+    (record,) = Path(_launch.record_dir(env)).glob(f"*{_launch.SUFFIX}")
+    record.write_bytes(marshal.dumps(["format", 9]) if content == "marshal of a list" else content)
+    assert _launch.load(ARGS, env, "/work") is None
+
+
 def test_invalidated_by_a_changed_file_config_or_expiry(env: dict, tmp_path: Path) -> None:
     binary = _save(env, tmp_path)
     assert _launch.load(ARGS, env, "/work") is not None
@@ -123,7 +141,7 @@ def test_a_guarded_record_whose_runtime_failed_before_a_container_existed_is_dro
     key = _launch.launch_key(ARGS, env, str(tmp_path))
     _launch.save(ARGS, env, str(tmp_path), _inv(binary), DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY,
                  [str(binary)], 2e9, guard=guard)
-    record = Path(_launch.record_dir(env)) / f"{key}.json"
+    record = Path(_launch.record_dir(env)) / f"{key}{_launch.SUFFIX}"
     assert record.is_file()
     assert _launch.try_fast_run(ARGS) == expected
     assert record.exists() is creates
