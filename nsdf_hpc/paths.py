@@ -85,10 +85,13 @@ def make_run_scratch(env: Mapping[str, str]) -> Tuple[str, str]:
     ``/tmp``, ``/var/tmp``, ``/usr/tmp``, the current directory), without importing tempfile
     (the launch fast path makes one). Raises ``OSError`` when none does."""
     error: OSError = FileNotFoundError("no temporary directory")
-    for base in [*(env[k] for k in ("TMPDIR", "TEMP", "TMP") if env.get(k)), "/tmp", "/var/tmp", "/usr/tmp",
-                 os.getcwd()]:
+    for base in [*(env[k] for k in ("TMPDIR", "TEMP", "TMP") if env.get(k)), "/tmp", "/var/tmp", "/usr/tmp", "."]:
         for _ in range(10):   # another run's name: try another
-            d = os.path.join(os.path.abspath(base), f"nsdf-run-{os.urandom(6).hex()}")
+            try:   # a relative one, or the current directory, which may be gone
+                d = os.path.join(os.path.abspath(base), f"nsdf-run-{os.urandom(6).hex()}")
+            except OSError as err:
+                error = err
+                break
             try:
                 os.mkdir(d, 0o700)
             except FileExistsError as err:

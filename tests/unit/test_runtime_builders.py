@@ -262,6 +262,23 @@ def test_run_scratch_is_private_and_removed():
     assert not os.path.exists(d)
 
 
+def test_run_scratch_takes_the_first_temporary_directory_that_works(tmp_path, monkeypatch) -> None:
+    """tempfile's order without tempfile (the launch fast path makes one): TMPDIR first, a
+    missing one is passed over, and a current directory that was removed is no error."""
+    from nsdf_hpc.paths import make_run_scratch
+    mine = tmp_path / "tmp"
+    mine.mkdir()
+    _, d = make_run_scratch({"TMPDIR": str(mine)})
+    assert os.path.dirname(d) == str(mine) and (os.stat(d).st_mode & 0o777) == 0o700
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    _, d2 = make_run_scratch({"TMPDIR": str(tmp_path / "missing")})
+    assert os.path.dirname(d2) == "/tmp"
+    os.rmdir(d2)
+
+
 def test_podman_hpc_reads_a_half_written_squash_as_broken():
     """migrate2scratch._mksq (1.2.2) takes any existing <link>.squash as done; the superblock,
     which mksquashfs writes last, tells a whole file from a half-written one."""
