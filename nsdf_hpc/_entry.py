@@ -14,7 +14,19 @@ if TYPE_CHECKING:
 
 def main(argv: Optional[List[str]] = None) -> Optional[int]:
     """Returns the exit status when it has one (the console-script wrapper and ``__main__``
-    exit with it); the click CLI exits by itself."""
+    exit with it); the click CLI exits by itself.
+
+    A Ctrl-C before the CLI installs its handlers (while a launch record is read, or click
+    and pydantic are imported: nothing was started yet) ends it as the CLI would, with 130
+    and one line, not a traceback and 1."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nnsdf-run: interrupted by SIGINT\n")
+        return 130
+
+
+def _main(argv: Optional[List[str]]) -> Optional[int]:
     args = sys.argv[1:] if argv is None else argv
     if args in (["--version"], ["-V"]):
         from ._version import __version__
@@ -31,11 +43,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[int]:
     elif fast and args and args[0] == "images":
         # a bare listing, from the cache's files without the settings models (``_listing.py``)
         from ._listing import fast_images   # noqa: PLC0415
-        try:
-            out = fast_images(args, os.environ)
-        except KeyboardInterrupt:   # Ctrl-C on a slow shared filesystem: as the click path says it
-            sys.stderr.write("\nnsdf-run: interrupted by SIGINT\n")
-            return 130
+        out = fast_images(args, os.environ)   # a Ctrl-C on a slow shared filesystem: see main
         if out is not None:
             return _write(out)
     from .cli import main as cli_main

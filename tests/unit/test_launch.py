@@ -312,3 +312,16 @@ def test_a_record_of_the_sources_serves_other_directories_at_the_same_destinatio
     assert _launch.load(["run", "-B", f"{tmp_path}/d2:/other", "img", "--", "ls"], env, "/work") is None
     assert _launch.load(["run", "-B", f"{tmp_path}/d2:/data:ro", "img", "--", "ls"], env, "/work") is None
     assert _launch.load(["run", "-B", f"{tmp_path}/file:/data", "img", "--", "ls"], env, "/work") is None
+
+
+def test_ctrl_c_while_a_record_is_read_ends_with_130_and_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Before the CLI installs its handlers nothing was started: a Ctrl-C then (Python's own
+    KeyboardInterrupt) ends nsdf-run as the CLI ends it, not with a traceback and 1."""
+    from nsdf_hpc import _entry
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(_launch, "try_fast_run", interrupted)
+    monkeypatch.delenv("NSDF_HPC_NO_FAST_PATH", raising=False)
+    assert _entry.main(["run", "img", "--", "true"]) == 130
+    assert capsys.readouterr().err == "\nnsdf-run: interrupted by SIGINT\n"
