@@ -21,6 +21,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -335,3 +336,28 @@ def test_config_loader_on_random_bytes(blob: bytes, tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_bytes(blob)
     _load_both(path, tmp_path)
+
+
+# the environment filter's globs (environment.matches): string methods for `*` patterns, a
+# regex only for `?` and `[`; the same answers as fnmatchcase for any name and patterns
+_GLOB_TEXT = st.text(alphabet="AB_*?[]!x-", max_size=8)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(name=st.text(alphabet="AB_x-*?[]", max_size=10), patterns=st.lists(_GLOB_TEXT, max_size=4))
+def test_env_globs_match_as_fnmatchcase(name: str, patterns: List[str]) -> None:
+    from fnmatch import fnmatchcase
+
+    from nsdf_hpc.environment import matches
+    assert matches(name, patterns) == any(fnmatchcase(name, p) for p in patterns)
+
+
+def test_the_default_env_globs_need_no_regex() -> None:
+    """The launch fast path filters every host variable with the defaults: no `re` (and
+    its `enum`) for them."""
+    code = ("import sys; from nsdf_hpc.environment import DEFAULT_ENV_ALLOW, DEFAULT_ENV_DENY, matches; "
+            "matches('SLURM_JOB_ID', DEFAULT_ENV_ALLOW); matches('CUDA_VISIBLE_DEVICES', DEFAULT_ENV_ALLOW); "
+            "matches('PYTHONPATH', DEFAULT_ENV_DENY); print('re' in sys.modules)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[2])).stdout
+    assert out.split() == ["False"]
