@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import (IO, TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Named
                     Tuple, Union)
 
 from ._proctree import HOLD_LIMIT, exists, innermost, still_starting, tree_io
-from .paths import make_run_scratch
+from .paths import make_run_scratch, remove_files_and_dir
 from .errors import CommandError, CommandTimeoutError, ToolNotFoundError
 
 if TYPE_CHECKING:
@@ -347,7 +346,7 @@ def run_scratch() -> Iterator[Tuple[str, str]]:
     try:
         yield name, os.path.join(d, "run")
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        remove_files_and_dir(d)
 
 
 def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str, str]], capture: bool,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:   # not imported at run time: this module is on the start-up p
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._version import __version__
-from .paths import candidate_config_files, make_run_scratch, split_bind, user_state_dir
+from .paths import candidate_config_files, make_run_scratch, remove_files_and_dir, split_bind, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
 FORMAT = 9   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
@@ -609,15 +609,7 @@ def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str]
                 code = 128 + forwarded
         never_created = created is not None and not (os.path.isfile(created) and os.path.getsize(created))
     finally:
-        for entry in os.listdir(scratch_dir):   # the runtime's files (--cidfile, --pidfile)
-            try:
-                os.unlink(os.path.join(scratch_dir, entry))
-            except OSError:
-                pass
-        try:
-            os.rmdir(scratch_dir)
-        except OSError:
-            pass
+        remove_files_and_dir(scratch_dir)
     if code == 125 and forwarded is None and never_created:
         return None
     return code

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 from ._fsutil import atomic_write_json
 from .errors import ImageError
+from .paths import remove_files_and_dir
 
 logger = logging.getLogger(__name__)
 
@@ -239,16 +240,7 @@ class ImageCache:
             return []
 
     def unpin(self, entry: Entry, job_ids: Sequence[str]) -> None:
-        d = os.path.join(self.root, "pins", self._names(entry))
-        for j in job_ids:
-            try:
-                os.unlink(os.path.join(d, j))
-            except OSError:
-                pass
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
+        remove_files_and_dir(os.path.join(self.root, "pins", self._names(entry)), job_ids)
 
     def ensure_dirs(self) -> None:
         for sub in ("entries", "locks", "tmp", "refs"):

@@ -9,7 +9,7 @@ import os
 # the rest of the start-up path; type checkers treat this name as typing.TYPE_CHECKING
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Mapping, Tuple
+    from typing import List, Mapping, Optional, Sequence, Tuple
 
 #: the site-wide config file (``NSDF_HPC_SITE_CONFIG`` overrides it, for tests and odd sites)
 SITE_CONFIG = "/etc/nsdf-hpc/config.toml"
@@ -102,3 +102,23 @@ def make_run_scratch(env: Mapping[str, str]) -> Tuple[str, str]:
                 break
             return f"nsdf-{os.getpid()}-{os.urandom(4).hex()}", d
     raise error
+
+
+def remove_files_and_dir(d: str, names: Optional[Sequence[str]] = None) -> None:
+    """Unlink ``names`` in ``d`` (None: every entry, files only: a run's scratch directory of
+    :func:`make_run_scratch` with podman's ``--cidfile`` and ``--pidfile``), then remove ``d``
+    if that left it empty; as far as possible, never raising."""
+    if names is None:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            names = []
+    for name in names:
+        try:
+            os.unlink(os.path.join(d, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
