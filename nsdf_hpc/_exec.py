@@ -75,7 +75,8 @@ class CommandRunner(Protocol):
             env_overrides: Optional[Mapping[str, Optional[str]]] = None,
             cwd: Optional[str] = None, capture: bool = True,
             stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = (),
-            stall_timeout: Optional[float] = None, started: Optional[str] = None) -> CompletedCommand: ...
+            stall_timeout: Optional[float] = None, started: Optional[str] = None,
+            blocked: Sequence[str] = ()) -> CompletedCommand: ...
 
     def run_many(self, argvs: Sequence[Argv], *, timeout: float = 10.0,
                  envs: Optional[Sequence[Optional[Mapping[str, str]]]] = None
@@ -232,11 +233,14 @@ class SubprocessRunner:
             env_overrides: Optional[Mapping[str, Optional[str]]] = None,
             cwd: Optional[str] = None, capture: bool = True,
             stdin: Union[None, int, IO[bytes]] = None, hold: Sequence[str] = (),
-            stall_timeout: Optional[float] = None, started: Optional[str] = None) -> CompletedCommand:
+            stall_timeout: Optional[float] = None, started: Optional[str] = None,
+            blocked: Sequence[str] = ()) -> CompletedCommand:
         """``timeout`` bounds the whole run; ``stall_timeout`` (captured runs only) stops a
         command whose process tree reads and writes nothing (``/proc/PID/io``) for that
         long: a download from a server that stopped sending. Both kill the process group
-        and raise :class:`CommandTimeoutError` (``.stalled`` tells which)."""
+        and raise :class:`CommandTimeoutError` (``.stalled`` tells which). ``blocked``:
+        ``Invocation.blocked_signals``, blocked in the child from its start (and in this
+        thread only while it is started: one that comes meanwhile is handled right after)."""
         args = tuple(str(a) for a in argv)
         child_env = _child_env(env, env_overrides)
         log = _log()
@@ -252,11 +256,16 @@ class SubprocessRunner:
             raise InterruptedError(f"signal {received[0]} came before {args[0]} started")
         early: List[int] = []
         original = _note_early(early) if streamed else {}
+        # the child inherits this thread's signal mask (subprocess restores it in the child)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, n) for n in blocked if hasattr(signal, n)]
+                                      ) if blocked else None
         try:
             proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, env=child_env, cwd=cwd,
                                     stdin=subprocess.DEVNULL if stdin is None and capture else stdin,
                                     start_new_session=timeout is not None or stall_timeout is not None)
         except BaseException as err:   # OSError, ValueError, SubprocessError: nothing started
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for signum, handler in original.items():
                 signal.signal(signum, handler)
             if early:   # nothing started: the caller's own handler decides
@@ -266,6 +275,8 @@ class SubprocessRunner:
             if isinstance(err, PermissionError):
                 raise ToolNotFoundError(args[0], f"not executable ({err.strerror})") from err
             raise
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         seen: List[int] = []
         pending: List[int] = []
         done = threading.Event()
@@ -351,7 +362,8 @@ def run_scratch() -> Iterator[Tuple[str, str]]:
 
 def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str, str]], capture: bool,
                 remove: Sequence[str] = (), created: Optional[str] = None,
-                hold: Sequence[str] = (), started: Optional[str] = None) -> CompletedCommand:
+                hold: Sequence[str] = (), started: Optional[str] = None,
+                blocked: Sequence[str] = ()) -> CompletedCommand:
     """Run a container's runtime; when a signal was passed on to it while it ran, make sure
     the container did not outlive it.
 
@@ -361,9 +373,10 @@ def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str,
     to be removed, or the runtime ended while the signal was still held (the command never
     got it); otherwise the container got the signal and its own status stands (a command
     that traps SIGTERM and exits 7 gives 7). ``hold``: ``Runtime.startup_names``;
-    ``started``: ``OrphanGuard.started``.
+    ``started``: ``OrphanGuard.started``; ``blocked``: ``Invocation.blocked_signals``.
     """
-    res = runner.run(argv, check=False, env=env, capture=capture, hold=hold, started=started)
+    res = runner.run(argv, check=False, env=env, capture=capture, hold=hold, started=started,
+                     blocked=blocked)
     if res.forwarded is None or not remove:
         return res
     if ended_by_signal(runner, argv[0], env, res.forwarded, res.held, remove, created):

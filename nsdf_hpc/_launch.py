@@ -43,9 +43,10 @@ from ._version import __version__
 from .paths import candidate_config_files, make_run_scratch, remove_files_and_dir, split_bind, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 9   # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
+FORMAT = 10  # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
 #            6: the guard's ``started`` file (podman: a signal held until the container runs);
-#            7: any ``--env`` values; 8: any ``--bind`` directories; 9: marshal, not JSON
+#            7: any ``--env`` values; 8: any ``--bind`` directories; 9: marshal, not JSON;
+#            10: signals blocked in the runtime (udocker's relay)
 #: a record file's name after its key
 SUFFIX = ".rec"
 #: stands for the command in the key of a record that any command after ``--`` reuses
@@ -168,6 +169,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "guard": None if guard is None else {"options": list(guard.options), "remove": list(guard.remove),
                                              "created": guard.created, "started": guard.started},
         "hold": list(hold),
+        "block": list(inv.blocked_signals),
         "cmd_at": command_at,
         "use": None if use is None else list(use),
     }
@@ -443,15 +445,16 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
             return None
         guard = rec.get("guard")
         hold = rec.get("hold") or []
+        block = rec.get("block") or []
         if rec.get("use") and not _hold_use(*rec["use"]):
             return None
     except Exception:   # any doubt: the planned path decides
         return None
     if hold and not guard:
-        ran = _spawn_wait(argv, penv, hold)
+        ran = _spawn_wait(argv, penv, hold, block=block)
         return None if ran is None else ran[0]
     if guard:
-        status = _run_guarded(rec, guard, hold)
+        status = _run_guarded(rec, guard, hold, block)
         if status is None:
             # the runtime failed before it created the container (podman 125: e.g. the image
             # was removed from its store behind the cache's back): this record is stale, and
@@ -461,7 +464,7 @@ def try_fast_run(args: Sequence[str]) -> Optional[int]:
             except OSError:
                 pass
         return status
-    _exec(argv, penv)
+    _exec(argv, penv, block)
     return None   # the exec failed
 
 
@@ -505,20 +508,30 @@ def _restore_signals(sig: Any) -> Tuple[int, ...]:
     return tuple(getattr(sig, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(sig, name))
 
 
-def _exec(argv: Sequence[str], penv: Mapping[str, str]) -> None:
+def _signal_numbers(sig: Any, names: Sequence[str]) -> List[int]:
+    """The numbers of the signals named (``"SIGINT"``) that this platform has."""
+    return [getattr(sig, n) for n in names if isinstance(getattr(sig, n, None), int)]
+
+
+def _exec(argv: Sequence[str], penv: Mapping[str, str], block: Sequence[str] = ()) -> None:
     """Replace this process with the runtime, its signal dispositions as a shell would leave
-    them; returns only when the exec failed (then the planned path says why)."""
+    them and the signals named in ``block`` blocked (``Invocation.blocked_signals``: the
+    mask outlives the exec); returns only when the exec failed (then the planned path says
+    why)."""
     sig = _signals()
     restored = [(signum, sig.signal(signum, sig.SIG_DFL)) for signum in _restore_signals(sig)]
+    mask = sig.pthread_sigmask(sig.SIG_BLOCK, _signal_numbers(sig, block)) if block else None
     try:
         os.execve(argv[0], list(argv), penv)
     except OSError:
+        if mask is not None:
+            sig.pthread_sigmask(sig.SIG_SETMASK, mask)
         for signum, handler in restored:
             sig.signal(signum, handler)
 
 
-def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str], started: Optional[str] = None
-                ) -> Optional[Tuple[int, Optional[int], Optional[int]]]:
+def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str], started: Optional[str] = None,
+                block: Sequence[str] = ()) -> Optional[Tuple[int, Optional[int], Optional[int]]]:
     """Start the runtime and wait for it, passing SIGTERM/SIGINT/SIGHUP on, but holding one
     that arrives while the runtime still sets up (``Runtime.startup_names``; ``started``:
     ``OrphanGuard.started``) until the command runs: what ``_exec._forward_signals`` does,
@@ -526,7 +539,7 @@ def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str
     SIGALRM timer, so no thread is needed. Returns the runtime's status (128+N when a signal
     ended it), the last signal this process got while it ran, and one still held when it
     ended (it never reached the command); None when it could not be started (the planned
-    path then says why)."""
+    path then says why). ``block``: signals the runtime starts with blocked (``_exec``)."""
     from ._proctree import HOLD_LIMIT, innermost, still_starting   # noqa: PLC0415 (only on this path)
     sig = _signals()
     # blocked from before the spawn until the handlers are in place: a signal in between
@@ -534,7 +547,8 @@ def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str
     relayed = (sig.SIGTERM, sig.SIGINT, sig.SIGHUP)
     mask = sig.pthread_sigmask(sig.SIG_BLOCK, relayed)
     try:
-        pid = os.posix_spawn(argv[0], list(argv), dict(penv), setsigmask=mask, setsigdef=_restore_signals(sig))
+        pid = os.posix_spawn(argv[0], list(argv), dict(penv), setsigmask={*mask, *_signal_numbers(sig, block)},
+                             setsigdef=_restore_signals(sig))
     except OSError:
         sig.pthread_sigmask(sig.SIG_SETMASK, mask)
         return None
@@ -581,7 +595,8 @@ def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str
     return (128 - code if code < 0 else code, seen[-1] if seen else None, pending[-1] if pending else None)
 
 
-def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str] = ()) -> Optional[int]:
+def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str] = (),
+                 block: Sequence[str] = ()) -> Optional[int]:
     """The exit status, or None when the runtime failed (125) before any container existed
     (an empty ``guard``: nothing to remove, only ``hold``), or could not be started (a
     scratch directory or the spawn failed: the planned path then says why)."""
@@ -597,7 +612,7 @@ def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str]
         argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
         created = fill(guard["created"]) if guard.get("created") else None
         started = fill(guard["started"]) if guard.get("started") else None
-        ran = _spawn_wait(argv, penv, hold, started)
+        ran = _spawn_wait(argv, penv, hold, started, block)
         if ran is None:
             return None
         code, forwarded, held = ran

@@ -446,7 +446,8 @@ class Client:
             argv = inv.with_options(guard.options).argv if guard else inv.argv
             res = run_guarded(self.runner, argv, env=inv.env, capture=capture,
                               remove=guard.remove if guard else (), created=guard.created if guard else None,
-                              hold=rt.startup_names, started=guard.started if guard else None)
+                              hold=rt.startup_names, started=guard.started if guard else None,
+                              blocked=inv.blocked_signals)
         return RunResult(returncode=res.returncode, stdout=res.stdout, stderr=res.stderr,
                          argv=argv, runtime=rt.name, image=native)
 

@@ -22,6 +22,9 @@ traces below it (``TracerPid``). With ``--in-shell`` the top tracee is nsdf_hpc'
 shell (``runtimes/udocker.py``, ``SHELL_WRAPPER``), which is left alone: it waits for the
 command and exits with its status, 128+N when the command dies of signal N.
 
+* nsdf-run starts the relay with these signals blocked (``Invocation.blocked_signals``): one
+  that comes while the interpreter starts is pending when the relay begins, which then ends
+  with 128+N without starting udocker.
 * A signal that arrives before the command runs is held until it does (udocker needs about
   0.3 s to start proot), so nothing starts after the signal and keeps running.
 * A signal the kernel sent for the terminal (``si_code`` SI_KERNEL: ^C, ^\\, hang-up) already
@@ -124,6 +127,14 @@ def main(argv: list[str]) -> int:
         return 125
     watched = {*RELAYED, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    # nsdf-run starts this script with RELAYED blocked (udocker.RELAY_SIGNALS): one sent while
+    # the interpreter started waits here (unblocked, CPython could lose a SIGINT: a
+    # KeyboardInterrupt while it checks the script's directory is printed and the script runs
+    # on). Nothing has started yet: end as that signal would have ended us
+    early = signal.sigpending() & set(RELAYED)
+    if early:
+        first = signal.sigtimedwait(early, 0)
+        return 128 + (first.si_signo if first is not None else min(early))
     try:
         child = os.posix_spawnp(args[0], args, dict(os.environ), setsigmask=())
     except OSError as err:

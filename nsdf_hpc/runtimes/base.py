@@ -104,6 +104,11 @@ class Invocation:
     #: ``(image, copy)``: run from ``copy``, a private hard-link copy of the directory image
     #: made on first use, so that mount points never change the cached image itself
     tree: Optional[Tuple[str, str]] = None
+    #: signals (names: "SIGINT") the runtime's process starts with blocked, because it takes
+    #: them itself (sigwaitinfo): one that comes while it starts then waits for it instead of
+    #: reaching it before it is ready (the udocker relay, a Python script, lost a SIGINT while
+    #: its interpreter started)
+    blocked_signals: Tuple[str, ...] = ()
 
     @property
     def argv(self) -> Tuple[str, ...]:

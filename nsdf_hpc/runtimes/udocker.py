@@ -23,6 +23,9 @@ from .base import Assessment, ImagePlan, Invocation, Runtime, Step, effective_bi
 
 #: the signal relay that runs in front of ``udocker run`` (a script, standard library only)
 RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_udocker_relay.py")
+#: the signals the relay passes on (its RELAYED): it starts with them blocked and waits for
+#: them itself, so one that comes while its interpreter starts is not lost
+RELAY_SIGNALS = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 class UDocker(Runtime):
@@ -177,9 +180,11 @@ class UDocker(Runtime):
         tail += list(spec.extra_args)
         tail.append(native.location)
         static = process_env(host_env, {k: v for k, v in host_env.items() if k in ("UDOCKER_DIR",)})
+        blocked: Tuple[str, ...] = ()
         if self.ctx.python:
             # signals sent to nsdf-run must reach the command: see _udocker_relay.py
             argv = [self.ctx.python, "-I", "-S", RELAY, *(["--in-shell"] if in_shell else []), "--", *argv]
+            blocked = RELAY_SIGNALS
         # udocker 1.3.17 creates a missing mount point in the container's ROOT and removes it
         # when the run ends (utils/mountpoint.py: create, then restore/delete_all), also while
         # another run of the same container still uses it: concurrent runs (array tasks,
@@ -193,7 +198,8 @@ class UDocker(Runtime):
                 p = os.path.join(root, b.target.lstrip("/"))
                 (mkfiles if os.path.isfile(b.source) else mkdirs).append(p)
         return Invocation(tuple(argv), tuple(tail), tuple(command), static,
-                          EnvEncoding("argv", flag="-e"), env, explicit, tuple(mkdirs), tuple(mkfiles))
+                          EnvEncoding("argv", flag="-e"), env, explicit, tuple(mkdirs), tuple(mkfiles),
+                          blocked_signals=blocked)
 
     def wrap_command(self, command: Sequence[str], explicit_env: Mapping[str, str]) -> Tuple[str, ...]:
         # run_invocation starts the command under its own shell (not by exec: proot reports a

@@ -364,6 +364,71 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
     assert not hung, f"nsdf-run did not end within 20 s of a signal in {len(hung)} of {trials} trials: {hung}"
 
 
+def _relay_below(pid: int) -> bool:
+    """Whether ``pid`` or a process below it runs udocker's signal relay (its interpreter has
+    started: the script's path is in its command line from the exec on)."""
+    todo = [str(pid)]
+    while todo:
+        p = todo.pop()
+        try:
+            if b"_udocker_relay" in Path(f"/proc/{p}/cmdline").read_bytes():
+                return True
+        except OSError:
+            pass
+        todo += _children(int(p))
+    return False
+
+
+@pytest.mark.udocker
+@pytest.mark.parametrize("path", ["recorded", "planned"])
+def test_signal_while_the_udocker_relay_starts_is_not_lost(path: str, cache: Path) -> None:
+    """UDocker's signal relay (``runtimes/_udocker_relay.py``) is a Python script. A SIGINT
+    while its interpreter started raised KeyboardInterrupt there, which CPython prints and goes
+    on from when it checks the script's directory ("Failed checking if argv[0] is an import
+    path entry"): the relay then started udocker, and the container ran on (CI, 2026-12-02,
+    udocker-INT-early-0.4s: nsdf-run did not end within 30 s). The relay now starts with its
+    signals blocked and takes them itself. The window is the relay's own start (about 15-25
+    ms), so each trial waits for the relay's exec and signals 0-30 ms after it: on the launch
+    record nsdf-run has become the relay; planned, nsdf-run passes the signal on to it."""
+    warm("udocker", cache)
+    arg = str(3000 + uuid.uuid4().int % 6000)
+    argv = [*NSDF, "run", "-r", "udocker", "--no-bind-cwd", BUSYBOX, "--", "sleep", arg]
+    env = root_env(cache, **({"NSDF_HPC_NO_FAST_PATH": "1"} if path == "planned" else {}))
+    if path == "recorded":   # the planned run that writes the record the trials replay
+        r = subprocess.run([*NSDF, "run", "-r", "udocker", "--no-bind-cwd", BUSYBOX, "--", "true"], env=env,
+                           cwd="/", stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    trials, failed = 30, []
+    try:
+        for i in range(trials):
+            delay = 0.03 * i / (trials - 1)
+            sig = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
+            proc = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 30
+            while not _relay_below(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            time.sleep(delay)
+            proc.send_signal(sig)
+            try:
+                _, stderr = proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, stderr = proc.communicate(timeout=30)
+                failed.append(f"{sig.name} {delay * 1000:.0f} ms after the relay: nsdf-run hung "
+                              f"({stderr[-300:]!r}), left {_procs_with(f'sleep {arg}')}")
+                _cleanup(f"sleep {arg}")
+                continue
+            left = _procs_with(f"sleep {arg}")
+            if proc.returncode not in (128 + sig, -sig) or left or b"Traceback" in stderr:
+                failed.append(f"{sig.name} {delay * 1000:.0f} ms after the relay: exit {proc.returncode}, "
+                              f"left {left}, {stderr[-300:]!r}")
+                _cleanup(f"sleep {arg}")
+    finally:
+        _cleanup(f"sleep {arg}")
+    assert not failed, f"{len(failed)} of {trials} trials: {failed}"
+
+
 def _children(pid: int) -> List[str]:
     try:
         return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()

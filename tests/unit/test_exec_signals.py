@@ -38,28 +38,30 @@ def test_a_vanished_process_is_not_starting() -> None:
 RUNNERS = {
     "executor": """
         from nsdf_hpc._exec import SubprocessRunner
-        res = SubprocessRunner().run(ARGV, check=False, capture=False, hold=HOLD, started=STARTED)
+        res = SubprocessRunner().run(ARGV, check=False, capture=False, hold=HOLD, started=STARTED, blocked=BLOCK)
         print(res.returncode, res.forwarded, res.held, flush=True)
     """,
     "launch-record": """
         import os
         from nsdf_hpc import _launch
-        print(*_launch._spawn_wait(ARGV, dict(os.environ), HOLD, STARTED), flush=True)
+        print(*_launch._spawn_wait(ARGV, dict(os.environ), HOLD, STARTED, BLOCK), flush=True)
     """,
     # the executor with an orphan guard that finds no container to remove (`true`)
     "guarded": """
         from nsdf_hpc._exec import SubprocessRunner, run_guarded
         res = run_guarded(SubprocessRunner(), ARGV, env=None, capture=False, remove=["true"], created=None,
-                          hold=HOLD, started=STARTED)
+                          hold=HOLD, started=STARTED, blocked=BLOCK)
         print(res.returncode, res.forwarded, res.held, flush=True)
     """,
 }
 
 
-def _streamed(runner: str, argv: list, hold: tuple, started=None) -> "subprocess.Popen[str]":
-    """A Python child that says "ready", then runs ``argv`` with ``runner`` and prints its result."""
-    code = (f"import sys\nARGV, HOLD, STARTED = {argv!r}, {hold!r}, {started!r}\n"
-            "print('ready', flush=True)\n" + textwrap.dedent(RUNNERS[runner]))
+def _streamed(runner: str, argv: list, hold: tuple, started=None, blocked=(), after: str = ""
+              ) -> "subprocess.Popen[str]":
+    """A Python child that says "ready", then runs ``argv`` with ``runner`` and prints its
+    result (then runs ``after``)."""
+    code = (f"import sys\nARGV, HOLD, STARTED, BLOCK = {argv!r}, {hold!r}, {started!r}, {tuple(blocked)!r}\n"
+            "print('ready', flush=True)\n" + textwrap.dedent(RUNNERS[runner]) + after)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
@@ -113,6 +115,42 @@ def test_the_runtime_starts_with_pipe_and_file_size_signals_at_their_defaults(ru
     assert proc.communicate(timeout=20)[0].split()[-3:] == ["0", "None", "None"]
     ignored = int(out.read_text().split()[1], 16)
     assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1)), hex(ignored)
+
+
+def _write_sigblk(out) -> list:
+    """An argv that writes its own SigBlk line to ``out`` (not a shell: dash clears its mask)."""
+    return [sys.executable, "-I", "-S", "-c",
+            f"import re; open({str(out)!r}, 'w').write(re.search('SigBlk.*', open('/proc/self/status').read())[0])"]
+
+
+def _mask(status_file) -> int:
+    return int(status_file.read_text().split()[1], 16)
+
+
+def _bits(*signums: int) -> int:
+    return sum(1 << (s - 1) for s in signums)
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
+def test_the_runtime_starts_with_the_invocations_blocked_signals(runner: str, tmp_path) -> None:
+    """``Invocation.blocked_signals`` (udocker's relay, which waits for them itself): blocked
+    in the runtime from its first instruction, and only there (this process's own mask is
+    as before once the runtime is started)."""
+    out = tmp_path / "sigblk"
+    after = ("import signal\n"
+             "print('mask', sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])), flush=True)\n")
+    proc = _streamed(runner, _write_sigblk(out), (), blocked=("SIGINT", "SIGUSR1", "SIGNOSUCH"), after=after)
+    lines = proc.communicate(timeout=20)[0].splitlines()
+    assert lines[-2].split() == ["0", "None", "None"] and lines[-1] == "mask []", lines
+    assert _mask(out) == _bits(signal.SIGINT, signal.SIGUSR1), hex(_mask(out))
+
+
+def test_the_launch_record_exec_blocks_them_too(tmp_path) -> None:
+    out = tmp_path / "sigblk"
+    code = ("import os\nfrom nsdf_hpc import _launch\n"
+            f"_launch._exec({_write_sigblk(out)!r}, dict(os.environ), ['SIGTERM', 'SIGHUP'])\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=20)
+    assert _mask(out) == _bits(signal.SIGTERM, signal.SIGHUP), hex(_mask(out))
 
 
 def test_the_launch_record_exec_restores_them_too(tmp_path) -> None:

@@ -2,6 +2,8 @@
 relay in front of udocker (issue 14 items 5, 8, 9); the relay's exit status."""
 from __future__ import annotations
 
+import runpy
+import signal
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 
 from nsdf_hpc.models import NativeImage, RunSpec
 from nsdf_hpc.runtimes.base import RuntimeContext
-from nsdf_hpc.runtimes.udocker import RELAY, UDocker
+from nsdf_hpc.runtimes.udocker import RELAY, RELAY_SIGNALS, UDocker
 
 NATIVE = NativeImage(runtime="udocker", source="busybox", location="nsdf-" + "a" * 24)
 HOST = {"PATH": "/usr/bin", "UDOCKER_DIR": "/cache/udocker"}
@@ -57,6 +59,43 @@ def test_empty_arguments_still_travel_in_nsdf_hpc_argv_under_the_shell():
 def test_no_relay_without_a_python_to_run_it():
     inv = _inv(_rt(python=None))
     assert inv.argv[0] == "/opt/bin/udocker"
+    assert inv.blocked_signals == ()
+
+
+def test_the_relay_starts_with_the_signals_it_passes_on_blocked():
+    assert _inv(_rt()).blocked_signals == RELAY_SIGNALS
+    relayed = runpy.run_path(RELAY)["RELAYED"]   # the script's own list (it is not imported by nsdf_hpc)
+    assert sorted(int(getattr(signal, n)) for n in RELAY_SIGNALS) == sorted(int(s) for s in relayed)
+
+
+def _exec_relay(command, pending=None):
+    """The relay exec'd as the launch record does (``_launch._exec``, its signals blocked),
+    with the signal ``pending`` sent to it before the exec (while "its interpreter starts")."""
+    code = ("import os, signal\nfrom nsdf_hpc import _launch\n"
+            f"signal.pthread_sigmask(signal.SIG_BLOCK, [{int(pending or 0)}] if {bool(pending)} else [])\n"
+            f"if {bool(pending)}: os.kill(os.getpid(), {int(pending or 0)})\n"
+            f"_launch._exec({[sys.executable, '-I', '-S', RELAY, '--', *command]!r}, dict(os.environ), "
+            f"{list(RELAY_SIGNALS)!r})\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_that_came_while_the_relay_started_ends_it_before_anything_runs(sig, tmp_path):
+    """CI, 2026-12-02: a SIGINT while the relay's interpreter started was printed as a
+    KeyboardInterrupt and lost, and the container ran on. Blocked, it waits for the relay,
+    which then starts nothing and ends as the signal would have ended it."""
+    marker = tmp_path / "ran"
+    r = _exec_relay(["/bin/sh", "-c", f"touch {marker}"], pending=sig)
+    assert r.returncode == 128 + sig, r.stderr
+    assert not marker.exists() and "Traceback" not in r.stderr
+
+
+def test_the_command_behind_the_relay_starts_with_no_signal_blocked(tmp_path):
+    out = tmp_path / "sigblk"
+    r = _exec_relay([sys.executable, "-I", "-S", "-c",
+                     f"open({str(out)!r}, 'w').write([l for l in open('/proc/self/status') if 'SigBlk' in l][0])"])
+    assert r.returncode == 0, r.stderr
+    assert int(out.read_text().split()[1], 16) == 0
 
 
 @pytest.mark.parametrize("script, rc", [("exit 3", 3), ("kill -TERM $$", 143), ("kill -KILL $$", 137)])
