@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 if TYPE_CHECKING:
     from typing import NoReturn
@@ -64,17 +64,21 @@ def _exit_interrupted(signum: int) -> "NoReturn":
     sys.exit(128 + signum)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None, interrupted: Sequence[int] = ()) -> None:
     """Entry point of the ``nsdf-run`` console script and ``python -m nsdf_hpc``.
 
     A signal to nsdf-run ends it with 128+N, as a shell reports it, after cleaning up; while a
-    container runs, the executor passes the signal on to it instead (``_exec.py``)."""
+    container runs, the executor passes the signal on to it instead (``_exec.py``).
+    ``interrupted``: signals noted before these handlers (``_entry.interrupted``), whose
+    KeyboardInterrupt Python passed over (in a finalizer): the command ends at once."""
     args = sys.argv[1:] if argv is None else list(argv)
     _received.clear()
     _exec.received.clear()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _interrupt)
+    if interrupted:
+        _exit_interrupted(interrupted[0])
     try:
         cli.main(args=args, prog_name="nsdf-run", obj={"argv": args})
     except _Interrupted as stop:

@@ -125,6 +125,10 @@ def main(argv: list[str]) -> int:
     if not args:
         sys.stderr.write("usage: _udocker_relay.py [--in-shell] -- UDOCKER ARGS...\n")
         return 125
+    if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+        # not started with the signals blocked (a batch script), a SIGINT while the interpreter
+        # started may have been printed and passed over (see nsdf_hpc._entry.main)
+        return 128 + signal.SIGINT
     watched = {*RELAYED, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     # nsdf-run starts this script with RELAYED blocked (udocker.RELAY_SIGNALS): one sent while

@@ -155,3 +155,25 @@ def test_signal_turned_into_another_error_still_exits_128_plus_n(monkeypatch, ca
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_a_sigint_noted_before_the_cli_ends_it_before_any_command(monkeypatch, capsys):
+    """``_entry.interrupted``: a SIGINT whose KeyboardInterrupt Python passed over (raised in
+    a finalizer while click and pydantic were imported) ends the command before it starts."""
+    import signal
+
+    import nsdf_hpc.cli as cli_pkg
+
+    def must_not_run(**kwargs):
+        raise AssertionError("the command ran after the SIGINT")
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(cli_pkg.cli, "main", must_not_run)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli_pkg.main(["run", "busybox", "--", "true"], [signal.SIGINT])
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert stop.value.code == 130
+    assert "interrupted by SIGINT" in capsys.readouterr().err

@@ -90,6 +90,16 @@ def test_a_signal_that_came_while_the_relay_started_ends_it_before_anything_runs
     assert not marker.exists() and "Traceback" not in r.stderr
 
 
+def test_a_sigint_the_interpreter_passed_over_at_start_ends_the_relay(tmp_path):
+    """Started without its signals blocked (a batch script), a SIGINT while the interpreter
+    started can be printed and passed over by CPython, which keeps it in ``sys.last_value``."""
+    marker = tmp_path / "ran"
+    code = ("import runpy, sys\nsys.last_value = KeyboardInterrupt()\n"
+            f"raise SystemExit(runpy.run_path({RELAY!r})['main'](['relay', '--', 'touch', {str(marker)!r}]))\n")
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], timeout=30)
+    assert r.returncode == 130 and not marker.exists()
+
+
 def test_the_command_behind_the_relay_starts_with_no_signal_blocked(tmp_path):
     out = tmp_path / "sigblk"
     r = _exec_relay([sys.executable, "-I", "-S", "-c",
