@@ -52,6 +52,7 @@ else:   # the C module: `signal` imports enum (~10 ms), and this script runs per
 
 RELAYED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
            signal.SIGUSR2)
+NAMES: dict[int, str] = dict(zip(RELAYED, ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2")))
 SI_KERNEL = 0x80          # <asm-generic/siginfo.h>: sent by the kernel (the tty driver)
 POLL = 0.02               # while a signal waits for the container to start
 FALLBACK_AFTER = 5.0      # no tracee by then: not PRoot (see the module docstring)
@@ -115,6 +116,12 @@ def targets(root: int, in_shell: bool, fallback: bool) -> list[int]:
     return [p for p in traced if p not in tops and _read(f"/proc/{p}/cmdline") not in top_cmd]
 
 
+def _interrupted(signo: int) -> int:
+    """Nothing started: end as nsdf-run ends when a signal comes before the container runs."""
+    sys.stderr.write(f"\nnsdf-run: interrupted by {NAMES.get(signo, signo)}\n")
+    return 128 + signo
+
+
 def main(argv: list[str]) -> int:
     args = argv[1:]
     in_shell = bool(args) and args[0] == "--in-shell"
@@ -128,7 +135,7 @@ def main(argv: list[str]) -> int:
     if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
         # not started with the signals blocked (a batch script), a SIGINT while the interpreter
         # started may have been printed and passed over (see nsdf_hpc._entry.main)
-        return 128 + signal.SIGINT
+        return _interrupted(signal.SIGINT)
     watched = {*RELAYED, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     # nsdf-run starts this script with RELAYED blocked (udocker.RELAY_SIGNALS): one sent while
@@ -138,7 +145,7 @@ def main(argv: list[str]) -> int:
     early = signal.sigpending() & set(RELAYED)
     if early:
         first = signal.sigtimedwait(early, 0)
-        return 128 + (first.si_signo if first is not None else min(early))
+        return _interrupted(first.si_signo if first is not None else min(early))
     try:
         child = os.posix_spawnp(args[0], args, dict(os.environ), setsigmask=())
     except OSError as err:
