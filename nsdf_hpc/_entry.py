@@ -25,16 +25,17 @@ def _note_sigint(signum: int, frame: Any) -> None:
 
 
 def _take_sigint() -> Any:
-    """Install ``_note_sigint`` in place of Python's default SIGINT handler; returns the
-    previous handler, or None when it left it alone (ignored, as in a background job of a
-    script, or another thread)."""
+    """Install ``_note_sigint`` in place of Python's default SIGINT handler; returns what
+    puts the previous one back, or None when it left it alone (ignored, as in a background
+    job of a script, or another thread)."""
     try:
         import _signal   # type: ignore[import-not-found, unused-ignore]   # noqa: PLC0415 (signal imports enum)
     except ImportError:   # pragma: no cover - not CPython
         import signal as _signal   # noqa: PLC0415
     try:
         if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-            return _signal.signal(_signal.SIGINT, _note_sigint)
+            previous = _signal.signal(_signal.SIGINT, _note_sigint)
+            return lambda: _signal.signal(_signal.SIGINT, previous)
     except ValueError:   # not the main thread
         pass
     return None
@@ -57,16 +58,15 @@ def main(argv: Optional[List[str]] = None) -> Optional[int]:
         sys.stderr.write("nsdf-run: interrupted by SIGINT\n")
         return 130
     del interrupted[:]
-    previous = _take_sigint()
+    restore = _take_sigint()
     try:
         return _main(argv)
     except KeyboardInterrupt:
         sys.stderr.write("\nnsdf-run: interrupted by SIGINT\n")
         return 130
     finally:
-        if previous is not None:
-            import _signal  # type: ignore[import-not-found, unused-ignore]   # noqa: PLC0415
-            _signal.signal(_signal.SIGINT, previous)
+        if restore is not None:
+            restore()
 
 
 def _main(argv: Optional[List[str]]) -> Optional[int]:

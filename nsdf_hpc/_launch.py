@@ -525,9 +525,10 @@ def _exec(argv: Sequence[str], penv: Mapping[str, str], block: Sequence[str] = (
     sig = _signals()
     # SIGINT: Python's handler (``_entry._note_sigint``) only marks it for later, and a SIGINT
     # taken just before the exec would be lost with this process image (by hand, Charliecloud:
-    # 1 of 400 SIGINTs, and the command ran on with nothing printed). Blocked, the handler of one already taken runs now (pthread_sigmask runs pending
-    # handlers: KeyboardInterrupt, nothing started); then SIGINT is left at its default, which
-    # ends this process if one comes before the exec. (An ignored SIGINT stays ignored.)
+    # 1 of 400 SIGINTs, and the command ran on with nothing printed). Blocked, the handler of
+    # one already taken runs now (pthread_sigmask runs pending handlers: KeyboardInterrupt,
+    # nothing started); then SIGINT is left at its default, which ends this process if one
+    # comes before the exec. (An ignored SIGINT stays ignored.)
     before = sig.pthread_sigmask(sig.SIG_BLOCK, [sig.SIGINT])
     try:
         interrupt = sig.getsignal(sig.SIGINT)
