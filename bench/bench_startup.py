@@ -44,10 +44,16 @@ def _status(nsdf_run: str, runs: int) -> list:
     out = subprocess.run(["sbatch", "--parsable", "--wait", "-o", "/dev/null", "--wrap", "true"],
                          capture_output=True, text=True, check=True).stdout
     job = out.strip().split(";")[0]
-    sacct = ["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State,ExitCode,Reason"]
+    sacct = ["sacct", "--parsable2", "--noheader", "-X", "-o", "JobID,State,ExitCode,Reason,NodeList,JobName",
+             "-j", job]
+    subprocess.run([nsdf_run, "status", job], capture_output=True, check=True)   # validates the settings
     return [compare_commands("nsdf-run status JOBID (sacct)", [nsdf_run, "status", job], sacct,
                              runs=runs, baseline_name="sacct -j JOBID", target="<= 100 ms added",
-                             check=lambda r: r.added_ms <= 100)]
+                             check=lambda r: r.added_ms <= 100),
+            # the first status of new settings, an array, or NSDF_HPC_NO_FAST_PATH=1: click and the models
+            compare_commands("nsdf-run status JOBID, full path", [nsdf_run, "status", job], sacct,
+                             runs=runs, env={**os.environ, "NSDF_HPC_NO_FAST_PATH": "1"},
+                             baseline_name="sacct -j JOBID")]
 
 
 if __name__ == "__main__":

@@ -89,6 +89,12 @@ def _main(argv: Optional[List[str]]) -> Optional[int]:
         out = fast_images(args, os.environ)   # a Ctrl-C on a slow shared filesystem: see main
         if out is not None:
             return _write(out)
+    elif fast and args and args[0] == "status":
+        # bare job ids: one sacct call, printed without the settings models (``_status.py``)
+        from ._status import fast_status   # noqa: PLC0415
+        out = fast_status(args, os.environ, interrupted)
+        if out is not None:
+            return _write(out)
     from .cli import main as cli_main
     cli_main(args, interrupted)
     return None

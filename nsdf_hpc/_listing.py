@@ -76,8 +76,13 @@ def image_output(rows: List[Dict[str, Any]], root: str, as_json: bool) -> str:
 
 # ------------------------------------------------------------------ the fast path's stamp
 
-def _stamp_path(env: Mapping[str, str]) -> str:
-    return os.path.join(user_state_dir(env), "settings-valid")
+#: the stamps' files in the user's state directory: the cache directories (``images``) and
+#: the Slurm settings (``status``, ``_status.py``)
+STAMP_FILES = {"images": "settings-valid", "slurm": "slurm-valid"}
+
+
+def _stamp_path(env: Mapping[str, str], name: str = "images") -> str:
+    return os.path.join(user_state_dir(env), STAMP_FILES[name])
 
 
 def _referenced(text: str) -> List[str]:
@@ -128,17 +133,15 @@ def settings_stamp(env: Mapping[str, str]) -> str:
     return json.dumps(parts)
 
 
-def remember_valid_settings(env: Mapping[str, str], cache_dir: Optional[str],
-                            site_cache_dirs: Sequence[str]) -> None:
-    """Called with the settings the full path validated (best effort: a read-only home only
-    means the next listing takes the full path again)."""
-    path = _stamp_path(env)
+def remember_valid(env: Mapping[str, str], name: str, values: Mapping[str, Any]) -> None:
+    """Called with the values a full path validated (best effort: a read-only home only
+    means the next call takes the full path again)."""
+    path = _stamp_path(env, name)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"key": settings_stamp(env), "cache_dir": cache_dir,
-                       "site_cache_dirs": list(site_cache_dirs)}, fh)
+            json.dump({**values, "key": settings_stamp(env)}, fh)
         os.replace(tmp, path)
     except (OSError, ValueError):   # ValueError: a path json cannot write (a lone surrogate)
         try:
@@ -147,14 +150,29 @@ def remember_valid_settings(env: Mapping[str, str], cache_dir: Optional[str],
             pass
 
 
-def _validated_dirs(env: Mapping[str, str]) -> Optional[Tuple[Optional[str], Tuple[str, ...]]]:
-    """``(cache_dir, site_cache_dirs)`` from the stamp when it still matches, else None."""
+def validated(env: Mapping[str, str], name: str) -> Optional[Dict[str, Any]]:
+    """The values :func:`remember_valid` saved, when what they were made from still matches;
+    else None."""
     try:
-        with open(_stamp_path(env), encoding="utf-8") as fh:
+        with open(_stamp_path(env, name), encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("key") != settings_stamp(env):
+        return None
+    return data
+
+
+def remember_valid_settings(env: Mapping[str, str], cache_dir: Optional[str],
+                            site_cache_dirs: Sequence[str]) -> None:
+    """The cache directories of the settings the click command validated."""
+    remember_valid(env, "images", {"cache_dir": cache_dir, "site_cache_dirs": list(site_cache_dirs)})
+
+
+def _validated_dirs(env: Mapping[str, str]) -> Optional[Tuple[Optional[str], Tuple[str, ...]]]:
+    """``(cache_dir, site_cache_dirs)`` from the stamp when it still matches, else None."""
+    data = validated(env, "images")
+    if data is None:
         return None
     cache_dir, tiers = data.get("cache_dir"), data.get("site_cache_dirs")
     if not (cache_dir is None or isinstance(cache_dir, str)) or not isinstance(tiers, list) \

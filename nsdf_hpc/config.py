@@ -263,3 +263,19 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
         where = sources.get(key.split(".")[0], "default")
         raise ConfigError(f"invalid Slurm setting {key}={values.get(key.split('.')[0])!r} "
                           f"(from {where}): {e.get('msg')}") from None
+
+
+def work_dir_follows_cwd(settings: SlurmSettings, env: Mapping[str, str]) -> bool:
+    """Whether ``settings.work_dir`` was a relative path (made absolute from the current
+    directory): the fast path of ``nsdf-run status`` then uses it only in the same directory."""
+    where = settings.sources.get("work_dir", "default")
+    if where.startswith("env:"):
+        raw = env.get(where[4:], "")
+    elif where.startswith("config:"):
+        table = _read_toml(where[7:]).get("slurm", {})
+        raw = table.get("work_dir", "") if isinstance(table, dict) else ""
+    elif where == "default":
+        raw = env.get("HOME") or os.path.expanduser("~")
+    else:                       # an argument: relative or not, it is not remembered
+        return True
+    return not (isinstance(raw, str) and os.path.isabs(os.path.expanduser(os.path.expandvars(raw))))

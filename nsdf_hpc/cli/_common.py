@@ -219,12 +219,13 @@ JOB_ID = JobIdType()
 
 def print_status(st: Any, waited: bool = False) -> None:
     """One line per job status: the ``status`` table row on stdout (tab-separated, with signal
-    and accounting), or, for ``submit --wait`` (``waited``), the final state on stderr."""
-    code = "" if st.exit_code is None else f" exit={st.exit_code}"
-    why = f" ({st.reason})" if st.reason else ""
+    and accounting: :func:`nsdf_hpc._slurm_text.status_row`), or, for ``submit --wait``
+    (``waited``), the final state on stderr."""
     if waited:
+        code = "" if st.exit_code is None else f" exit={st.exit_code}"
+        why = f" ({st.reason})" if st.reason else ""
         click.echo(f"{st.job_id} {st.state.value} {st.native_state}{code}{why}", err=True)
         return
-    sig = f" signal={st.signal}" if st.signal else ""
-    acct = "" if st.accounting else " [accounting disabled]"
-    click.echo(f"{st.job_id}\t{st.state.value}\t{st.native_state or '-'}{code}{sig}{why}{acct}")
+    from .._slurm_text import status_row
+    click.echo(status_row(st.job_id, st.state, st.native_state, st.exit_code, st.signal, st.reason,
+                          st.accounting))

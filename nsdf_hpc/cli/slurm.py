@@ -111,6 +111,16 @@ def submit(ctx: click.Context, image: str, command: Sequence[str], runtime: Opti
     sys.exit(st.shell_exit_code())
 
 
+def _remember(client: "Client", slurm: Any) -> None:
+    """The Slurm settings are valid and sacct answered: a later `status N` may answer without
+    the settings models (``_status.py``)."""
+    from .._status import remember_slurm
+    from ..config import work_dir_follows_cwd
+    st = slurm.settings
+    remember_slurm(client.env, st.work_dir, slurm.accounting, st.backend, slurm.backend,
+                   st.command_timeout, work_dir_follows_cwd(st, client.env))
+
+
 @click.command()
 @click.argument("job_ids", nargs=-1, required=True, type=JOB_ID)
 @click.option("--json", "as_json", is_flag=True,
@@ -124,9 +134,11 @@ def status(ctx: click.Context, job_ids: Sequence[str], as_json: bool,
     """Normalized state, Slurm's state and reason, and exit code of JOBID... (one query).
 
     JOBID is N or an array task N_M."""
-    _, slurm = _slurm(ctx, accounting)
+    client, slurm = _slurm(ctx, accounting)
     jobs = [slurm.attach(j) for j in job_ids]
     table = slurm.status([i for j in jobs for i in j.job_ids])
+    if accounting is None:
+        _remember(client, slurm)
     rows = []
     for j in jobs:
         rows.append(j._update(table))

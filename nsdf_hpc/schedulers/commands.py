@@ -9,6 +9,7 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UnexpectedOutputError
+from .._slurm_text import ACCOUNTING_DISABLED, SACCT_FIELDS, is_partial, sacct_fields, status_argv
 from .states import JobStatus, final_reason, parse_exit_code, slurm_state
 
 __all__ = ["TRANSIENT_PATTERNS", "ACCOUNTING_DISABLED", "SACCT_FIELDS", "is_transient",
@@ -25,7 +26,6 @@ TRANSIENT_PATTERNS: Tuple[str, ...] = (
     "Transport endpoint is not connected", "Zero Bytes were transmitted or received",
     "Slurm backup controller in standby mode", "slurm_persist_conn_open",
 )
-ACCOUNTING_DISABLED = "Slurm accounting storage is disabled"
 
 def is_transient(text: str) -> bool:
     return any(p.lower() in text.lower() for p in TRANSIENT_PATTERNS)
@@ -64,38 +64,15 @@ def parse_submit(stdout: str) -> str:
     return job_id
 
 
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "Reason", "NodeList", "JobName")
-
-
-def status_argv(job_ids: Sequence[str]) -> List[str]:
-    """One sacct call for every job (JobName last: it may contain the delimiter)."""
-    return ["sacct", "--parsable2", "--noheader", "-X", "-o", ",".join(SACCT_FIELDS),
-            "-j", ",".join(job_ids)]
-
-
 def parse_sacct(stdout: str) -> Dict[str, JobStatus]:
-    """``sacct --parsable2 --noheader -X -o JobID,State,ExitCode,Reason,NodeList,JobName``."""
-    out: Dict[str, JobStatus] = {}
-    for line in stdout.splitlines():
-        if not line.strip():
-            continue
-        parts = line.split("|", len(SACCT_FIELDS) - 1)
-        if len(parts) < 3 or not re.match(r"^\d+", parts[0]):
-            raise UnexpectedOutputError("sacct", stdout, expected="JobID|State|ExitCode|... lines")
-        job_id = parts[0]
-        st = slurm_state(parts[1], parts[2])
-        reason = final_reason(st.state, parts[3] if len(parts) > 3 else None) or st.reason
-        name = parts[5] if len(parts) > 5 else None
-        out[job_id] = st.model_copy(update={"job_id": job_id, "reason": reason, "name": name,
-                                            "source": "sacct"})
-    return out
+    """``sacct --parsable2 --noheader -X -o JobID,State,ExitCode,Reason,NodeList,JobName``
+    (the fields from :func:`nsdf_hpc._slurm_text.sacct_fields`)."""
+    return {k: JobStatus(**v) for k, v in sacct_fields(stdout).items()}
 
 
 def is_partial_record(st: JobStatus) -> bool:
-    """A sacct line slurmdbd has not completed yet: FAILED with neither an exit code nor a
-    signal (a failed job has one; seen just after slurmdbd came back: the state arrives
-    before the exit code and the end time)."""
-    return st.source == "sacct" and st.native_state == "FAILED" and not st.exit_code and not st.signal
+    """See :func:`nsdf_hpc._slurm_text.is_partial`."""
+    return is_partial(st.source, st.native_state, st.exit_code, st.signal)
 
 
 def scontrol_jobs_argv() -> List[str]:

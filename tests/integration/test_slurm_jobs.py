@@ -583,6 +583,54 @@ def test_cli_status_of_a_job_nsdf_hpc_did_not_submit_is_one_query(work_dir: Path
     assert (logs.returncode, logs.stdout) == (0, "foreign\n"), logs.stderr
 
 
+def test_cli_status_fast_path_prints_what_the_click_command_prints(work_dir: Path, tmp_path: Path) -> None:
+    """Once the click command validated the Slurm settings, `nsdf-run status N` is answered
+    without the settings models (``_status.py``: no pydantic import) and prints what the click
+    command prints, for real jobs that completed, failed, died of a signal, were cancelled,
+    are held or still run; array jobs and array tasks are left to the click command."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NSDF_HPC_")}
+    env.update(NSDF_HPC_SLURM_DIR=str(work_dir), HOME=str(tmp_path / "home"),
+               XDG_CACHE_HOME=str(tmp_path / "xdg-cache"))
+
+    def sbatch(*args: str) -> str:
+        out = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", *args], capture_output=True,
+                             text=True, timeout=60, check=True)
+        return out.stdout.strip().split(";")[0]
+
+    def status(*ids: str, full: bool = False) -> "tuple[str, bool]":
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "nsdf_hpc", "status", *ids],
+                           env={**env, **({"NSDF_HPC_NO_FAST_PATH": "1"} if full else {})},
+                           capture_output=True, text=True, timeout=60, cwd="/tmp")
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+        assert r.returncode == 0 and not errors, r
+        return r.stdout, any(line.startswith("import time:") and line.split("|")[-1].strip() == "pydantic"
+                             for line in r.stderr.splitlines())
+
+    ok, bad, killed = sbatch("--wrap", "true"), sbatch("--wrap", "exit 3"), sbatch("--wrap", "kill -KILL $$")
+    running, cancelled = sbatch("--wrap", "sleep 120"), sbatch("--wrap", "sleep 120")
+    array, held = sbatch("--array=0-2", "--wrap", "true"), sbatch("--hold", "--wrap", "true")
+    slurm = Slurm(settings=SlurmSettings(work_dir=str(work_dir)))
+    try:
+        slurm.cancel([cancelled])
+        slurm.wait_all([slurm.attach(j) for j in (ok, bad, killed, cancelled, array)], timeout=90)
+        deadline = time.time() + 60
+        while slurm.attach(running).status().state is not JobState.ACTIVE and time.time() < deadline:
+            time.sleep(0.5)
+        first = status(ok)                       # no stamp yet: the click command, which writes it
+        assert first[1] and (tmp_path / "xdg-cache" / "nsdf-hpc" / "slurm-valid").is_file()
+        plain = [ok, bad, killed, cancelled, running, held]
+        for ids in [[j] for j in plain] + [plain, [bad, ok, bad]]:
+            fast, full = status(*ids), status(*ids, full=True)
+            assert not fast[1] and full[1], (ids, fast)
+            assert fast[0] == full[0] and len(fast[0].splitlines()) == len(ids), (fast, full)
+        assert "\tFAILED\tFAILED exit=3" in status(bad)[0] and "\tACTIVE\tRUNNING" in status(running)[0]
+        for ids in ([array], [f"{array}_1"], [ok, array]):
+            fast, full = status(*ids), status(*ids, full=True)
+            assert fast[1] and fast[0] == full[0], (ids, fast, full)
+    finally:
+        slurm.cancel([running, held])
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_signal_to_submit_wait_stops_the_waiting_and_says_how_to_cancel(cache: Path, work_dir: Path,
                                                                          sig: int) -> None:

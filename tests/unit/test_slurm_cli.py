@@ -121,6 +121,7 @@ class _FakeSlurm:
 def fake_slurm(monkeypatch: pytest.MonkeyPatch) -> _FakeSlurm:
     fake = _FakeSlurm()
     monkeypatch.setattr(cli_slurm, "_slurm", lambda ctx, *a, **k: (None, fake))
+    monkeypatch.setattr(cli_slurm, "_remember", lambda client, slurm: None)
     return fake
 
 
