@@ -89,6 +89,12 @@ def _main(argv: Optional[List[str]]) -> Optional[int]:
         out = fast_images(args, os.environ)   # a Ctrl-C on a slow shared filesystem: see main
         if out is not None:
             return _write(out)
+    elif fast and args and args[0] == "runtimes":
+        # the kept answer, while everything it was made from holds (``_runtimes_answer.py``)
+        from ._runtimes_answer import fast_runtimes   # noqa: PLC0415
+        out = fast_runtimes(args, os.environ)
+        if out is not None:
+            return _write(out)
     elif fast and args and args[0] == "status":
         # bare job ids: one sacct call, printed without the settings models (``_status.py``)
         from ._status import fast_status   # noqa: PLC0415

@@ -11,7 +11,8 @@ the validated ``cache_dir`` and ``site_cache_dirs``, with what they were made fr
 files' text and the ``NSDF_HPC_*`` variables). When that still matches, the listing needs
 neither the settings models nor a TOML parser; otherwise (no stamp, a changed file or
 variable, an odd value, any error) the click command answers, and reports an invalid
-setting as every other command does.
+setting as every other command does. The same stamp, in its own file, holds the Slurm
+settings for the fast path of ``nsdf-run status`` (``_status.py``).
 """
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ def image_output(rows: List[Dict[str, Any]], root: str, as_json: bool) -> str:
 
 # ------------------------------------------------------------------ the fast path's stamp
 
-#: the stamps' files in the user's state directory: the cache directories (``images``) and
-#: the Slurm settings (``status``, ``_status.py``)
-STAMP_FILES = {"images": "settings-valid", "slurm": "slurm-valid"}
+#: the stamps' files in the user's state directory: the cache directories (``images``), the
+#: Slurm settings (``status``, ``_status.py``) and the kept runtimes answer (``_runtimes_answer.py``)
+STAMP_FILES = {"images": "settings-valid", "slurm": "slurm-valid", "runtimes": "runtimes-valid"}
 
 
 def _stamp_path(env: Mapping[str, str], name: str = "images") -> str:

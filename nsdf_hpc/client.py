@@ -21,7 +21,7 @@ from .models import (Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, Runti
                      parse_env)
 from .paths import user_state_dir
 from .reference import ImageSource, Platform
-from .runtimes import choose, detect_all, runtime_class
+from .runtimes import choose, detect_all, detection_inputs, runtime_class
 from .runtimes.base import Invocation, Runtime, RuntimeContext, effective_binds, process_env
 
 if TYPE_CHECKING:
@@ -92,6 +92,16 @@ class Client:
                                      timeout=self.settings.probe_timeout,
                                      cache_file=self._detect_cache_file(), host=self.host, refresh=refresh)
         return self._infos
+
+    def detection_inputs(self) -> Optional[Dict[str, Any]]:
+        """What :meth:`detect` of every runtime was made from, as plain data (the kept answer
+        of ``nsdf-run runtimes``); None without a detection cache or when a runtime cannot
+        say what its assessment reads."""
+        cache_file = self._detect_cache_file()
+        if cache_file is None:
+            return None
+        return detection_inputs(self.detect(), env=self.env, runtime_paths=self.settings.runtime_paths,
+                                host=self.host, cache_file=cache_file)
 
     def choose(self, runtime: Optional[str] = None) -> RuntimeChoice:
         """The runtime to use and why; ``runtime`` is an explicit request (never a fallback).

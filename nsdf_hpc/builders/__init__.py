@@ -15,7 +15,8 @@ from .._exec import CommandRunner, CompletedCommand
 from ..errors import BuilderNotFoundError, ConfigError, NsdfError
 from ..host import HostFacts
 from ..models import BuilderChoice, BuilderInfo
-from ..runtimes import _fingerprint, _load_cache, _save_cache
+from .._runtimes_answer import fingerprint
+from ..runtimes import _load_cache, _save_cache
 from ..runtimes.base import RuntimeContext, process_env
 from .apptainer import ApptainerBuilder
 from .base import DEFINITION, DOCKERFILE, Builder, BuildJob, BuildPlan
@@ -83,7 +84,7 @@ def detect_builders(runner: CommandRunner, host: HostFacts, *, env: Optional[Map
     todo = [c for c in classes if paths[c.name]]
     if only and cache_file:
         cache_file = f"{cache_file[:-5]}-{'-'.join(sorted(only))}.json"
-    key = _fingerprint([str(paths[c.name]) for c in todo], path_env, host.uid)
+    key = fingerprint([str(paths[c.name]) for c in todo], path_env, host.uid)
     probes = None if refresh else _load_cache(cache_file, key)
     if probes is None:
         probe_env = process_env(env, {"USER": env.get("USER") or host.user})

@@ -10,8 +10,8 @@ error; 130 is Ctrl-C.
 The library (pydantic, the client) and rich are imported inside the functions that need them,
 on purpose: `nsdf-run --help`, `--version` and usage errors answer without those imports
 (start-up on login nodes and in job scripts). These are the package's only function-level
-imports besides the fast paths (``_entry.py``, ``_launch.py``, ``_listing.py``) and optional or
-version-dependent modules (pyslurm, tomli, ssl, pwd).
+imports besides the fast paths (``_entry.py``, ``_launch.py``, ``_listing.py``, ``_status.py``)
+and optional or version-dependent modules (pyslurm, tomli, ssl, pwd).
 """
 from __future__ import annotations
 

@@ -30,32 +30,46 @@ def runtimes(ctx: click.Context, as_json: bool, refresh: bool) -> None:
         chosen, source, rejected, error = choice.name, choice.source, choice.rejected, None
     except NsdfError as err:
         chosen, source, rejected, error = None, None, {}, str(err)
+    text = _output(infos, chosen, source, rejected, error, as_json)
+    click.echo(text, nl=False)
+    if not refresh:
+        # a later `nsdf-run runtimes` prints it while what it was made from holds
+        made_from = client.detection_inputs()
+        if made_from is not None:
+            from .._runtimes_answer import remember_answer
+            remember_answer(client.env, "--json" if as_json else "", text, made_from)
+
+
+def _output(infos: Any, chosen: Optional[str], source: Optional[str], rejected: Dict[str, Any],
+            error: Optional[str], as_json: bool) -> str:
+    """The whole standard output of ``nsdf-run runtimes`` (``--json``)."""
     if as_json:
-        click.echo(json.dumps({"chosen": chosen, "source": source, "error": error,
-                               "runtimes": [json.loads(i.model_dump_json()) for i in infos],
-                               "rejected": rejected}, indent=2))
-        return
+        return json.dumps({"chosen": chosen, "source": source, "error": error,
+                           "runtimes": [json.loads(i.model_dump_json()) for i in infos],
+                           "rejected": rejected}, indent=2) + "\n"
+    lines = []
     for i in infos:
         mark = "*" if i.name == chosen else (" " if i.usable else "-")
         if i.found:
             caps = ", ".join(k for k, v in i.capabilities.items() if v) or "none"
             flav = f" ({i.flavour})" if i.flavour and i.flavour != i.name else ""
-            click.echo(f"{mark} {i.name:<13} {i.version or '?':<10}{flav} {i.path}")
-            click.echo(f"      {'usable' if i.usable else 'NOT USABLE'}; capabilities: {caps}")
+            lines.append(f"{mark} {i.name:<13} {i.version or '?':<10}{flav} {i.path}")
+            lines.append(f"      {'usable' if i.usable else 'NOT USABLE'}; capabilities: {caps}")
         else:
-            click.echo(f"{mark} {i.name:<13} not found")
+            lines.append(f"{mark} {i.name:<13} not found")
         for n in i.notes:
             if i.found:
-                click.echo(f"      note: {n}")
-    click.echo("")
+                lines.append(f"      note: {n}")
+    lines.append("")
     if chosen:
         how = {"argument": "asked for", "auto": "first usable in NSDF's order"}.get(
             source or "", f"set by {source}")
-        click.echo(f"chosen: {chosen} ({how})")
+        lines.append(f"chosen: {chosen} ({how})")
         for name, why in rejected.items():
-            click.echo(f"  not {name}: {why}")
+            lines.append(f"  not {name}: {why}")
     else:
-        click.echo(f"no runtime can be chosen: {error}")
+        lines.append(f"no runtime can be chosen: {error}")
+    return "".join(line + "\n" for line in lines)
 
 
 @click.command()

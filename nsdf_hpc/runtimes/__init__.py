@@ -3,19 +3,20 @@
 Detection runs every version probe at once with a timeout, never raises, and caches what the
 probes said, keyed by PATH and the identity (inode, size, mtime) of every binary found, so a
 warm detection starts no process. Host facts (user namespaces, /dev/fuse, subuid) are read
-fresh each time: they are cheap and can change.
+fresh each time: they are cheap and can change. How executables are found and the cache's key
+live in ``_runtimes_answer.py``, without the runtime classes: ``nsdf-run runtimes`` keeps its
+answer with what a detection was made from (:func:`detection_inputs`) and checks it there.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import os
-import shutil
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
-from .._version import __version__
 from .._fsutil import atomic_write_json
+from .._runtimes_answer import find_candidates, fingerprint, inputs
 from .._exec import CommandRunner, CompletedCommand
 from ..errors import ConfigError, NsdfError, RuntimeNotFoundError
 from ..host import HostFacts, probe_host
@@ -30,7 +31,6 @@ from .udocker import UDocker
 logger = logging.getLogger(__name__)
 
 _REGISTRY: Dict[str, Type[Runtime]] = {}
-DETECT_CACHE_VERSION = 2
 
 
 def register_runtime(cls: Type[Runtime]) -> Type[Runtime]:
@@ -59,34 +59,8 @@ def runtime_class(name: str) -> Type[Runtime]:
 
 def _candidates(cls: Type[Runtime], configured: Mapping[str, str],
                 path_env: Optional[str]) -> Tuple[List[str], List[str]]:
-    notes: List[str] = []
-    if cls.name in configured:
-        p = configured[cls.name]
-        if os.path.isfile(p) and os.access(p, os.X_OK):
-            return [p], notes
-        notes.append(f"configured path {p} is not an executable file")
-        return [], notes
-    found: List[str] = list(dict.fromkeys(cls.preferred_candidates()))
-    for exe in cls.executables:
-        hit = shutil.which(exe, path=path_env)
-        if hit and hit not in found:
-            if found:   # not probed: one probe per runtime keeps detection cheap
-                if os.path.realpath(hit) != os.path.realpath(found[0]):
-                    notes.append(f"{found[0]} (installed with this Python) is used, not {hit} on PATH")
-                continue
-            found.append(hit)
-    return found, notes
-
-
-def _fingerprint(paths: Sequence[str], path_env: str, uid: int) -> str:
-    h = hashlib.sha256(f"{DETECT_CACHE_VERSION}|{__version__}|{uid}|{path_env}".encode())
-    for p in sorted(set(paths)):
-        try:
-            st = os.stat(p)
-            h.update(f"|{p}|{os.path.realpath(p)}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}".encode())
-        except OSError:
-            h.update(f"|{p}|missing".encode())
-    return h.hexdigest()
+    return find_candidates(configured.get(cls.name), cls.preferred_candidates(), cls.executables,
+                           os.environ.get("PATH", os.defpath) if path_env is None else path_env)
 
 
 def _load_cache(path: Optional[str], key: str) -> Optional[Dict[str, Dict[str, str]]]:
@@ -126,7 +100,7 @@ def detect_all(runner: CommandRunner, *, env: Optional[Mapping[str, str]] = None
     cands: Dict[str, Tuple[List[str], List[str]]] = {
         c.name: _candidates(c, runtime_paths or {}, path_env) for c in classes}
     all_paths = [p for paths, _ in cands.values() for p in paths]
-    key = _fingerprint(all_paths, path_env, host.uid)
+    key = fingerprint(all_paths, path_env, host.uid)
     probes = None if refresh else _load_cache(cache_file, key)
     if probes is None:
         probes = {}
@@ -208,6 +182,27 @@ def choose(infos: Sequence[RuntimeInfo], *, explicit: Optional[str] = None,
     return RuntimeChoice(name=best.name, source="auto", info=best, rejected=rejected)
 
 
+def detection_inputs(infos: Sequence[RuntimeInfo], *, env: Mapping[str, str],
+                     runtime_paths: Mapping[str, str], host: HostFacts,
+                     cache_file: Optional[str]) -> Optional[Dict[str, Any]]:
+    """What a detection of every runtime (``infos``) was made from, as plain data (the kept
+    answer of ``nsdf-run runtimes``: ``_runtimes_answer.py``); None when a runtime found
+    cannot name the files its assessment reads."""
+    files: List[str] = []
+    names: List[str] = []
+    for info in infos:
+        if info.found and info.path:
+            read = _REGISTRY[info.name](info.path).assessment_inputs()
+            if read is None:
+                return None
+            files += read[0]
+            names += read[1]
+    classes = sorted(_REGISTRY.values(), key=lambda c: c.priority)
+    lookups = [(runtime_paths.get(c.name), c.preferred_candidates(), c.executables) for c in classes]
+    return inputs(lookups, env.get("PATH", os.defpath), dataclasses.asdict(host), files, names, env,
+                  cache_file)
+
+
 def _why_not(info: RuntimeInfo, preferred: str) -> str:
     if not info.found:
         return "; ".join(info.notes) or "not found"
@@ -227,4 +222,4 @@ def describe_all(infos: Sequence[RuntimeInfo]) -> str:
 
 
 __all__ = ["register_runtime", "runtime_names", "runtime_class", "detect_all", "choose",
-           "describe_all", "Runtime"]
+           "describe_all", "detection_inputs", "Runtime"]

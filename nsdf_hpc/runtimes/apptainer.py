@@ -9,7 +9,7 @@ reported under ``apptainer`` and the ``singularity`` entry stays for Singularity
 from __future__ import annotations
 
 import os
-from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..environment import EnvEncoding
 from ..errors import SpecError, UnexpectedOutputError
@@ -98,12 +98,18 @@ class Apptainer(Runtime):
             notes.append("this version has no --no-eval: environment values are shell-escaped")
         return Assessment(usable, caps, tuple(notes))
 
+    def assessment_inputs(self) -> Optional[Tuple[Sequence[str], Sequence[str]]]:
+        return self._starters(), ()
+
+    def _starters(self) -> List[str]:
+        """Where a setuid starter of this installation would be."""
+        prefix = os.path.dirname(os.path.dirname(os.path.realpath(self.path)))
+        return [os.path.join(prefix, sub) for sub in (
+            "libexec/apptainer/bin/starter-suid", "libexec/singularity/bin/starter-suid",
+            "lib/x86_64-linux-gnu/apptainer/bin/starter-suid")]
+
     def _setuid_starter(self) -> bool:
-        real = os.path.realpath(self.path)
-        prefix = os.path.dirname(os.path.dirname(real))
-        for sub in ("libexec/apptainer/bin/starter-suid", "libexec/singularity/bin/starter-suid",
-                    "lib/x86_64-linux-gnu/apptainer/bin/starter-suid"):
-            p = os.path.join(prefix, sub)
+        for p in self._starters():
             try:
                 st = os.stat(p)
             except OSError:

@@ -228,7 +228,14 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def assess(self, host: HostFacts, version: str, flavour: str) -> Assessment:
-        """Can this user use it here, and with which capabilities (pure)."""
+        """Can this user use it here, and with which capabilities (from ``host``, the version,
+        and what :meth:`assessment_inputs` names)."""
+
+    def assessment_inputs(self) -> Optional[Tuple[Sequence[str], Sequence[str]]]:
+        """The files and environment variables :meth:`assess` reads besides the host's facts
+        and the probe: a kept ``nsdf-run runtimes`` answer holds while they are unchanged
+        (``_runtimes_answer.py``). None: it cannot say (the answer is never kept)."""
+        return (), ()
 
     # ---------------------------------------------------------------- images
     def runtime_env(self, env: Mapping[str, str], cache_root: str) -> Dict[str, str]:

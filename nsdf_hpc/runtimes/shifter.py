@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import ClassVar, List, Mapping, Optional, Tuple
+from typing import ClassVar, List, Mapping, Optional, Sequence, Tuple
 
 from ..environment import EnvEncoding
 from ..errors import ImageError, SpecError, UnexpectedOutputError
@@ -69,6 +69,9 @@ class Shifter(Runtime):
         gw = bool(self._shifterimg())
         notes = () if gw else ("shifterimg not found: images cannot be pulled here",)
         return Assessment(True, {"setuid": True, "gateway": gw, "gpu_nvidia": host.nvidia}, notes)
+
+    def assessment_inputs(self) -> Optional[Tuple[Sequence[str], Sequence[str]]]:
+        return None     # shifterimg beside it or anywhere on PATH: not kept
 
     def _shifterimg(self) -> Optional[str]:
         if os.path.isabs(self.path):

@@ -54,8 +54,11 @@ class UDocker(Runtime):
     def preferred_candidates(cls) -> List[str]:
         # the udocker pip installed with nsdf-hpc (its version is the one nsdf-hpc was tested
         # with) wins over another one found earlier on PATH, also in a venv not activated
-        found = bundled_udocker()
-        return [found] if found else []
+        # (detection probes it when it is executable)
+        return [_bundled_path()]
+
+    def assessment_inputs(self) -> Optional[Tuple[Sequence[str], Sequence[str]]]:
+        return ENGINE_CONFIGS(), ("UDOCKER_TARBALL",)
 
     def _base(self, path: Optional[str] = None) -> List[str]:
         # udocker refuses root ("Error: do not run as root !") without --allow-root
@@ -230,12 +233,17 @@ class UDocker(Runtime):
         return self.ctx.exists(sh)
 
 
+def ENGINE_CONFIGS() -> Tuple[str, str]:   # noqa: N802 - a constant but for the home directory
+    """udocker's configuration files that may name a local engine tarball."""
+    return "/etc/udocker.conf", os.path.expanduser("~/.udocker/udocker.conf")
+
+
 def engine_source(env: Optional[Mapping[str, str]] = None) -> str:
     """"installed", "tarball" (a configured local tarball) or "download"."""
     env = os.environ if env is None else env
     if env.get("UDOCKER_TARBALL"):
         return "tarball"
-    for conf in ("/etc/udocker.conf", os.path.expanduser("~/.udocker/udocker.conf")):
+    for conf in ENGINE_CONFIGS():
         try:
             with open(conf) as fh:
                 if any(line.split("=", 1)[0].strip() == "tarball" for line in fh if "=" in line):
@@ -245,9 +253,13 @@ def engine_source(env: Optional[Mapping[str, str]] = None) -> str:
     return "download"
 
 
+def _bundled_path() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "udocker")
+
+
 def bundled_udocker() -> Optional[str]:
     """The udocker that pip installed beside nsdf-hpc (when this environment is not on PATH)."""
-    path = os.path.join(os.path.dirname(sys.executable), "udocker")
+    path = _bundled_path()
     return path if os.access(path, os.X_OK) else None
 
 

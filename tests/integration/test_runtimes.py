@@ -10,12 +10,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
-from .helpers import BUSYBOX, RUNTIME_PARAMS, RUNTIMES, nsdf_root, nsdf_user, user_cache
+from .helpers import BUSYBOX, RUNTIME_PARAMS, RUNTIMES, nsdf_root, nsdf_user, root_env, user_cache
 
 pytestmark = [pytest.mark.integration, pytest.mark.registry]
 
@@ -182,6 +183,48 @@ def test_runtimes_command_explains_the_choice(shared_cache: Path) -> None:
     assert "not found" in data["rejected"]["shifter"]
     r = nsdf_root(["runtimes"], shared_cache, NSDF_HPC_RUNTIME="podman")
     assert "chosen: podman (set by env:NSDF_HPC_RUNTIME)" in r.stdout
+
+
+def test_runtimes_kept_answer_is_what_the_click_command_prints(shared_cache: Path, tmp_path: Path) -> None:
+    """`nsdf-run runtimes` keeps its answer (``_runtimes_answer.py``): the next call prints it
+    without importing pydantic, the same as the click command on the real runtimes; a real
+    change (a runtime that appears on PATH, then is gone) is seen at once."""
+    extra = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+    def rt(*args: str, full: bool = False, **more: str) -> "tuple[str, bool]":
+        env = root_env(shared_cache, **extra, **more, **({"NSDF_HPC_NO_FAST_PATH": "1"} if full else {}))
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "nsdf_hpc", "runtimes", *args], env=env,
+                           cwd="/tmp", capture_output=True, text=True, timeout=120)
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+        assert r.returncode == 0 and not errors, r
+        return r.stdout, any(line.startswith("import time:") and line.split("|")[-1].strip() == "pydantic"
+                             for line in r.stderr.splitlines())
+
+    for args in ([], ["--json"]):
+        first = rt(*args)
+        assert first[1]                                  # nothing kept yet: the click command
+        kept, full = rt(*args), rt(*args, full=True)
+        assert not kept[1] and kept[0] == full[0] == first[0]
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    path = f"{bindir}:{os.environ['PATH']}"
+    (bindir / "singularity").symlink_to(shutil.which("apptainer") or "apptainer")
+    appeared = rt(PATH=path)
+    assert appeared[1] and "is Apptainer" in appeared[0]
+    assert rt(PATH=path) == (appeared[0], False)
+    (bindir / "singularity").unlink()
+    gone = rt(PATH=path)
+    assert gone[1] and "is Apptainer" not in gone[0] and gone[0] == rt(PATH=path, full=True)[0]
+
+
+@pytest.mark.unprivileged
+def test_runtimes_kept_answer_as_a_user(as_user) -> None:  # type: ignore[no-untyped-def]
+    """The unprivileged user's own kept answer (its host facts differ from root's)."""
+    first = as_user.run(["nsdf-run", "runtimes", "--refresh"])
+    again = [as_user.run(["nsdf-run", "runtimes"]) for _ in range(2)]
+    full = as_user.run(["nsdf-run", "runtimes"], NSDF_HPC_NO_FAST_PATH="1")
+    assert first.returncode == 0 and all(r.returncode == 0 for r in again), (first, again)
+    assert again[0].stdout == again[1].stdout == full.stdout == first.stdout
 
 
 @pytest.mark.udocker
