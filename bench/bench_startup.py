@@ -1,6 +1,7 @@
 """Start-up against `python -c pass`: `nsdf-run --version` (target: at most 40 ms added, at
 most 35 MB peak), `import nsdf_hpc` (at most 20 ms added), `nsdf-run images` and `runtimes`
-(at most 100 ms in all, warm; issue 11 goal 3).
+(at most 100 ms in all, warm; issue 11 goal 3), and `status` against its one `sacct` call (at
+most 100 ms added); each of the last three beside its full path (`NSDF_HPC_NO_FAST_PATH=1`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ def run(runs: int = 21) -> list:
                              baseline_name="python -c pass"),
             compare_commands("nsdf-run runtimes", [nsdf_run, "runtimes"], [python, "-c", "pass"], runs=runs,
                              baseline_name="python -c pass", target="<= 100 ms",
-                             check=lambda r: r.candidate_ms <= 100)] + _status(nsdf_run, runs)
+                             check=lambda r: r.candidate_ms <= 100),
+            # the kept answer's inputs changed (or NSDF_HPC_NO_FAST_PATH=1): click, the models, detection
+            compare_commands("nsdf-run runtimes, full path", [nsdf_run, "runtimes"], [python, "-c", "pass"],
+                             runs=runs, env={**os.environ, "NSDF_HPC_NO_FAST_PATH": "1"},
+                             baseline_name="python -c pass")] + _status(nsdf_run, runs)
 
 
 def _status(nsdf_run: str, runs: int) -> list:
