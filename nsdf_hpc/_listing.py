@@ -11,8 +11,9 @@ the validated ``cache_dir`` and ``site_cache_dirs``, with what they were made fr
 files' text and the ``NSDF_HPC_*`` variables). When that still matches, the listing needs
 neither the settings models nor a TOML parser; otherwise (no stamp, a changed file or
 variable, an odd value, any error) the click command answers, and reports an invalid
-setting as every other command does. The same stamp, in its own file, holds the Slurm
-settings for the fast path of ``nsdf-run status`` (``_status.py``).
+setting as every other command does. The same stamp, each in its own file, holds the Slurm
+settings for the fast path of ``nsdf-run status`` (``_status.py``) and the kept answer of
+``nsdf-run runtimes`` (``_runtimes_answer.py``).
 """
 from __future__ import annotations
 
