@@ -42,9 +42,12 @@ def remember_slurm(env: Mapping[str, str], work_dir: str, accounting: str, backe
     setting) and the backend it chose: only the command backend is remembered."""
     if chosen != "commands" or backend not in ("auto", "commands"):
         return
+    try:
+        cwd = os.getcwd() if follows_cwd else None
+    except OSError:         # the directory was removed meanwhile: nothing to remember
+        return
     remember_valid(env, STAMP, {"work_dir": work_dir, "accounting": accounting, "backend": backend,
-                                "command_timeout": command_timeout,
-                                "cwd": os.getcwd() if follows_cwd else None})
+                                "command_timeout": command_timeout, "cwd": cwd})
 
 
 def _settings(env: Mapping[str, str]) -> Optional[Dict[str, Any]]:

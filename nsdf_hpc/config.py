@@ -254,7 +254,13 @@ def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional
         home = env.get("HOME") or os.path.expanduser("~")
         values["work_dir"] = os.path.join(home, ".nsdf-hpc", "jobs")
     elif isinstance(values["work_dir"], str):
-        values["work_dir"] = os.path.abspath(os.path.expanduser(os.path.expandvars(values["work_dir"])))
+        raw = values["work_dir"]
+        try:
+            values["work_dir"] = os.path.abspath(os.path.expanduser(os.path.expandvars(raw)))
+        except OSError as err:   # a relative path, in a directory that was removed
+            raise ConfigError(f"Slurm work_dir {raw!r} (from {sources.get('work_dir', 'default')}) is "
+                              f"relative, and the current directory cannot be read ({err.strerror}): "
+                              "give an absolute path") from None
     try:
         return SlurmSettings(**values, sources=sources)
     except ValidationError as err:

@@ -113,12 +113,17 @@ def submit(ctx: click.Context, image: str, command: Sequence[str], runtime: Opti
 
 def _remember(client: "Client", slurm: Any) -> None:
     """The Slurm settings are valid and sacct answered: a later `status N` may answer without
-    the settings models (``_status.py``)."""
+    the settings models (``_status.py``). Best effort, after the output."""
     from .._status import remember_slurm
     from ..config import work_dir_follows_cwd
+    from ..errors import NsdfError
     st = slurm.settings
+    try:
+        follows = work_dir_follows_cwd(st, client.env)
+    except NsdfError:       # the config file changed meanwhile: nothing to remember
+        return
     remember_slurm(client.env, st.work_dir, slurm.accounting, st.backend, slurm.backend,
-                   st.command_timeout, work_dir_follows_cwd(st, client.env))
+                   st.command_timeout, follows)
 
 
 @click.command()
@@ -137,8 +142,6 @@ def status(ctx: click.Context, job_ids: Sequence[str], as_json: bool,
     client, slurm = _slurm(ctx, accounting)
     jobs = [slurm.attach(j) for j in job_ids]
     table = slurm.status([i for j in jobs for i in j.job_ids])
-    if accounting is None:
-        _remember(client, slurm)
     rows = []
     for j in jobs:
         rows.append(j._update(table))
@@ -151,6 +154,8 @@ def status(ctx: click.Context, job_ids: Sequence[str], as_json: bool,
     else:
         for r in rows:
             print_status(r)
+    if accounting is None:
+        _remember(client, slurm)
 
 
 @click.command()

@@ -199,3 +199,19 @@ def test_which_work_dirs_follow_the_current_directory(where: str, raw: Optional[
     sources = {} if where == "default" else {"work_dir": where}
     settings = SlurmSettings(work_dir="/x", sources=sources)
     assert work_dir_follows_cwd(settings, env) is follows
+
+
+def test_a_relative_work_dir_in_a_removed_directory_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found using it: `NSDF_HPC_SLURM_DIR=jobs nsdf-run status 1` in a directory that was
+    removed ended with a FileNotFoundError traceback."""
+    from nsdf_hpc.config import load_slurm_settings
+    from nsdf_hpc.errors import ConfigError
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    env = {"HOME": str(tmp_path), "NSDF_HPC_SLURM_DIR": "jobs"}
+    with pytest.raises(ConfigError, match=r"work_dir 'jobs' \(from env:NSDF_HPC_SLURM_DIR\) is relative"):
+        load_slurm_settings(env, files=[])
+    assert load_slurm_settings({**env, "NSDF_HPC_SLURM_DIR": "/abs/jobs"}, files=[]).work_dir == "/abs/jobs"
