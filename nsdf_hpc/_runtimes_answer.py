@@ -27,6 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ._launch import _sha256
 from ._listing import remember_valid, validated
 from ._version import __version__
 
@@ -61,23 +62,11 @@ def find_candidates(configured: Optional[str], preferred: Sequence[str], executa
     return found, notes
 
 
-def _sha256(data: bytes) -> Any:
-    """CPython's built-in SHA-256 (3.11: ``_sha256``, 3.12: ``_sha2``), else hashlib's (the
-    digests are the same; hashlib's OpenSSL costs about 7 ms to load)."""
-    try:
-        from _sha256 import sha256   # type: ignore[import-not-found, unused-ignore]   # noqa: PLC0415
-    except ImportError:
-        try:
-            from _sha2 import sha256   # type: ignore[import-not-found, no-redef, unused-ignore]   # noqa: PLC0415
-        except ImportError:
-            from hashlib import sha256   # type: ignore[assignment, unused-ignore]   # noqa: PLC0415
-    return sha256(data)
-
-
 def fingerprint(paths: Sequence[str], path_env: str, uid: int) -> str:
     """The detection cache's key: the executables found (and what they resolve to, with
     inode, size and modification time), ``PATH`` and the user."""
-    h = _sha256(f"{DETECT_CACHE_VERSION}|{__version__}|{uid}|{path_env}".encode())
+    h = _sha256()   # CPython's built-in one: hashlib's OpenSSL costs about 7 ms to load
+    h.update(f"{DETECT_CACHE_VERSION}|{__version__}|{uid}|{path_env}".encode())
     for p in sorted(set(paths)):
         try:
             st = os.stat(p)

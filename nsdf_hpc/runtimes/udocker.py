@@ -58,7 +58,7 @@ class UDocker(Runtime):
         return [_bundled_path()]
 
     def assessment_inputs(self) -> Optional[Tuple[Sequence[str], Sequence[str]]]:
-        return ENGINE_CONFIGS(), ("UDOCKER_TARBALL",)
+        return engine_configs(), ("UDOCKER_TARBALL",)
 
     def _base(self, path: Optional[str] = None) -> List[str]:
         # udocker refuses root ("Error: do not run as root !") without --allow-root
@@ -233,7 +233,7 @@ class UDocker(Runtime):
         return self.ctx.exists(sh)
 
 
-def ENGINE_CONFIGS() -> Tuple[str, str]:   # noqa: N802 - a constant but for the home directory
+def engine_configs() -> Tuple[str, str]:
     """udocker's configuration files that may name a local engine tarball."""
     return "/etc/udocker.conf", os.path.expanduser("~/.udocker/udocker.conf")
 
@@ -243,7 +243,7 @@ def engine_source(env: Optional[Mapping[str, str]] = None) -> str:
     env = os.environ if env is None else env
     if env.get("UDOCKER_TARBALL"):
         return "tarball"
-    for conf in ENGINE_CONFIGS():
+    for conf in engine_configs():
         try:
             with open(conf) as fh:
                 if any(line.split("=", 1)[0].strip() == "tarball" for line in fh if "=" in line):
