@@ -299,9 +299,7 @@ def test_signal_to_nsdf_run_ends_the_container(runtime: str, sig: int, moment: s
         time.sleep(2)
         alive = _procs_with(f"sleep {arg}")
         left = _podman_leftovers(f"sleep {arg}", runtime) if runtime.startswith("podman") else []
-        # a SIGINT while the interpreter itself is still starting (before any nsdf-hpc code)
-        # ends in CPython's "Fatal Python error: init_import_site" with status 1: nothing ran
-        startup = rc == 1 and sig == signal.SIGINT and b"Fatal Python error" in stderr
+        startup = sig == signal.SIGINT and _cpython_startup(rc, stderr)
         assert rc in (128 + sig, -sig) or startup, f"exit {rc}: {stderr.decode(errors='replace')}"
         assert not alive, f"container processes outlive nsdf-run: {alive}"
         assert not left, f"podman containers left behind: {left}"
@@ -354,7 +352,7 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
                 _cleanup(f"sleep {arg}")
                 proc.communicate(timeout=30)
                 continue
-            startup = proc.returncode == 1 and b"Fatal Python error" in stderr
+            startup = _cpython_startup(proc.returncode, stderr)
             codes.append(proc.returncode)
             assert proc.returncode in (128 + sig, -sig) or startup, \
                 f"{sig.name} at {delay:.3f} s: exit {proc.returncode}: {stderr.decode(errors='replace')}"
@@ -362,6 +360,14 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
     finally:
         _cleanup(f"sleep {arg}")
     assert not hung, f"nsdf-run did not end within 20 s of a signal in {len(hung)} of {trials} trials: {hung}"
+
+
+def _cpython_startup(rc: Optional[int], stderr: bytes) -> bool:
+    """A SIGINT while the interpreter itself starts, before any nsdf-hpc code: CPython ends
+    with status 1 and "Fatal Python error: init_import_site", or, for ``python -m``, "Could
+    not import runpy module" (the CI run of 2026-12-02, at 0.055 s). Nothing ran; the tests
+    still check that no container is left."""
+    return rc == 1 and (b"Fatal Python error" in stderr or b"Could not import runpy module" in stderr)
 
 
 def _relay_below(pid: int) -> bool:
