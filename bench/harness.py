@@ -2,8 +2,9 @@
 
 Each case runs a baseline and a candidate alternately (so drift hits both), after a warm-up,
 and reports medians in milliseconds, the difference, the ratio and the peak RSS of the
-candidate's process (from wait4's rusage). Results are printed as a table and can be saved as
-JSON (``--json FILE``). Benchmarks are run on demand, never as part of CI's pass/fail.
+candidate's and the baseline's process trees (``peak_rss``). Results are printed as a table and
+can be saved as JSON (``--json FILE``). Benchmarks are run on demand, never as part of CI's
+pass/fail.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class Result:
     runs: int
     peak_rss_mb: Optional[float] = None
     target: str = ""
+    baseline_rss_mb: Optional[float] = None
     met: Optional[bool] = None
     extra: Dict[str, object] = field(default_factory=dict)
 
@@ -39,9 +41,66 @@ class Result:
         return self.candidate_ms / self.baseline_ms if self.baseline_ms else float("inf")
 
 
+#: started as ``python -I -S -c _SPAWN ARGV...``: runs ARGV (stdin and stdout /dev/null, stderr
+#: passed on) and prints its peak RSS in KiB from wait4's rusage
+_SPAWN = """
+import os, sys
+null = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, file_actions=null)
+_, status, usage = os.wait4(pid, 0)
+sys.stdout.write("%d %d" % (os.waitstatus_to_exitcode(status), usage.ru_maxrss))
+"""
+
+
+def _spawned(argv: Sequence[str], env: Optional[Mapping[str, str]], cwd: Optional[str]) -> "tuple[float, str]":
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _SPAWN, *argv], env=None if env is None else dict(env),
+                              cwd=cwd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    rc, kib = (int(x) for x in proc.stdout.split())
+    if rc != 0:
+        raise RuntimeError(f"{argv[0]} exited {rc}: {' '.join(argv)}\n{text[-2000:]}")
+    return kib / 1024.0, text
+
+
+def peak_rss(argv: Sequence[str], env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> float:
+    """Peak RSS (MB) of one run of ``argv`` and its waited-for children, started by a small
+    spawner process (``python -I -S``, about 8 MB: the floor of this measure).
+
+    Not the rusage of a process this harness starts itself: at ``exec`` the kernel records the
+    high-water RSS of the memory the new program replaces (``exec_mmap``), which for a
+    ``fork``/``vfork``/``posix_spawn`` child is the parent's. Every command this harness
+    started reported the harness's own peak (39.5 MB for every ``nsdf-run run`` row of the
+    runtimes bench, ``ch-run`` included) until 2026-12-02."""
+    return _spawned(argv, env, cwd)[0]
+
+
+#: ``python -c _OWN ARGS...`` is ``nsdf-run ARGS...`` that also prints its own process's peak
+#: RSS (KiB) at exit; a launch record's ``exec`` prints nothing (the runtime replaced it)
+_OWN = """
+import atexit, os, resource, sys
+atexit.register(lambda: os.write(2, b"\\nnsdf-bench-own-rss %d\\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+sys.argv = ["nsdf-run", *sys.argv[1:]]
+from nsdf_hpc._entry import main
+sys.exit(main())
+"""
+
+
+def own_peak_rss(python: str, args: Sequence[str], env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[str] = None) -> Optional[float]:
+    """Peak RSS (MB) of the ``nsdf-run ARGS`` process alone, without the runtime it starts
+    (a runtime such as Apptainer or podman is 35-40 MB itself); None when the process was
+    replaced by the runtime (the launch record's ``exec``)."""
+    text = _spawned([python, "-c", _OWN, *args], env, cwd)[1]
+    marks = [line.split()[1] for line in text.splitlines() if line.startswith("nsdf-bench-own-rss ")]
+    return int(marks[-1]) / 1024.0 if marks else None
+
+
 def time_argv(argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
               cwd: Optional[str] = None) -> "tuple[float, float]":
-    """Wall time (s) and peak RSS (MB) of one run of ``argv``."""
+    """Wall time (s) and rusage's peak RSS (MB) of one run of ``argv``: the latter is this
+    harness's own peak or more (``peak_rss`` says why), so the tables use ``peak_rss``."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), cwd=cwd,
@@ -61,9 +120,10 @@ def compare_commands(name: str, candidate: "Sequence[str] | Callable[[int], Sequ
                      warmup: int = 2, env: Optional[Mapping[str, str]] = None,
                      baseline_env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
                      baseline_name: str = "", target: str = "",
-                     check: Optional[Callable[[Result], bool]] = None) -> Result:
+                     check: Optional[Callable[[Result], bool]] = None, memory_runs: int = 3) -> Result:
     """``candidate`` may be a function of the run's number (0, 1, ...; the warm-up runs get
-    their own numbers) that gives another command line each run: a new command or value."""
+    their own numbers) that gives another command line each run: a new command or value.
+    After the timed runs, ``memory_runs`` more of each through ``peak_rss``: the highest peak."""
     argv_of: Callable[[int], Sequence[str]] = candidate if callable(candidate) else (lambda i: candidate)
     n = 0
     for _ in range(warmup):
@@ -72,15 +132,19 @@ def compare_commands(name: str, candidate: "Sequence[str] | Callable[[int], Sequ
         time_argv(baseline, baseline_env or env, cwd)
     cand: List[float] = []
     base: List[float] = []
-    rss: List[float] = []
     for _ in range(runs):
-        dt, mb = time_argv(argv_of(n), env, cwd)
+        cand.append(time_argv(argv_of(n), env, cwd)[0])
         n += 1
-        cand.append(dt)
-        rss.append(mb)
         base.append(time_argv(baseline, baseline_env or env, cwd)[0])
+    rss: List[float] = []
+    base_rss: List[float] = []
+    for _ in range(memory_runs):
+        rss.append(peak_rss(argv_of(n), env, cwd))
+        n += 1
+        base_rss.append(peak_rss(baseline, baseline_env or env, cwd))
     res = Result(name, baseline_name or " ".join(baseline)[:60], statistics.median(cand) * 1000,
-                 statistics.median(base) * 1000, runs, max(rss), target)
+                 statistics.median(base) * 1000, runs, max(rss, default=None), target,
+                 baseline_rss_mb=max(base_rss, default=None))
     if check:
         res.met = check(res)
     return res
@@ -109,12 +173,13 @@ def compare_calls(name: str, candidate: Callable[[], object], baseline: Callable
 
 
 def report(results: Sequence[Result], json_path: Optional[str] = None) -> None:
-    head = f"{'benchmark':<44} {'median ms':>10} {'baseline ms':>11} {'added ms':>9} {'ratio':>6} {'peak MB':>8}  target"
+    head = (f"{'benchmark':<44} {'median ms':>10} {'baseline ms':>11} {'added ms':>9} {'ratio':>6} "
+            f"{'peak MB':>8} {'base MB':>8}  target")
     print(head)
     print("-" * len(head))
     for r in results:
         mark = "" if r.met is None else ("  ok" if r.met else "  MISSED")
-        rss = f"{r.peak_rss_mb:8.1f}" if r.peak_rss_mb is not None else f"{'':>8}"
+        rss = " ".join(f"{mb:8.1f}" if mb is not None else f"{'':>8}" for mb in (r.peak_rss_mb, r.baseline_rss_mb))
         print(f"{r.name:<44} {r.candidate_ms:10.2f} {r.baseline_ms:11.2f} {r.added_ms:9.2f} "
               f"{r.ratio:6.2f} {rss}  {r.target}{mark}")
         for k, v in r.extra.items():
