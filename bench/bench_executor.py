@@ -1,6 +1,6 @@
 """Executor benchmark (issue 13), side by side in one run, on the testbed:
 
-* Slurm, one call, 5 times in a row (medians): ``Executor.submit(fn, x).result()`` against submitit's ``submit`` of the same
+* Slurm, one call, ``--repeat`` times (medians; the two take turns): ``Executor.submit(fn, x).result()`` against submitit's ``submit`` of the same
   function as one job: the time to submit, and from the result file written to the result in hand.
 * Slurm: a 200-item ``map`` of a trivial function with ``nsdf_hpc.Executor(on="slurm")``
   against submitit's ``map_array`` of the same function: the time to submit, and the time
@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 IMAGE = "127.0.0.1:5443/hpc/pydeb:latest"
 
@@ -70,41 +70,38 @@ def _medians(rows: List[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def _one_calls(submit: Callable[[int], object], results: str, repeat: int) -> dict:
-    """``repeat`` single calls in a row, each waited for (``submit(i)`` returns something with
-    ``result()``); medians of the time to submit, from the newest file matching ``results``
-    to the result in hand, and in all."""
-    rows = []
-    for i in range(repeat):
-        t0 = time.time()
-        handle = submit(i)
-        t_submit = time.time() - t0
-        result = handle.result()   # type: ignore[attr-defined]
-        t_done = time.time()
-        assert result == trivial(i)
-        rows.append({"submit_s": t_submit, "after_last_s": t_done - _last_mtime(results),
-                     "total_s": t_done - t0, "tasks": 1})
-    return _medians(rows)
+def _one_call(submit: Callable[[], object], results: str, i: int) -> dict:
+    """One call, waited for (``submit()`` returns something with ``result()``): the time to
+    submit, from the newest file matching ``results`` to the result in hand, and in all."""
+    t0 = time.time()
+    handle = submit()
+    t_submit = time.time() - t0
+    result = handle.result()   # type: ignore[attr-defined]
+    t_done = time.time()
+    assert result == trivial(i)
+    return {"submit_s": t_submit, "after_last_s": t_done - _last_mtime(results), "total_s": t_done - t0, "tasks": 1}
 
 
-def slurm_nsdf_one(runtime: str, work: str, repeat: int = 5) -> dict:
-    """One call as one job, ``repeat`` times in a row: ``Executor.submit(fn, x).result()``."""
+def slurm_one_side_by_side(runtime: str, work: str, repeat: int = 5) -> Dict[str, dict]:
+    """One call as one job, ``repeat`` times, nsdf-hpc's ``Executor.submit(fn, x).result()``
+    and submitit's ``submit`` taking turns (so the machine's drift hits both); medians."""
     import nsdf_hpc
+    import submitit  # type: ignore[import-not-found]  # only in the bench venv
     from nsdf_hpc.client import Client
     client = Client(env={**os.environ, "NSDF_HPC_SLURM_DIR": work})
+    sub = submitit.AutoExecutor(folder=os.path.join(work, "submitit-one-%j"), cluster="slurm")
+    sub.update_parameters(timeout_min=10)
+    sub_results = os.path.join(work, "submitit-one-*", "*_result.pkl")
     with nsdf_hpc.Executor(IMAGE, on="slurm", runtime=runtime, client=client, bind_cwd=False,
                            time="0:10", keep=True) as ex:
         ex.submit(trivial, 0).result()          # setup (pull, guard probe) outside the timing
-        return _one_calls(lambda i: ex.submit(trivial, i),
-                          os.path.join(ex.base or "", "calls", "*", "items", "*", "result.pkl"), repeat)
-
-
-def slurm_submitit_one(work: str, repeat: int = 5) -> dict:
-    import submitit  # type: ignore[import-not-found]  # only in the bench venv
-    ex = submitit.AutoExecutor(folder=os.path.join(work, "submitit-one-%j"), cluster="slurm")
-    ex.update_parameters(timeout_min=10)
-    return _one_calls(lambda i: ex.submit(trivial, i), os.path.join(work, "submitit-one-*", "*_result.pkl"),
-                      repeat)
+        sub.submit(trivial, 0).result()
+        ours = os.path.join(ex.base or "", "calls", "*", "items", "*", "result.pkl")
+        rows: Dict[str, List[dict]] = {"nsdf": [], "submitit": []}
+        for i in range(repeat):
+            rows["nsdf"].append(_one_call(lambda: ex.submit(trivial, i), ours, i))
+            rows["submitit"].append(_one_call(lambda: sub.submit(trivial, i), sub_results, i))
+    return {k: _medians(v) for k, v in rows.items()}
 
 
 def slurm_submitit(items: int, work: str) -> dict:
@@ -150,6 +147,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--runtime", default="apptainer")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9, help="single Slurm calls of each, taking turns")
     ap.add_argument("--skip", nargs="*", default=[], choices=["one", "slurm", "local"])
     ap.add_argument("--json", metavar="FILE", help="also save the numbers as JSON")
     args = ap.parse_args()
@@ -157,9 +155,9 @@ def main() -> None:
     out: dict = {"items": args.items, "runtime": args.runtime, "image": IMAGE}
     try:
         if "one" not in args.skip:
-            runs = [("nsdf-hpc Executor.submit", slurm_nsdf_one(args.runtime, work)),
-                    ("submitit submit (host Python)", slurm_submitit_one(work))]
-            print("slurm, one call as one job (medians of 5 in a row):")
+            one = slurm_one_side_by_side(args.runtime, work, args.repeat)
+            runs = [("nsdf-hpc Executor.submit", one["nsdf"]), ("submitit submit (host Python)", one["submitit"])]
+            print(f"slurm, one call as one job (medians of {args.repeat}, taking turns):")
             for name, r in runs:
                 print(f"  {name:34} {r['tasks']:4d} task   submit {r['submit_s'] * 1000:4.0f} ms  after its result "
                       f"{r['after_last_s']:5.2f} s  total {r['total_s']:5.1f} s")
