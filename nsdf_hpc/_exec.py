@@ -259,10 +259,14 @@ class SubprocessRunner:
         # the child inherits this thread's signal mask (subprocess restores it in the child)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, n) for n in blocked if hasattr(signal, n)]
                                       ) if blocked else None
+        # a captured or timed run has its own session: what ends it early (a timeout, Ctrl-C's
+        # KeyboardInterrupt here) ends its whole process tree, not only the program started
+        # (a runtime that runs the command in a child, as UDocker's relay does, left it running)
+        own_session = capture or timeout is not None or stall_timeout is not None
         try:
             proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, env=child_env, cwd=cwd,
                                     stdin=subprocess.DEVNULL if stdin is None and capture else stdin,
-                                    start_new_session=timeout is not None or stall_timeout is not None)
+                                    start_new_session=own_session)
         except BaseException as err:   # OSError, ValueError, SubprocessError: nothing started
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -293,7 +297,7 @@ class SubprocessRunner:
             out, err_out = proc.communicate()
             raise CommandTimeoutError(args, timeout or 0.0, _decode(out), _decode(err_out)) from None
         except BaseException:  # KeyboardInterrupt: do not leave the child behind
-            _kill_group(proc) if timeout is not None or stall_timeout is not None else proc.kill()
+            _kill_group(proc) if own_session else proc.kill()
             proc.wait()
             raise
         finally:
@@ -372,11 +376,22 @@ def run_guarded(runner: CommandRunner, argv: Argv, *, env: Optional[Mapping[str,
     exists. The run ended by the signal N (exit 128+N) when the container never existed, had
     to be removed, or the runtime ended while the signal was still held (the command never
     got it); otherwise the container got the signal and its own status stands (a command
-    that traps SIGTERM and exits 7 gives 7). ``hold``: ``Runtime.startup_names``;
-    ``started``: ``OrphanGuard.started``; ``blocked``: ``Invocation.blocked_signals``.
+    that traps SIGTERM and exits 7 gives 7). An exception while it runs (KeyboardInterrupt in
+    a captured run, whose runtime the executor kills) removes the container too, then goes
+    on. ``hold``: ``Runtime.startup_names``; ``started``: ``OrphanGuard.started``;
+    ``blocked``: ``Invocation.blocked_signals``.
     """
-    res = runner.run(argv, check=False, env=env, capture=capture, hold=hold, started=started,
-                     blocked=blocked)
+    try:
+        res = runner.run(argv, check=False, env=env, capture=capture, hold=hold, started=started,
+                         blocked=blocked)
+    except BaseException:
+        # the executor ended the runtime (KeyboardInterrupt): its container can outlive it
+        if remove:
+            try:
+                runner.run(remove, check=False, env=env, timeout=120)
+            except Exception:   # noqa: BLE001 - the first exception is the one to raise
+                pass
+        raise
     if res.forwarded is None or not remove:
         return res
     if ended_by_signal(runner, argv[0], env, res.forwarded, res.held, remove, created):
