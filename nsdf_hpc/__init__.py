@@ -25,8 +25,8 @@ if TYPE_CHECKING:
                          PreflightError, DiskFullError, PlatformError, RegistryError, RuntimeNotFoundError,
                          SchedulerError, SpecError, SubmitError, ToolNotFoundError, UnexpectedOutputError,
                          ExecutorError, InterpreterMismatchError, WorkerDiedError, RemoteError)
-    from .models import (Bind, BuildResult, NativeImage, RunResult, RunSpec, RuntimeChoice,
-                         RuntimeInfo)
+    from ._result import RunResult
+    from .models import Bind, BuildResult, NativeImage, RunSpec, RuntimeChoice, RuntimeInfo
     from .reference import ImageRef, Platform, parse_reference
     from .schedulers import Job, JobSpec, JobState, JobStatus
 
@@ -35,7 +35,7 @@ from ._version import __version__
 _EXPORTS = {
     "Client": "client", "detect": "api", "pull": "api", "run": "api", "build": "api",
     "BuildResult": "models",
-    "Bind": "models", "RunSpec": "models", "RunResult": "models", "RuntimeInfo": "models",
+    "Bind": "models", "RunSpec": "models", "RunResult": "_result", "RuntimeInfo": "models",
     "RuntimeChoice": "models", "NativeImage": "models", "ImageRef": "reference",
     "parse_reference": "reference", "Settings": "config", "load_settings": "config",
     "NsdfError": "errors", "ConfigError": "errors", "SpecError": "errors",

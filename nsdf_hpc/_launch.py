@@ -43,10 +43,11 @@ from ._version import __version__
 from .paths import candidate_config_files, make_run_scratch, remove_files_and_dir, split_bind, user_state_dir
 from .environment import DEFAULT_ENV_ALLOW, LAUNCHER_DIR_VARS, PROCESS_ENV_KEEP, EnvEncoding, container_env, matches
 
-FORMAT = 10  # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
+FORMAT = 11  # 3: the orphan guard (podman); 4: held signals (apptainer); 5: any command;
 #            6: the guard's ``started`` file (podman: a signal held until the container runs);
 #            7: any ``--env`` values; 8: any ``--bind`` directories; 9: marshal, not JSON;
-#            10: signals blocked in the runtime (udocker's relay)
+#            10: signals blocked in the runtime (udocker's relay); 11: the runtime's name and
+#            the native image (``run()``'s result, ``try_api_run``)
 #: a record file's name after its key
 SUFFIX = ".rec"
 #: stands for the command in the key of a record that any command after ``--`` reuses
@@ -125,7 +126,8 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
          allow: Sequence[str], deny: Sequence[str], checks: Sequence[str], expires: float,
          exists: Sequence[str] = (), guard: Any = None, hold: Sequence[str] = (),
          command_at: Optional[int] = None, use: Optional[Sequence[str]] = None,
-         marks: Optional[Mapping[str, str]] = None, template: Any = None) -> None:
+         marks: Optional[Mapping[str, str]] = None, template: Any = None,
+         runtime: str = "", native: Optional[Mapping[str, Any]] = None) -> None:
     """Write the record for a planned run (best effort: a read-only home just skips it).
 
     The record keeps the invocation in its parts (``runtimes.base.Invocation``) and the
@@ -172,6 +174,7 @@ def save(args: Sequence[str], env: Mapping[str, str], cwd: str, inv: Any,
         "block": list(inv.blocked_signals),
         "cmd_at": command_at,
         "use": None if use is None else list(use),
+        "runtime": runtime, "native": None if native is None else dict(native),
     }
     d = record_dir(env)
     names = list((marks or {}).values())
@@ -439,16 +442,13 @@ def try_fast_run(args: Sequence[str], interrupted: Sequence[int] = ()) -> Option
         if rec is None:
             return None
         argv, penv, mkdirs = _command(rec, os.environ)
-        for d, is_file in mkdirs:
-            os.makedirs(os.path.dirname(d) if is_file else d, exist_ok=True)
-            if is_file:   # the mount point of a file bind
-                open(d, "a").close()
         if not os.path.isabs(argv[0]):
             return None
+        _make_mount_points(mkdirs)
         guard = rec.get("guard")
         hold = rec.get("hold") or []
         block = rec.get("block") or []
-        if rec.get("use") and not _hold_use(*rec["use"]):
+        if rec.get("use") and _hold_use(*rec["use"]) is None:
             return None
     except Exception:   # any doubt: the planned path decides
         return None
@@ -472,27 +472,214 @@ def try_fast_run(args: Sequence[str], interrupted: Sequence[int] = ()) -> Option
     return None   # the exec failed
 
 
-def _hold_use(lock: str, entry: str) -> bool:
+def _make_mount_points(mkdirs: Sequence[Tuple[str, bool]]) -> None:
+    """The mount points a record's run needs (``Client.prepare`` on the planned path)."""
+    for d, is_file in mkdirs:
+        os.makedirs(os.path.dirname(d) if is_file else d, exist_ok=True)
+        if is_file:   # the mount point of a file bind
+            open(d, "a").close()
+
+
+#: stands between the image and ``--`` in the command line a ``run()`` call is keyed by: no
+#: ``nsdf-run`` argument has a NUL byte, so the library's records and the CLI's never meet
+API_MARK = "\x00run()"
+
+
+def api_args(image: str, command: Sequence[str], runtime: Optional[str] = None, cwd: Optional[str] = None,
+             env: Any = None, binds: Any = None) -> Optional[List[str]]:
+    """The command line that ``nsdf_hpc.run(image, command, runtime=..., cwd=..., env=...,
+    binds=...)`` is keyed by, written as ``nsdf-run run`` would take it (``env`` a mapping or
+    ``NAME=VALUE`` strings become ``-e`` options, ``binds`` strings ``-B`` options), so that its
+    record serves any command, any values of the same variables and other bind directories as
+    the CLI's does; the process's and the call's directories follow the image. None when the
+    call has a value that is no plain string (a ``Bind``, a number): it is planned each time."""
+    if env is None:
+        pairs: List[str] = []
+    elif isinstance(env, dict):
+        pairs = [f"{k}={v}" if type(k) is str and type(v) is str else "" for k, v in env.items()]  # noqa: E721
+        if "" in pairs:
+            return None
+    elif isinstance(env, (list, tuple)):
+        pairs = list(env)
+    else:
+        return None
+    if (not isinstance(binds, (list, tuple)) and binds is not None) or (cwd and not os.path.isabs(cwd)):
+        return None
+    words = [image, *command, runtime or "", cwd or "", *pairs, *(binds or ())]
+    if not all(type(w) is str and "\x00" not in w for w in words):   # noqa: E721 (str, not a subclass)
+        return None
+    try:
+        here = os.getcwd()
+    except OSError:
+        return None
+    options = [*(["--runtime", runtime] if runtime else []), *(w for p in pairs for w in ("-e", p)),
+               *(w for b in binds or () for w in ("-B", b))]
+    return ["run", *options, image, API_MARK, here, cwd or "", "--", *command]
+
+
+def try_api_run(image: str, command: Sequence[str], runtime: Optional[str] = None,
+                cwd: Optional[str] = None, env: Any = None, binds: Any = None) -> Any:
+    """``nsdf_hpc.run(image, command, runtime=..., cwd=..., env=..., binds=...)`` from the record an earlier
+    planned call of the library saved (``Client.run``'s ``record``): its ``RunResult``, or
+    None when there is no valid record (the planned path runs it and saves one). The runtime
+    runs as the executor's captured run starts it (``_exec.SubprocessRunner.run``): stdin
+    ``/dev/null``, its output captured, signals at their defaults and the record's blocked
+    ones blocked; an exception here (KeyboardInterrupt) kills it and waits for it, and then
+    removes a container it left (a record with an orphan guard: podman)."""
+    if os.environ.get("NSDF_HPC_NO_FAST_PATH"):
+        return None
+    args = api_args(image, command, runtime, cwd, env, binds)
+    if args is None:
+        return None
+    use = -1
+    try:
+        rec, path = _valid_record(args, os.environ, cwd or os.getcwd())
+        if rec is None or not rec.get("runtime") or rec.get("native") is None:
+            return None
+        argv, _, mkdirs = _command(rec, os.environ)
+        if not os.path.isabs(argv[0]):
+            return None
+        _make_mount_points(mkdirs)
+        if rec.get("use"):
+            held = _hold_use(*rec["use"])
+            if held is None:
+                return None
+            use = held
+            if use >= 0:
+                os.set_inheritable(use, False)   # this process holds it while the runtime runs
+    except Exception:   # any doubt: the planned path decides
+        if use >= 0:
+            os.close(use)
+        return None
+    try:
+        ran = _api_spawn(rec, path)
+    finally:
+        if use >= 0:
+            os.close(use)
+    if ran is None:
+        return None
+    from ._result import RunResult   # noqa: PLC0415
+    return RunResult(returncode=ran[0], stdout=ran[1], stderr=ran[2], argv=ran[3], runtime=rec["runtime"],
+                     image_data=rec["native"])
+
+
+def _api_spawn(rec: Dict[str, Any], path: str) -> Optional[Tuple[int, str, str, List[str]]]:
+    """Run a record's command captured (``_spawn_capture``), inside its orphan guard when it
+    has one: the guard's options name the container, and after an exception the guard's
+    removal runs (what ``_exec.run_guarded`` does after a signal). None: it could not be
+    started, or the runtime failed (125) before it created the container (the record is
+    stale: removed here, and the planned path checks the store and pulls again)."""
+    guard = rec.get("guard")
+    if not guard:
+        argv, penv, _ = _command(rec, os.environ)
+        ran = _spawn_capture(argv, penv, rec.get("block") or [])
+        return None if ran is None else (*ran, argv)
+    try:
+        name, scratch_dir = make_run_scratch(os.environ)
+    except OSError:
+        return None
+    try:
+        scratch = os.path.join(scratch_dir, "run")
+
+        def fill(word: str) -> str:
+            return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
+        argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
+        created = fill(guard["created"]) if guard.get("created") else None
+        try:
+            ran = _spawn_capture(argv, penv, rec.get("block") or [])
+        except BaseException:
+            remove = [fill(w) for w in guard.get("remove", [])]
+            if remove:
+                from ._exec import SubprocessRunner   # noqa: PLC0415 (rare: after an exception)
+                SubprocessRunner().run(remove, check=False, env=penv, timeout=120)
+            raise
+        never_created = created is not None and not (os.path.isfile(created) and os.path.getsize(created))
+    finally:
+        remove_files_and_dir(scratch_dir)
+    if ran is not None and ran[0] == 125 and never_created:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    return None if ran is None else (*ran, argv)
+
+
+def _spawn_capture(argv: Sequence[str], penv: Mapping[str, str], block: Sequence[str] = ()
+                   ) -> Optional[Tuple[int, str, str]]:
+    """Run ``argv`` with stdin ``/dev/null`` and stdout and stderr captured, in its own session
+    (as the executor's captured run: an exception here ends its whole process tree); its
+    status (128+N when the signal N ended it) and its output, decoded as the executor decodes
+    it (UTF-8, ``surrogateescape``). None when it could not be started."""
+    import select   # noqa: PLC0415 (built in; only on this path)
+    sig = _signals()
+    current = sig.pthread_sigmask(sig.SIG_BLOCK, [])
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        pid = os.posix_spawn(argv[0], list(argv), dict(penv),
+                             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                           (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
+                             setsigmask={*current, *_signal_numbers(sig, block)},
+                             setsigdef=_restore_signals(sig), setsid=True)
+    except OSError:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        return None
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    chunks: Dict[int, List[bytes]] = {out_r: [], err_r: []}
+    try:
+        poller = select.poll()
+        for fd in chunks:
+            poller.register(fd, select.POLLIN)
+        reading = set(chunks)
+        while reading:
+            for fd, _ in poller.poll():
+                data = os.read(fd, 65536)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    poller.unregister(fd)
+                    reading.discard(fd)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:   # KeyboardInterrupt: do not leave the runtime or its children behind
+        try:
+            os.killpg(pid, sig.SIGKILL)
+        except OSError:
+            pass
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+    code = os.waitstatus_to_exitcode(status)
+    out, err = (b"".join(chunks[fd]).decode("utf-8", "surrogateescape") for fd in (out_r, err_r))
+    return (128 - code if code < 0 else code), out, err
+
+
+def _hold_use(lock: str, entry: str) -> Optional[int]:
     """Take the cache entry's use lock shared on a descriptor that this process keeps and its
     runtime inherits (so a prune keeps the entry while the container runs: what
-    ``Client.using`` does on the planned path). False when the entry is gone (pruned): the
-    planned path then pulls it again. A lock that cannot be taken (a read-only cache) is
-    not needed."""
+    ``Client.using`` does on the planned path); returns the descriptor (-1: none was needed,
+    as for a read-only cache, where the lock cannot be taken). None when the entry is gone
+    (pruned): the planned path then pulls it again."""
     import fcntl   # noqa: PLC0415 (only on this path)
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
-        return os.path.isdir(entry)
+        return -1 if os.path.isdir(entry) else None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         os.set_inheritable(fd, True)
     except OSError:
         os.close(fd)
-        return os.path.isdir(entry)
+        return -1 if os.path.isdir(entry) else None
     if not os.path.isdir(entry):
         os.close(fd)
-        return False
-    return True
+        return None
+    return fd
 
 
 def _signals() -> Any:

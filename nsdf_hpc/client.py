@@ -17,7 +17,8 @@ from .environment import container_env, launcher_dirs
 from .errors import NsdfError, PlatformError, RunError, SpecError
 from .host import HostFacts, emulator, probe_host
 from .images import ImageService
-from .models import (Bind, NativeImage, RunResult, RunSpec, RuntimeChoice, RuntimeInfo, first_error,
+from ._result import RunResult
+from .models import (Bind, NativeImage, RunSpec, RuntimeChoice, RuntimeInfo, first_error,
                      parse_env)
 from .paths import user_state_dir
 from .reference import ImageSource, Platform
@@ -232,7 +233,7 @@ class Client:
         return self._builds().push(tag, to=to)
 
     # ---------------------------------------------------------------- the run pipeline
-    def spec(self, image: str, command: Sequence[str], *, binds: Sequence[Union[str, Bind]] = (),
+    def spec(self, image: str, command: Sequence[str], *, binds: Optional[Sequence[Union[str, Bind]]] = (),
              env: Union[None, Mapping[str, str], Sequence[str]] = None, **options: Any) -> RunSpec:
         """Build a validated :class:`RunSpec` (``binds`` and ``env`` also accept CLI strings).
 
@@ -240,7 +241,7 @@ class Client:
         runtime is usable), and the parsed source travels with the spec.
         """
         source = self.parse_image(image)
-        b = tuple(x if isinstance(x, Bind) else Bind.parse(x) for x in binds)
+        b = tuple(x if isinstance(x, Bind) else Bind.parse(x) for x in binds or ())
         if env is None:
             e: Dict[str, str] = {}
         elif isinstance(env, Mapping):
@@ -528,7 +529,8 @@ class Client:
 
     def save_launch(self, args: Sequence[str], spec: RunSpec, inv: Invocation, native: NativeImage,
                     rt: Runtime) -> None:
-        """Record a planned ``nsdf-run run`` so the next identical call skips planning."""
+        """Record a planned ``nsdf-run run`` (or ``nsdf_hpc.run()``: ``_launch.api_args``) so
+        the next identical call skips planning."""
         if not args or args[0] != "run" or self.env.get("NSDF_HPC_NO_FAST_PATH"):
             return
         checks, exists, expires = self.launch_checks(spec, inv, native, rt)
@@ -550,7 +552,8 @@ class Client:
                      command_at=at, use=(self.cache.use_path(native.runtime, native.digest),
                                          self.cache.entry_dir(native.runtime, native.digest))
                      if native.digest else None,
-                     marks=template[0] if template else None, template=template[1] if template else None)
+                     marks=template[0] if template else None, template=template[1] if template else None,
+                     runtime=rt.name, native={**dict(native), "cached": True})   # a record's run converts nothing
 
     def launch_checks(self, spec: RunSpec, inv: Invocation, native: NativeImage, rt: Runtime
                       ) -> Tuple[List[str], List[str], float]:

@@ -200,21 +200,6 @@ class NativeImage(Model):
     present: Optional[Dict[str, str]] = Field(default=None, exclude=True)
 
 
-class RunResult(Model):
-    """The outcome of ``run``: the command's exit code and, when captured, its output."""
-
-    returncode: int
-    stdout: str = ""
-    stderr: str = ""
-    argv: Tuple[str, ...] = ()
-    runtime: str = ""
-    image: Optional[NativeImage] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-
 def first_error(err: Exception) -> str:
     """The first message of a pydantic ValidationError, in one line."""
     errors = getattr(err, "errors", None)

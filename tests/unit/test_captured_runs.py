@@ -1,6 +1,6 @@
 """Captured runs end their whole process tree on an exception (Ctrl-C's KeyboardInterrupt),
-and a guarded one removes its container then: the executor's captured run, on real
-processes of the host."""
+and a guarded one removes its container then: the executor's captured run and the launch
+record's (``_launch._spawn_capture``), on real processes of the host."""
 from __future__ import annotations
 
 import os
@@ -18,6 +18,7 @@ from nsdf_hpc._exec import CompletedCommand, run_guarded
 #: a Python child that runs a shell whose command runs in the shell's child (as UDocker's relay
 #: runs the container), captured, and is interrupted after ``DELAY`` s; prints the grandchild
 CAPTURED = {
+    "record": "from nsdf_hpc import _launch\nrun = lambda: _launch._spawn_capture(ARGV, dict(os.environ))\n",
     "executor": ("from nsdf_hpc._exec import SubprocessRunner\n"
                  "run = lambda: SubprocessRunner().run(ARGV, check=False, capture=True)\n"),
 }
