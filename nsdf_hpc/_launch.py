@@ -37,7 +37,7 @@ import time
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:   # not imported at run time: this module is on the start-up path
-    from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+    from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._version import __version__
 from .paths import candidate_config_files, make_run_scratch, remove_files_and_dir, split_bind, user_state_dir
@@ -574,17 +574,11 @@ def _api_spawn(rec: Dict[str, Any], path: str) -> Optional[Tuple[int, str, str, 
         argv, penv, _ = _command(rec, os.environ)
         ran = _spawn_capture(argv, penv, rec.get("block") or [])
         return None if ran is None else (*ran, argv)
-    try:
-        name, scratch_dir = make_run_scratch(os.environ)
-    except OSError:
+    guarded = _guarded_command(rec, guard)
+    if guarded is None:
         return None
+    argv, penv, fill, scratch_dir, created = guarded
     try:
-        scratch = os.path.join(scratch_dir, "run")
-
-        def fill(word: str) -> str:
-            return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
-        argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
-        created = fill(guard["created"]) if guard.get("created") else None
         try:
             ran = _spawn_capture(argv, penv, rec.get("block") or [])
         except BaseException:
@@ -745,7 +739,7 @@ def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str
     ended it), the last signal this process got while it ran, and one still held when it
     ended (it never reached the command); None when it could not be started (the planned
     path then says why). ``block``: signals the runtime starts with blocked (``_exec``)."""
-    from ._proctree import HOLD_LIMIT, innermost, still_starting   # noqa: PLC0415 (only on this path)
+    from ._proctree import HOLD_LIMIT, exists, innermost, still_starting   # noqa: PLC0415 (only on this path)
     sig = _signals()
     # blocked from before the spawn until the handlers are in place: a signal in between
     # would otherwise end this process (SIGTERM's default) and leave the runtime running
@@ -769,7 +763,10 @@ def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str
             pass
 
     def release(signum: int = 0, frame: Any = None) -> None:
-        if done[0]:
+        # done, or reaped: this timer's handler can run right after waitpid returned and
+        # before ``done`` is set; the runtime ended with the signal still held (and its
+        # process ID may be another process's by now)
+        if done[0] or not exists(pid):
             return
         if still_starting(pid, hold, started) and time.monotonic() - since[0] < HOLD_LIMIT:
             sig.setitimer(sig.ITIMER_REAL, 0.005)
@@ -800,22 +797,38 @@ def _spawn_wait(argv: Sequence[str], penv: Mapping[str, str], hold: Sequence[str
     return (128 - code if code < 0 else code, seen[-1] if seen else None, pending[-1] if pending else None)
 
 
+def _guarded_command(rec: Dict[str, Any], guard: Dict[str, Any]
+                     ) -> Optional[Tuple[List[str], Dict[str, str], Callable[[str], str], str, Optional[str]]]:
+    """A record's argv and environment inside its orphan guard, named for this run
+    (``GUARD_NAME``, ``GUARD_PATH`` filled in), what fills the guard's other words, the run's
+    scratch directory (the caller removes it) and the guard's ``created`` file; None when no
+    scratch directory can be made (the planned path then says why)."""
+    try:
+        name, scratch_dir = make_run_scratch(os.environ)
+    except OSError:
+        return None
+    scratch = os.path.join(scratch_dir, "run")
+
+    def fill(word: str) -> str:
+        return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
+    try:
+        argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
+    except BaseException:
+        remove_files_and_dir(scratch_dir)
+        raise
+    return argv, penv, fill, scratch_dir, fill(guard["created"]) if guard.get("created") else None
+
+
 def _run_guarded(rec: Dict[str, Any], guard: Dict[str, Any], hold: Sequence[str] = (),
                  block: Sequence[str] = ()) -> Optional[int]:
     """The exit status, or None when the runtime failed (125) before any container existed
     (an empty ``guard``: nothing to remove, only ``hold``), or could not be started (a
     scratch directory or the spawn failed: the planned path then says why)."""
-    try:
-        name, scratch_dir = make_run_scratch(os.environ)
-    except OSError:
+    guarded = _guarded_command(rec, guard)
+    if guarded is None:
         return None
+    argv, penv, fill, scratch_dir, created = guarded
     try:
-        scratch = os.path.join(scratch_dir, "run")
-
-        def fill(word: str) -> str:
-            return word.replace(GUARD_NAME, name).replace(GUARD_PATH, scratch)
-        argv, penv, _ = _command(rec, os.environ, [fill(w) for w in guard.get("options", [])])
-        created = fill(guard["created"]) if guard.get("created") else None
         started = fill(guard["started"]) if guard.get("started") else None
         ran = _spawn_wait(argv, penv, hold, started, block)
         if ran is None:
