@@ -517,9 +517,9 @@ def api_args(image: str, command: Sequence[str], runtime: Optional[str] = None, 
     return ["run", *options, image, API_MARK, here, cwd or "", "--", *command]
 
 
-def try_api_run(image: str, command: Sequence[str], runtime: Optional[str] = None,
-                cwd: Optional[str] = None, env: Any = None, binds: Any = None) -> Any:
-    """``nsdf_hpc.run(image, command, runtime=..., cwd=..., env=..., binds=...)`` from the record an earlier
+def try_api_run(args: Sequence[str], cwd: Optional[str] = None) -> Any:
+    """``nsdf_hpc.run(image, command, runtime=..., cwd=..., env=..., binds=...)``, keyed as
+    ``args`` (``api_args``; ``cwd`` the call's), from the record an earlier
     planned call of the library saved (``Client.run``'s ``record``): its ``RunResult``, or
     None when there is no valid record (the planned path runs it and saves one). The runtime
     runs as the executor's captured run starts it (``_exec.SubprocessRunner.run``): stdin
@@ -528,15 +528,12 @@ def try_api_run(image: str, command: Sequence[str], runtime: Optional[str] = Non
     removes a container it left (a record with an orphan guard: podman)."""
     if os.environ.get("NSDF_HPC_NO_FAST_PATH"):
         return None
-    args = api_args(image, command, runtime, cwd, env, binds)
-    if args is None:
-        return None
     use = -1
     try:
         rec, path = _valid_record(args, os.environ, cwd or os.getcwd())
         if rec is None or not rec.get("runtime") or rec.get("native") is None:
             return None
-        argv, _, mkdirs = _command(rec, os.environ)
+        argv, penv, mkdirs = _command(rec, os.environ)
         if not os.path.isabs(argv[0]):
             return None
         _make_mount_points(mkdirs)
@@ -552,7 +549,7 @@ def try_api_run(image: str, command: Sequence[str], runtime: Optional[str] = Non
             os.close(use)
         return None
     try:
-        ran = _api_spawn(rec, path)
+        ran = _api_spawn(rec, path, argv, penv)
     finally:
         if use >= 0:
             os.close(use)
@@ -563,15 +560,15 @@ def try_api_run(image: str, command: Sequence[str], runtime: Optional[str] = Non
                      image_data=rec["native"])
 
 
-def _api_spawn(rec: Dict[str, Any], path: str) -> Optional[Tuple[int, str, str, List[str]]]:
-    """Run a record's command captured (``_spawn_capture``), inside its orphan guard when it
-    has one: the guard's options name the container, and after an exception the guard's
-    removal runs (what ``_exec.run_guarded`` does after a signal). None: it could not be
+def _api_spawn(rec: Dict[str, Any], path: str, argv: List[str], penv: Dict[str, str]
+               ) -> Optional[Tuple[int, str, str, List[str]]]:
+    """Run a record's command (``argv``, ``penv``: ``_command``'s) captured
+    (``_spawn_capture``), inside its orphan guard when it has one: the guard's options name
+    the container (its own argv), and after an exception the guard's removal runs (what ``_exec.run_guarded`` does after a signal). None: it could not be
     started, or the runtime failed (125) before it created the container (the record is
     stale: removed here, and the planned path checks the store and pulls again)."""
     guard = rec.get("guard")
     if not guard:
-        argv, penv, _ = _command(rec, os.environ)
         ran = _spawn_capture(argv, penv, rec.get("block") or [])
         return None if ran is None else (*ran, argv)
     guarded = _guarded_command(rec, guard)

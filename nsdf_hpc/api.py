@@ -55,7 +55,7 @@ def run(image: str, command: Sequence[str], runtime: Optional[str] = None, **opt
         cwd, env, binds = options.get("cwd"), options.get("env"), options.get("binds")
         args = _launch.api_args(image, command, runtime, cwd, env, binds)
         if args is not None:
-            done = _launch.try_api_run(image, command, runtime, cwd, env, binds)
+            done = _launch.try_api_run(args, cwd)
             if done is not None:
                 return done
             return _client().run(image, command, runtime=runtime, record=args, **options)

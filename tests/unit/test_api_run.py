@@ -81,9 +81,9 @@ def test_api_args_key_a_call_apart_from_any_command_line() -> None:
 
 def test_no_record_or_no_fast_path_leaves_the_call_to_the_planner(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("NSDF_HPC_CACHE", str(tmp_path))
-    assert _launch.try_api_run("img:1", ["true"], "charliecloud", None) is None
+    assert _launch.try_api_run(_launch.api_args("img:1", ["true"], "charliecloud")) is None
     monkeypatch.setenv("NSDF_HPC_NO_FAST_PATH", "1")
-    assert _launch.try_api_run("img:1", ["true"], "charliecloud", None) is None
+    assert _launch.try_api_run(_launch.api_args("img:1", ["true"], "charliecloud")) is None
 
 
 def test_spawn_capture_gives_status_output_and_a_fresh_start() -> None:
