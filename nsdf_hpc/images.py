@@ -578,13 +578,14 @@ class ImageService:
         return total
 
     def _execute_plan(self, rt: Runtime, plan: ImagePlan, source: ImageSource, work: str) -> str:
-        from .unpack import flatten, repack_for_udocker, write_charliecloud_metadata   # noqa: PLC0415
         env = {**self._step_env(rt), **self.login_env(rt, source, work)}
         if plan.pre_extract == "rootfs":
+            from .unpack import flatten, write_charliecloud_metadata   # noqa: PLC0415 (tarfile, gzip)
             self.progress({"event": "step", "step": "unpack layers", "image": source.text})
             config = flatten(source, os.path.join(work, "rootfs"))
             write_charliecloud_metadata(os.path.join(work, "rootfs"), config)
         elif plan.pre_extract == "repack":
+            from .unpack import repack_for_udocker   # noqa: PLC0415
             self.progress({"event": "step", "step": "repack archive", "image": source.text})
             repack_for_udocker(source, os.path.join(work, "source.tar"))
         last = None

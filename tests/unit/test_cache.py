@@ -317,3 +317,13 @@ def test_a_pruned_build_no_longer_stands_for_its_tag(tmp_path):
     entry = cache.lookup("podman", digest)
     assert entry is not None and cache.remove(entry)
     assert service.built_digests(ref) == {}
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 18) - 1, 1 << 18, (1 << 18) + 1, 3 * (1 << 18) + 12345])
+def test_a_file_is_hashed_whole_through_its_fixed_buffer(tmp_path, size):
+    import hashlib
+
+    from nsdf_hpc.cache import _hash_file
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    assert _hash_file(str(tmp_path / "f")) == "sha256:" + hashlib.sha256(data).hexdigest()
