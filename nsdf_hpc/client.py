@@ -62,6 +62,7 @@ class Client:
         self.runner: CommandRunner = runner or SubprocessRunner()
         self.progress = progress or (lambda event: None)
         self._infos: Optional[List[RuntimeInfo]] = None
+        self._some: Dict[Tuple[str, ...], List[RuntimeInfo]] = {}   # detect(only=...)
         self._host: Optional[HostFacts] = None
         self._slurm: Optional["Slurm"] = None
         self.cache = ImageCache(str(cache_dir(self.settings, self.env)), self.settings.site_cache_dirs)
@@ -85,10 +86,17 @@ class Client:
         """Every known runtime (or those in ``only``), found or not, with version,
         capabilities and notes."""
         if only and self._infos is None:
-            return detect_all(self.runner, env=self.env, runtime_paths=self.settings.runtime_paths,
-                              timeout=self.settings.probe_timeout, host=self.host, only=only,
-                              cache_file=self._detect_cache_file())
+            # kept for the client's life, as the full detection is (an Executor submitting
+            # call after call asked again each time: half a millisecond of every submit)
+            key = tuple(only)
+            if refresh or key not in self._some:
+                self._some[key] = detect_all(
+                    self.runner, env=self.env, runtime_paths=self.settings.runtime_paths,
+                    timeout=self.settings.probe_timeout, host=self.host, only=only,
+                    cache_file=self._detect_cache_file(), refresh=refresh)
+            return self._some[key]
         if self._infos is None or refresh:
+            self._some.clear()
             self._infos = detect_all(self.runner, env=self.env, runtime_paths=self.settings.runtime_paths,
                                      timeout=self.settings.probe_timeout,
                                      cache_file=self._detect_cache_file(), host=self.host, refresh=refresh)

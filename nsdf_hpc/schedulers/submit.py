@@ -275,7 +275,7 @@ def submit_prepared(slurm: Slurm, prep: Prepared) -> Job:
             logger.debug("cannot link %s: %s", link, err)
     prov["job_ids"] = ids
     with open(os.path.join(job_dir, "provenance.json"), "w") as fh:
-        json.dump(prov, fh, indent=2)
+        fh.write(json.dumps(prov, indent=2))   # json.dump writes each token separately
     return Job(slurm, ids, directory=job_dir, provenance=prov, script=prep.inputs.script_path,
                user=slurm.user)
 

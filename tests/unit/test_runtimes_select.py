@@ -267,3 +267,22 @@ def test_the_udocker_installed_with_this_python_comes_before_path(tmp_path, monk
     assert notes == [f"{mine} (installed with this Python) is used, not {other} on PATH"]
     found, notes = _candidates(UDocker, {"udocker": str(other)}, str(other.parent))
     assert found == [str(other)] and notes == []   # a configured path still wins
+
+
+def test_an_explicit_runtime_is_probed_once_per_client(fakebin, tmp_path):
+    """A client asked for one runtime again and again (an Executor's every submit) probes
+    it once, as it keeps the full detection; ``refresh`` probes again."""
+    from nsdf_hpc.client import Client
+    bindir = fakebin("apptainer", "podman")
+    runner = FakeRunner(ANSWERS)
+    env = {"PATH": str(bindir), "HOME": str(tmp_path), "NSDF_HPC_CACHE": str(tmp_path / "cache")}
+    client = Client(settings=load_settings(env=env, files=[], detect_cache=False), runner=runner, env=env)
+    client._host = make_host()
+    assert [client.runtime("apptainer").name for _ in range(3)] == ["apptainer"] * 3
+    assert len(runner.batches) == 1 and set(runner.probed) == {"apptainer"}
+    assert client.runtime("podman").name == "podman"
+    assert len(runner.batches) == 2
+    client.detect(refresh=True, only=["apptainer"])
+    assert len(runner.batches) == 3
+    assert [i.name for i in client.detect()] == NSDF_ORDER and len(runner.batches) == 4
+    assert client.runtime("apptainer").name == "apptainer" and len(runner.batches) == 4
