@@ -60,10 +60,10 @@ def key_for(digest: str) -> str:
 
 
 def _hash_file(path: str) -> str:
-    """sha256 of a file, read into one 256 KiB buffer (a new 1 MiB ``bytes`` per read
+    """sha256 of a file, read into one 64 KiB buffer (a new 1 MiB ``bytes`` per read
     held two of them at once: 2 MB of a cold run's peak memory)."""
     h = hashlib.sha256()
-    buf = bytearray(1 << 18)
+    buf = bytearray(1 << 16)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while True:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -366,3 +367,49 @@ def test_a_full_runtime_directory_is_named(zeros_image: str, small_fs: Path, tmp
     assert left == [], f"the truncated container was left in the store: {left}"
     r = nsdf_root(["pull", "--runtime", "udocker", ref], cache, timeout=300)     # default store: fits
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- TLS trust
+_RESOLVE = """
+import sys
+from nsdf_hpc.reference import parse_reference
+from nsdf_hpc.registry import RegistryClient, _SSL_CONTEXTS
+client = RegistryClient("127.0.0.1:5443")
+info = client.manifest(parse_reference(sys.argv[1]))
+print(info.digest, client.requests, ",".join(sorted(_SSL_CONTEXTS)))
+"""
+
+
+@pytest.mark.parametrize("trust", ["directory", "bundle", "nowhere"])
+def test_the_registry_certificate_is_checked_by_the_ca_directory_then_the_bundle(
+        trust: str, tmp_path: Path) -> None:
+    """The testbed's CA is in the system trust (``update-ca-certificates``: the hashed
+    directory and the bundle). Our client first verifies through the directory (one
+    certificate read, not the bundle's ~150); a directory without the CA hands over to the
+    bundle; a CA nowhere is one clear error at once, not retried like a network fault."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    empty = tmp_path / "no-ca"
+    empty.mkdir()
+    if trust in ("bundle", "nowhere"):
+        env["SSL_CERT_DIR"] = str(empty)
+    if trust == "nowhere":
+        (tmp_path / "empty.pem").write_text("")
+        env["SSL_CERT_FILE"] = str(tmp_path / "empty.pem")
+    expected = subprocess.run(["skopeo", "inspect", "--raw", f"docker://{BUSYBOX}"],
+                              capture_output=True, check=True).stdout
+    r = subprocess.run([sys.executable, "-c", _RESOLVE, BUSYBOX], env=env, capture_output=True,
+                       text=True, timeout=120)
+    if trust == "nowhere":
+        assert r.returncode != 0 and "its certificate is not trusted here" in r.stderr, r.stderr
+        t0 = time.monotonic()
+        r = nsdf_root(["run", "--runtime", "charliecloud", BUSYBOX, "--", "true"], tmp_path / "cache",
+                      timeout=120, SSL_CERT_DIR=str(empty), SSL_CERT_FILE=str(tmp_path / "empty.pem"),
+                      **_config(tmp_path, attempts=4, backoff=1))
+        assert r.returncode == 125 and "not trusted here" in r.stderr and "SSL_CERT_FILE" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert time.monotonic() - t0 < 10, "no retry with backoff for an untrusted certificate"
+        return
+    assert r.returncode == 0, r.stderr
+    digest, requests, contexts = r.stdout.split()
+    assert digest == "sha256:" + hashlib.sha256(expected).hexdigest()
+    assert (requests, contexts) == (("1", "directory") if trust == "directory" else ("2", "bundle,directory"))
