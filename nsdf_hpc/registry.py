@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ._retry import TRANSIENT_STATUSES, RetryPolicy, parse_retry_after
 from .errors import RegistryError
@@ -63,6 +63,8 @@ class ManifestInfo:
 
 
 _SSL_CONTEXTS: Dict[str, Any] = {}
+#: hosts (the registry's, its token service's) the CA directory could not verify
+_NEEDS_BUNDLE: Set[str] = set()
 
 
 def _ssl_context(whole_bundle: bool = False) -> Any:
@@ -148,15 +150,18 @@ class RegistryClient:
         self.requests += 1
         if not req.full_url.startswith("https:"):
             return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - http only if insecure
-        context = _ssl_context()
+        host = urllib.parse.urlsplit(req.full_url).netloc
+        context = _ssl_context(whole_bundle=host in _NEEDS_BUNDLE)
         try:
             return urllib.request.urlopen(req, timeout=self.timeout, context=context)  # noqa: S310
         except (urllib.error.URLError, OSError) as err:
             bundle = _ssl_context(whole_bundle=True)
             if bundle is context or not _unverified_by_directory(err):
                 raise
-        # the certificate directory could not verify it: the whole bundle decides
-        logger.debug("registry %s: not verified by the CA directory; trying the CA bundle", self.registry)
+        # the certificate directory could not verify it: the whole bundle decides, from now
+        # on for this host (one failed handshake per process, not per request)
+        logger.debug("registry %s: not verified by the CA directory; trying the CA bundle", host)
+        _NEEDS_BUNDLE.add(host)
         self.requests += 1
         return urllib.request.urlopen(req, timeout=self.timeout, context=bundle)  # noqa: S310
 
