@@ -382,13 +382,14 @@ print(info.digest, client.requests, ",".join(sorted(_SSL_CONTEXTS)))
 """
 
 
-@pytest.mark.parametrize("trust", ["directory", "bundle", "nowhere"])
+@pytest.mark.parametrize("trust", ["directory", "bundle", "nowhere", "another-name"])
 def test_the_registry_certificate_is_checked_by_the_ca_directory_then_the_bundle(
         trust: str, tmp_path: Path) -> None:
     """The testbed's CA is in the system trust (``update-ca-certificates``: the hashed
     directory and the bundle). Our client first verifies through the directory (one
     certificate read, not the bundle's ~150); a directory without the CA hands over to the
-    bundle; a CA nowhere is one clear error at once, not retried like a network fault."""
+    bundle; a CA nowhere, or a certificate for another name, is one clear error at once, not
+    retried like a network fault."""
     env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
     empty = tmp_path / "no-ca"
     empty.mkdir()
@@ -397,6 +398,13 @@ def test_the_registry_certificate_is_checked_by_the_ca_directory_then_the_bundle
     if trust == "nowhere":
         (tmp_path / "empty.pem").write_text("")
         env["SSL_CERT_FILE"] = str(tmp_path / "empty.pem")
+    if trust == "another-name":   # 127.1 is 127.0.0.1, a name the certificate was not made for
+        r = subprocess.run([sys.executable, "-c", _RESOLVE.replace("127.0.0.1:5443", "127.1:5443"),
+                            BUSYBOX.replace("127.0.0.1:", "127.1:")], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode != 0 and "its certificate is for another name" in r.stderr, r.stderr
+        assert "Hostname mismatch" in r.stderr and "attempts" not in r.stderr, r.stderr
+        return
     expected = subprocess.run(["skopeo", "inspect", "--raw", f"docker://{BUSYBOX}"],
                               capture_output=True, check=True).stdout
     r = subprocess.run([sys.executable, "-c", _RESOLVE, BUSYBOX], env=env, capture_output=True,
