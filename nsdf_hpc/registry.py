@@ -72,10 +72,11 @@ def _ssl_context(whole_bundle: bool = False) -> Any:
 
     The first looks CA certificates up in OpenSSL's hashed certificate directory as a
     handshake needs them (``capath``: one certificate read instead of parsing the whole
-    bundle's ~150, which took 28 ms and 0.8 MB of a cold run's peak memory). ``whole_bundle`` is the default context
-    (the bundle file and the directory): what a registry the directory cannot verify gets
-    (``RegistryClient._open``; a directory without hashed links, as on some distributions),
-    and the only one when ``SSL_CERT_FILE`` names a bundle or there is no directory."""
+    bundle's ~150, which took 28 ms and 0.8 MB of a cold run's peak memory).
+    ``whole_bundle`` is the default context (the bundle file and the directory): what a
+    registry the directory cannot verify gets (``RegistryClient._open``; a directory without
+    hashed links, as on some distributions), and the only one when ``SSL_CERT_FILE`` names a
+    bundle or there is no directory."""
     import ssl   # noqa: PLC0415
     paths = ssl.get_default_verify_paths()
     lazy = not whole_bundle and not os.environ.get(paths.openssl_cafile_env) \
@@ -164,8 +165,10 @@ class RegistryClient:
         try:
             return urllib.request.urlopen(req, timeout=self.timeout, context=context)  # noqa: S310
         except (urllib.error.URLError, OSError) as err:
+            if _untrusted_certificate(err) is None:   # a network fault: the caller retries
+                raise
             bundle = _ssl_context(whole_bundle=True)
-            if bundle is context or _untrusted_certificate(err) is None:
+            if bundle is context:
                 raise
         # the certificate directory could not verify it: the whole bundle decides, from now
         # on for this host (one failed handshake per process, not per request)

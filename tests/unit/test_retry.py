@@ -286,3 +286,27 @@ def test_a_full_disk_is_not_retried_and_names_nsdf_hpc_cache(tmp_path: Any,
     assert f"NSDF_HPC_CACHE={tmp_path / 'cache'}" in str(err) and "no space left on device" in str(err)
     assert len(runner.pulls) == 1 and sleeps == []
     assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_a_network_fault_over_tls_does_not_parse_the_ca_bundle(monkeypatch, tmp_path):
+    """Only a certificate the CA directory could not verify brings in the whole bundle; a
+    reset (retried by the caller) leaves the directory's context alone."""
+    import urllib.error
+    import urllib.request
+
+    from nsdf_hpc import registry
+
+    monkeypatch.setattr(registry, "_SSL_CONTEXTS", {})
+    monkeypatch.setattr(registry, "_NEEDS_BUNDLE", set())
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))   # a CA directory on any machine
+
+    def reset(req, timeout=None, context=None):
+        raise urllib.error.URLError(ConnectionResetError(104, "Connection reset by peer"))
+    monkeypatch.setattr(urllib.request, "urlopen", reset)
+    client = registry.RegistryClient("registry.example:443")
+    req = urllib.request.Request("https://registry.example:443/v2/", method="HEAD")
+    with pytest.raises(urllib.error.URLError):
+        client._open(req)
+    assert "bundle" not in registry._SSL_CONTEXTS and not registry._NEEDS_BUNDLE
+    assert client.requests == 1
