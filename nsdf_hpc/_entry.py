@@ -9,7 +9,7 @@ import sys
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from typing import Any, List, Optional
+    from typing import Any, List, Optional, Tuple
 
 #: SIGINTs taken by ``_note_sigint`` before the CLI's own handlers (``cli.main``) or the
 #: launch record's start (``_launch.try_fast_run``): both start nothing once one is here
@@ -101,9 +101,42 @@ def _main(argv: Optional[List[str]]) -> Optional[int]:
         out = fast_status(args, os.environ, interrupted)
         if out is not None:
             return _write(out)
+    _without_pydantic_plugins()
     from .cli import main as cli_main
     cli_main(args, interrupted)
     return None
+
+
+_PYDANTIC_LOADER = "pydantic.plugin._loader"
+
+
+def _without_pydantic_plugins() -> None:
+    """nsdf-run's own process loads no pydantic plugins (the ``pydantic`` entry-point group:
+    observability hooks on validation). pydantic looks for them when it builds the first
+    validator, through ``importlib.metadata`` (with ``zipfile``, ``csv`` and a scan of every
+    installed distribution): 1.0 MB of a cold run's peak memory, for hooks that nsdf-run's
+    own settings and records never need. A library user's process (``import nsdf_hpc``) is
+    left alone: their plugins see our models as before.
+
+    It answers pydantic's one question (``get_plugins``) with "none"; any other name pydantic
+    may ask that module for (a newer pydantic) gets the real module, loaded then."""
+    if _PYDANTIC_LOADER in sys.modules:   # loaded already (a site hook): nothing to save
+        return
+    stub = type(sys)(_PYDANTIC_LOADER, "nsdf-run: no pydantic plugins (see nsdf_hpc._entry)")
+
+    def get_plugins() -> Tuple[()]:
+        return ()
+
+    def real(name: str) -> Any:
+        if name.startswith("__"):   # the import system's own questions (``__path__``)
+            raise AttributeError(name)
+        if sys.modules.get(_PYDANTIC_LOADER) is stub:
+            del sys.modules[_PYDANTIC_LOADER]
+        import importlib   # noqa: PLC0415
+        return getattr(importlib.import_module(_PYDANTIC_LOADER), name)
+
+    vars(stub).update(get_plugins=get_plugins, __getattr__=real)   # __getattr__: PEP 562
+    sys.modules[_PYDANTIC_LOADER] = stub
 
 
 def _write(text: str) -> int:

@@ -177,3 +177,31 @@ def test_a_sigint_noted_before_the_cli_ends_it_before_any_command(monkeypatch, c
             signal.signal(signum, handler)
     assert stop.value.code == 130
     assert "interrupted by SIGINT" in capsys.readouterr().err
+
+
+def test_nsdf_run_loads_no_pydantic_plugins_but_a_library_user_does(tmp_path):
+    """nsdf-run's own process answers pydantic's plugin lookup with "none", without
+    ``importlib.metadata`` (1.0 MB of a cold run's peak memory); any other name asked of
+    that module gets the real one; a process that imports the library keeps its plugins."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "HOME": str(tmp_path), "NSDF_HPC_CACHE": str(tmp_path / "cache"),
+           "NSDF_HPC_SITE_CONFIG": str(tmp_path / "none.toml"), "NSDF_HPC_NO_FAST_PATH": "1"}
+    cli_code = (
+        "import sys\nfrom nsdf_hpc._entry import main\n"
+        "try:\n    main(['images'])\nexcept SystemExit as e:\n    code = e.code\n"
+        "loader = sys.modules['pydantic.plugin._loader']\n"
+        "print(code, 'nsdf_hpc.config' in sys.modules, 'importlib.metadata' in sys.modules, "
+        "list(loader.get_plugins()), loader.PYDANTIC_ENTRY_POINT_GROUP, "
+        "'importlib.metadata' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", cli_code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split("\n")[-2]
+    assert out == "0 True False [] pydantic True"   # the settings were validated; the real module on demand
+    lib_code = ("import sys, nsdf_hpc\nfrom nsdf_hpc.config import load_settings\n"
+                "load_settings(env={}, files=[])\n"
+                "print(getattr(sys.modules['pydantic.plugin._loader'], '__file__', None) is not None, "
+                "'importlib.metadata' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", lib_code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["True", "True"]   # pydantic's own loader, which looked for plugins
