@@ -3,13 +3,16 @@ a network: ``RegistryClient._open`` is replaced by a scripted fake and ``sleep``
 from __future__ import annotations
 
 import email.utils
-import io
+import http.server
 import logging
+import os
 import random
 import socket
+import subprocess
+import sys
+import threading
 import urllib.error
-from email.message import Message
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import pytest
 
@@ -82,11 +85,8 @@ def _client(script: Script, attempts: int = 4) -> "tuple[RegistryClient, List[fl
         if isinstance(item, BaseException):
             raise item
         status, headers, body = (item + (b"",))[:3] if isinstance(item, tuple) else (item, {}, b"")
-        if status >= 400:
-            msg = Message()
-            for k, v in headers.items():
-                msg[k] = v
-            raise urllib.error.HTTPError(req.full_url, status, "x", msg, io.BytesIO(b""))
+        if status >= 400:   # _open answers every status (urllib's HTTPError included)
+            return FakeResponse(status, headers, b"error page")
         return FakeResponse(status, {"Docker-Content-Digest": "sha256:" + "a" * 64, **headers}, body)
 
     client._open = fake_open  # type: ignore[method-assign]
@@ -291,22 +291,112 @@ def test_a_full_disk_is_not_retried_and_names_nsdf_hpc_cache(tmp_path: Any,
 def test_a_network_fault_over_tls_does_not_parse_the_ca_bundle(monkeypatch, tmp_path):
     """Only a certificate the CA directory could not verify brings in the whole bundle; a
     reset (retried by the caller) leaves the directory's context alone."""
-    import urllib.error
-    import urllib.request
-
     from nsdf_hpc import registry
 
     monkeypatch.setattr(registry, "_SSL_CONTEXTS", {})
     monkeypatch.setattr(registry, "_NEEDS_BUNDLE", set())
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))   # a CA directory on any machine
+    for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
 
-    def reset(req, timeout=None, context=None):
-        raise urllib.error.URLError(ConnectionResetError(104, "Connection reset by peer"))
-    monkeypatch.setattr(urllib.request, "urlopen", reset)
+    def reset(conn: Any) -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(registry._Connection, "connect", reset)
     client = registry.RegistryClient("registry.example:443")
-    req = urllib.request.Request("https://registry.example:443/v2/", method="HEAD")
-    with pytest.raises(urllib.error.URLError):
-        client._open(req)
+    with pytest.raises(ConnectionResetError):
+        client._open(registry._Req("HEAD", "https://registry.example:443/v2/"))
     assert "bundle" not in registry._SSL_CONTEXTS and not registry._NEEDS_BUNDLE
     assert client.requests == 1
+
+
+# ------------------------------------------ the transport, against a real local HTTP server
+class _Registry(http.server.BaseHTTPRequestHandler):
+    """Answers like a registry: a digest for /v2/...; /moved redirects (307) there; every
+    request line is noted (a proxy gets the absolute URL)."""
+
+    lines: List[str] = []
+
+    def _answer(self, body: bytes) -> None:
+        type(self).lines.append(self.requestline)
+        if self.path.endswith("/moved"):
+            self.send_response(307)
+            self.send_header("Location", "/v2/hpc/a/manifests/latest")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Docker-Content-Digest", "sha256:" + "b" * 64)
+        self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self._answer(b"{}")
+
+    def do_GET(self) -> None:
+        self._answer(b'{"schemaVersion": 2}')
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def local_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    for name in [k for k in os.environ if k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    _Registry.lines = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_request_goes_straight_through_http_client(local_registry: str) -> None:
+    """Neither urllib.request nor the idna codec (for an ASCII host) is imported: a new
+    process asks the local registry for a manifest, HEAD then GET."""
+    code = ("import sys; from nsdf_hpc.registry import RegistryClient; "
+            "from nsdf_hpc.reference import parse_reference; "
+            f"c = RegistryClient({local_registry!r}, insecure=True, env={{}}); "
+            f"ref = parse_reference({local_registry + '/hpc/a:latest'!r}); "
+            "print(c.manifest(ref).digest, c.requests, "
+            "'urllib.request' in sys.modules, 'encodings.idna' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["sha256:" + "b" * 64, "1", "False", "False"]
+    assert _Registry.lines == ["HEAD /v2/hpc/a/manifests/latest HTTP/1.1"]
+
+
+def test_a_redirect_is_followed_through_urllib(local_registry: str) -> None:
+    client = RegistryClient(local_registry, insecure=True, env={})
+    status, headers, body = client._request("GET", f"http://{local_registry}/v2/hpc/a/moved", {})
+    assert (status, headers["docker-content-digest"], body) == (200, "sha256:" + "b" * 64,
+                                                                b'{"schemaVersion": 2}')
+    assert _Registry.lines == ["GET /v2/hpc/a/moved HTTP/1.1",            # http.client: a 307
+                               "GET /v2/hpc/a/moved HTTP/1.1",            # again, with urllib
+                               "GET /v2/hpc/a/manifests/latest HTTP/1.1"]  # which follows it
+    assert client.requests == 1
+
+
+def test_a_proxy_from_the_environment_is_used(local_registry: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With http_proxy set the request goes through urllib to the proxy (here the local
+    server, which sees the absolute URL a proxy gets)."""
+    import urllib.request
+    monkeypatch.setattr(urllib.request, "_opener", None)   # urllib reads proxies once per opener
+    monkeypatch.setenv("http_proxy", f"http://{local_registry}")
+    client = RegistryClient("registry.invalid:5000", insecure=True, env={})
+    info = client.manifest(parse_reference("registry.invalid:5000/hpc/a:latest"))
+    assert info.digest == "sha256:" + "b" * 64
+    assert _Registry.lines == ["HEAD http://registry.invalid:5000/v2/hpc/a/manifests/latest HTTP/1.1"]
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    monkeypatch.setenv("no_proxy", "registry.invalid")
+    with pytest.raises(RegistryError, match="cannot reach registry registry.invalid:5000"):
+        RegistryClient("registry.invalid:5000", insecure=True, env={},
+                       retry=RetryPolicy(attempts=1)).manifest(
+            parse_reference("registry.invalid:5000/hpc/a:latest"))
