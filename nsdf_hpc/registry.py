@@ -351,7 +351,9 @@ class RegistryClient:
             return (f"registry {self.registry} ({self.scheme}) accepted the connection but sent "
                     f"nothing within {self.timeout:g} s ({tries}); it hangs or a firewall drops "
                     "the traffic (registry_timeout in the config sets the limit)")
-        return f"cannot reach registry {self.registry} ({self.scheme}): {problem} ({tries})"
+        proxy = ("; a proxy is set in the environment (https_proxy/http_proxy): check it, or "
+                 "name this registry in no_proxy") if _proxied() else ""
+        return f"cannot reach registry {self.registry} ({self.scheme}): {problem} ({tries}){proxy}"
 
     def _authenticate(self, challenge: str) -> None:
         scheme, params = _parse_challenge(challenge)

@@ -396,7 +396,8 @@ def test_a_proxy_from_the_environment_is_used(local_registry: str,
     assert _Registry.lines == ["HEAD http://registry.invalid:5000/v2/hpc/a/manifests/latest HTTP/1.1"]
     monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.setenv("no_proxy", "registry.invalid")
-    with pytest.raises(RegistryError, match="cannot reach registry registry.invalid:5000"):
+    with pytest.raises(RegistryError, match="cannot reach registry registry.invalid:5000") as exc:
         RegistryClient("registry.invalid:5000", insecure=True, env={},
                        retry=RetryPolicy(attempts=1)).manifest(
             parse_reference("registry.invalid:5000/hpc/a:latest"))
+    assert "a proxy is set in the environment" in str(exc.value)
