@@ -73,12 +73,15 @@ def _ssl_context(whole_bundle: bool = False) -> Any:
     bundle's ~150, which took 28 ms and 0.8 MB of a cold run's peak memory).
     ``whole_bundle`` is the default context (the bundle file and the directory): what a
     registry the directory cannot verify gets (``RegistryClient._open``; a directory without
-    hashed links, as on some distributions), and the only one when ``SSL_CERT_FILE`` names a
-    bundle or there is no directory."""
+    hashed links, as on some distributions; a CA only in the bundle ``SSL_CERT_FILE`` names),
+    and the only one when there is no directory. Both trust what the default context trusts
+    (it reads the directory too), so the order changes the cost, not the trust: with
+    ``SSL_CERT_FILE`` set (conda and pyenv set it to certifi's bundle), a registry the system
+    trusts costs no bundle; one whose CA is only in the named bundle costs one failed
+    handshake per process."""
     import ssl   # noqa: PLC0415
     paths = ssl.get_default_verify_paths()
-    lazy = not whole_bundle and not os.environ.get(paths.openssl_cafile_env) \
-        and bool(paths.capath) and os.path.isdir(paths.capath or "")
+    lazy = not whole_bundle and bool(paths.capath) and os.path.isdir(paths.capath or "")
     key = "directory" if lazy else "bundle"
     if key not in _SSL_CONTEXTS:
         _SSL_CONTEXTS[key] = ssl.create_default_context(capath=paths.capath) if lazy \

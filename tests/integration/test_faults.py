@@ -382,19 +382,22 @@ print(info.digest, client.requests, ",".join(sorted(_SSL_CONTEXTS)))
 """
 
 
-@pytest.mark.parametrize("trust", ["directory", "bundle", "nowhere", "another-name"])
+@pytest.mark.parametrize("trust", ["directory", "bundle", "nowhere", "another-name",
+                                   "named-bundle", "named-bundle-only"])
 def test_the_registry_certificate_is_checked_by_the_ca_directory_then_the_bundle(
         trust: str, tmp_path: Path) -> None:
     """The testbed's CA is in the system trust (``update-ca-certificates``: the hashed
     directory and the bundle). Our client first verifies through the directory (one
-    certificate read, not the bundle's ~150); a directory without the CA hands over to the
-    bundle; a CA nowhere, or a certificate for another name, is one clear error at once, not
+    certificate read, not the bundle's ~150), also when SSL_CERT_FILE names a bundle; a
+    directory without the CA hands over to the bundle (the named one with the CA: it works); a CA nowhere, or a certificate for another name, is one clear error at once, not
     retried like a network fault."""
     env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
     empty = tmp_path / "no-ca"
     empty.mkdir()
-    if trust in ("bundle", "nowhere"):
+    if trust in ("bundle", "nowhere", "named-bundle-only"):
         env["SSL_CERT_DIR"] = str(empty)
+    if trust.startswith("named-bundle"):   # SSL_CERT_FILE names a bundle with the CA (a site's)
+        env["SSL_CERT_FILE"] = "/usr/local/share/ca-certificates/hpc-ci-registry.crt"
     if trust == "nowhere":
         (tmp_path / "empty.pem").write_text("")
         env["SSL_CERT_FILE"] = str(tmp_path / "empty.pem")
@@ -422,5 +425,7 @@ def test_the_registry_certificate_is_checked_by_the_ca_directory_then_the_bundle
     assert r.returncode == 0, r.stderr
     digest, requests, contexts = r.stdout.split()
     assert digest == "sha256:" + hashlib.sha256(expected).hexdigest()
-    # two requests; where the directory cannot verify the registry, one more (the first)
-    assert (requests, contexts) == (("2", "directory") if trust == "directory" else ("3", "bundle,directory"))
+    # two requests; where the directory cannot verify the registry, one more (the first).
+    # A bundle named in SSL_CERT_FILE is parsed only when the directory cannot verify it.
+    assert (requests, contexts) == (("2", "directory") if trust in ("directory", "named-bundle")
+                                    else ("3", "bundle,directory"))
