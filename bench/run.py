@@ -1,4 +1,4 @@
-"""Run the benchmarks on demand: `python3 bench/run.py [startup|runtimes|images|slurm|build|completion ...]`.
+"""Run the benchmarks on demand: `python3 bench/run.py [startup|runtimes|images|memory|slurm|build|completion ...]`.
 
 Prints one table (medians, added ms, ratios, peak memory, target met or missed) and saves it
 as JSON with `--json FILE`. Needs the testbed for everything but `startup`.
@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import report  # noqa: E402
 
-SUITES = {"startup": "bench_startup", "runtimes": "bench_runtimes", "images": "bench_images",
+SUITES = {"startup": "bench_startup", "runtimes": "bench_runtimes", "images": "bench_images", "memory": "bench_memory",
           "slurm": "bench_slurm", "build": "bench_build", "completion": "bench_completion"}
 
 
