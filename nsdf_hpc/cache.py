@@ -229,10 +229,13 @@ class ImageCache:
         """Record that these jobs will run the entry; False when that cannot be written."""
         d = self.pin_dir(runtime, digest)
         try:
-            os.makedirs(d, exist_ok=True)
             for j in job_ids:
-                with open(os.path.join(d, os.path.basename(str(j))), "a"):
-                    pass
+                path = os.path.join(d, os.path.basename(str(j)))
+                try:
+                    open(path, "a").close()
+                except FileNotFoundError:      # the entry's first pin
+                    os.makedirs(d, exist_ok=True)
+                    open(path, "a").close()
         except OSError as err:
             logger.warning("cannot record job %s as a user of its image in %s (%s): a prune "
                            "may remove the image while the job is queued", ",".join(job_ids), d,

@@ -256,7 +256,8 @@ class Job:
         try:
             names = [n for n in os.listdir(os.path.join(self.directory, "exit")) if not n.endswith(".tmp")]
         except OSError:
-            return None
+            # the script makes exit/ when its first task ends: before that, none is there yet
+            return False if os.path.isdir(self.directory) else None
         expected = len(self.provenance.get("indices") or ())
         if self.is_array and expected:
             prefixes = tuple(f"{j}_" for j in self.job_ids)

@@ -69,6 +69,9 @@ def _contiguous(idx: Sequence[int]) -> bool:
 
 
 # ---------------------------------------------------------------------------- quoting
+_SBATCH_PLAIN = re.compile(r"[^\s\\'\"#]+")   # what sbatch reads as one word, unquoted
+
+
 def sbatch_quote(value: str) -> str:
     """Quote a value for an ``#SBATCH`` line as sbatch itself parses it: inside double
     quotes whitespace and ``#`` are literal, and a backslash escapes the next character
@@ -76,7 +79,7 @@ def sbatch_quote(value: str) -> str:
     single quotes as an escape too, and an escaped space still ends the word."""
     if "\n" in value or "\r" in value or "\0" in value:
         raise SpecError(f"an #SBATCH value cannot contain a newline or NUL: {value!r}")
-    if value and not any(c.isspace() or c in "\\'\"#" for c in value):
+    if value and _SBATCH_PLAIN.fullmatch(value):
         return value
     return '"' + "".join("\\" + c if c in '\\"' else c for c in value) + '"'
 

@@ -153,6 +153,21 @@ def test_files_there_but_never_final_costs_one_confirmation_then_the_backstop(tm
     assert sum(1 for t in times if t >= 300) / 5 <= 5
 
 
+def test_exit_files_are_watched_from_submission_before_the_script_makes_their_directory(tmp_path) -> None:
+    """Submission makes only the job directory; the script makes exit/ as its first task
+    ends. Until then there are no files yet (False: watched), not nothing to watch (None)."""
+    s = backend(FakeRunner({}), tmp_path, FakeClock())
+    job = Job(s, ["7"], directory=str(tmp_path / "j"))
+    assert job.exit_files_done() is None                 # no job directory: nothing to watch
+    (tmp_path / "j").mkdir()
+    assert job.exit_files_done() is False                # submitted, no task ended yet
+    (tmp_path / "j" / "exit").mkdir()
+    (tmp_path / "j" / "exit" / "7.tmp").write_text("0\n")
+    assert job.exit_files_done() is False
+    os.rename(tmp_path / "j" / "exit" / "7.tmp", tmp_path / "j" / "exit" / "7")
+    assert job.exit_files_done() is True
+
+
 def _call_times(clock: FakeClock) -> List[float]:
     t, out = 0.0, [0.0]
     for dt in clock.sleeps:
