@@ -3,9 +3,11 @@
 A program of its own, never imported by the package: the executor copies it, with the host's
 cloudpickle beside it, into a support directory that is bound read-only into the container
 (sys.path[0] is the script's directory, so no PYTHONPATH is needed). It runs items
-``TASK*BATCH .. TASK*BATCH+BATCH-1`` of ROOT: each item directory ``ROOT/items/N`` holds
-``call.pkl`` (function, args, kwargs); the worker writes ``stdout``, ``stderr`` and, last and
-atomically, ``result.pkl``: ``("ok", value)``, ``("error", pickled exception or None, type
+``TASK*BATCH .. TASK*BATCH+BATCH-1`` of ROOT, whose calls (function, args, kwargs) are in
+``ROOT.pkl`` beside it (the host's ``executor.write_calls``: the calls' pickles, their index, and a
+trailer line saying where the index starts; only this task's calls are read). For item N it
+makes ``ROOT/items/N`` and writes there ``stdout``, ``stderr`` and, last and atomically,
+``result.pkl``: ``("ok", value)``, ``("error", pickled exception or None, type
 name, message, traceback text)`` or ``("died", status, how, oom)``; then it creates the empty
 ``ROOT/done/N``, so that the host learns of finished items from one directory.
 
@@ -33,7 +35,7 @@ def _write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _run_item(d: str, cloudpickle: Any) -> None:
+def _run_item(d: str, call: bytes, cloudpickle: Any) -> None:
     out = os.open(os.path.join(d, "stdout"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     err = os.open(os.path.join(d, "stderr"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     saved = os.dup(1), os.dup(2)
@@ -49,8 +51,7 @@ def _run_item(d: str, cloudpickle: Any) -> None:
             pass
     try:
         try:
-            with open(os.path.join(d, "call.pkl"), "rb") as fh:
-                fn, args, kwargs = pickle.load(fh)
+            fn, args, kwargs = pickle.loads(call)
             result: Any = ("ok", fn(*args, **kwargs))
         except BaseException as exc:   # noqa: BLE001 - everything goes back to the caller
             result = ("error", exc, type(exc).__module__ + "." + type(exc).__qualname__, str(exc),
@@ -77,6 +78,9 @@ def _run_item(d: str, cloudpickle: Any) -> None:
                              "the result could not be pickled: %s" % exc, traceback.format_exc()))
     _write(os.path.join(d, "result.pkl"), data)
 
+
+#: the calls file's last line (executor.write_calls): magic, version, where the index starts
+TRAILER = b"NSDF-CALLS 1 %012d\n"
 
 _SIGNALS = {1: "SIGHUP", 2: "SIGINT", 6: "SIGABRT", 7: "SIGBUS", 9: "SIGKILL", 11: "SIGSEGV",
             15: "SIGTERM"}
@@ -118,14 +122,14 @@ def _mark_done(d: str) -> None:
         pass
 
 
-def _run_isolated(d: str, cloudpickle: Any) -> None:
+def _run_isolated(d: str, call: bytes, cloudpickle: Any) -> None:
     """Run item ``d`` in a child process; when the child ends without a result, write one
     that says how it ended. Then the item is marked done."""
-    _run_child(d, cloudpickle)
+    _run_child(d, call, cloudpickle)
     _mark_done(d)
 
 
-def _run_child(d: str, cloudpickle: Any) -> None:
+def _run_child(d: str, call: bytes, cloudpickle: Any) -> None:
     before = _oom_kills()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -133,7 +137,7 @@ def _run_child(d: str, cloudpickle: Any) -> None:
     if pid == 0:   # the child: run the item, then leave without running this process's exit code
         code = 0
         try:
-            _run_item(d, cloudpickle)
+            _run_item(d, call, cloudpickle)
         except BaseException:   # noqa: BLE001 - writing the result failed: say so in the task log
             traceback.print_exc()
             code = 70
@@ -161,10 +165,30 @@ def main(argv: List[str]) -> int:
     # appended, so the image's own standard library always wins
     sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fallback"))
     import cloudpickle
-    for n in range(task * batch, task * batch + batch):
-        d = os.path.join(root, "items", str(n))
-        if os.path.isfile(os.path.join(d, "call.pkl")) and not os.path.exists(os.path.join(d, "result.pkl")):
-            _run_isolated(d, cloudpickle)
+    with open(root + ".pkl", "rb") as fh:
+        fh.seek(-len(TRAILER % 0), 2)
+        magic, version, where = fh.read().split()
+        if magic != b"NSDF-CALLS" or version != b"1":
+            sys.stderr.write("nsdf-hpc worker: %s is not a calls file of this version\n" % fh.name)
+            return 2
+        fh.seek(int(where))
+        index = pickle.load(fh)
+        for d in (root, os.path.join(root, "items"), os.path.join(root, "done")):
+            try:
+                os.mkdir(d)
+            except FileExistsError:     # another task's, or this one's before a requeue
+                pass
+        for n in range(task * batch, min(len(index), task * batch + batch)):
+            d = os.path.join(root, "items", str(n))
+            if os.path.exists(os.path.join(d, "result.pkl")):    # a requeued task: done before
+                continue
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                pass
+            offset, length = index[n]
+            fh.seek(offset)
+            _run_isolated(d, fh.read(length), cloudpickle)
     return 0
 
 

@@ -6,9 +6,14 @@ a copy of the host's cloudpickle are bound read-only; nothing is installed into 
 PYTHONPATH is not used) and reads the result back. Layout of one executor's directory::
 
     BASE/support/            worker, cloudpickle, fallback/ (bound read-only at the same path)
-    BASE/calls/GROUP/items/N/call.pkl, stdout, stderr, result.pkl   (bound read-write)
+    BASE/calls/GROUP.pkl      every call of the group in one file (write_calls)
+    BASE/calls/GROUP/items/N/stdout, stderr, result.pkl   made by the worker
     BASE/calls/GROUP/done/N   empty, once item N's result is written (on Slurm, the host
                               lists this one directory instead of looking at every item)
+
+``BASE/calls`` is bound read-write. A Slurm submission is one group (``gK``), a local call
+one group of one item (``lN``): writing a submission costs one file whatever the number of
+items (a 200-item ``map`` made 200 directories and 200 files before).
 
 Locally every call is one container run (``max_workers`` at a time); on Slurm a ``map`` is one
 array job whose tasks each run ``batch_size`` items, and ``submit`` a one-task array job.
@@ -22,6 +27,8 @@ before anything runs.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -37,7 +44,7 @@ import types
 import uuid
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Literal, Optional,
-                    Tuple)
+                    Sequence, Tuple)
 
 from .errors import (ExecutorError, InterpreterMismatchError, NsdfError, RemoteError,
                      RemoteTraceback, SchedulerError, SpecError, WorkerDiedError)
@@ -49,14 +56,16 @@ if TYPE_CHECKING:
     from .runtimes.base import Invocation, Runtime
     from .schedulers.backoff import Backoff
     from .schedulers.job import Job
+    from .schedulers.submit import Prepared
 
-__all__ = ["Executor", "CallFuture", "check_interpreter", "parse_version", "task_count"]
+__all__ = ["Executor", "CallFuture", "check_interpreter", "parse_version", "task_count", "write_calls"]
 
 logger = logging.getLogger(__name__)
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pyworker.py")
 _INDEX = "__NSDF_EXEC_INDEX__"
 _FALLBACK = ("dataclasses", "uuid")
+_COLLECTOR_IDLE = 30.0    # s the Slurm collector thread waits for more work before it ends
 _VERSION_CODE = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
 #: ``Executor`` options that are its own, not run options or sbatch resources
 _OWN = ("python", "max_workers", "batch_size", "max_tasks", "work_dir", "client", "keep")
@@ -122,6 +131,42 @@ def host_python() -> Tuple[int, int, int]:
 _BY_VALUE = threading.Lock()   # cloudpickle's by-value registry is process-wide
 
 
+#: the last line of a calls file: magic, format version and where its index starts
+_PACK_TRAILER = b"NSDF-CALLS 1 %012d\n"
+PACK_TRAILER_SIZE = len(_PACK_TRAILER % 0)
+
+
+def write_calls(path: str, calls: Sequence[Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]]
+                ) -> None:
+    """Write ``calls`` to one file: each call's cloudpickle, one after the other (one call
+    in memory at a time), then the index (a pickled list of ``(offset, length)``) and a
+    fixed-size trailer line giving where the index starts; ``_pyworker.py`` reads only its
+    own task's calls. The user's own modules are pickled by value."""
+    import cloudpickle  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+    modules = {id(fn): user_module(fn) for fn, _, _ in calls}
+    by_value = {m.__name__: m for m in modules.values() if m is not None}
+    index: List[Tuple[int, int]] = []
+    with _BY_VALUE, open(path, "wb") as fh:
+        for m in by_value.values():
+            cloudpickle.register_pickle_by_value(m)
+        try:
+            for fn, args, kwargs in calls:
+                try:
+                    data = cloudpickle.dumps((fn, args, kwargs))
+                except Exception as err:   # noqa: BLE001 - pickling raises many types
+                    raise ExecutorError(f"cannot pickle the call of {getattr(fn, '__qualname__', fn)!r}: "
+                                        f"{err}") from err
+                index.append((fh.tell(), len(data)))
+                fh.write(data)
+        finally:
+            for m in by_value.values():
+                cloudpickle.unregister_pickle_by_value(m)
+        where = fh.tell()
+        fh.write(pickle.dumps(index))
+        fh.write(_PACK_TRAILER % where)
+
+
 def user_module(fn: Any) -> Optional[types.ModuleType]:
     """The module of ``fn`` when it is the user's own code (a file outside the interpreter's
     standard library and site-packages, not ``__main__``): cloudpickle pickles functions by
@@ -132,10 +177,13 @@ def user_module(fn: Any) -> Optional[types.ModuleType]:
     path = getattr(module, "__file__", None)
     if module is None or name == "__main__" or not path:
         return None
+    return module if _is_users_file(path) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _is_users_file(path: str) -> bool:
     real = os.path.realpath(path)
-    if any(real.startswith(p + os.sep) for p in _installed_roots()):
-        return None
-    return module
+    return not any(real.startswith(p + os.sep) for p in _installed_roots())
 
 
 @functools.lru_cache(maxsize=1)
@@ -284,6 +332,11 @@ class Executor:
         self._native: Optional["NativeImage"] = None
         self._submit_image = image
         self._template: Optional["Invocation"] = None
+        self._prep: Optional["Prepared"] = None     # the last Slurm job, prepared (_sbatch)
+        self._unrecorded: List["Job"] = []          # submitted, record not yet written
+        self._record_lock = threading.Lock()
+        self._at_exit = False
+        self._wake = threading.Event()              # a submission for the collector
         self._pool: Optional[ThreadPoolExecutor] = None
         self._groups = 0
         self._next_local = 0
@@ -392,35 +445,23 @@ class Executor:
         return [self.python, os.path.join(self.base, "support", "_pyworker.py"), group_dir, index, str(batch)]
 
     # ------------------------------------------------------------ writing calls
-    def _new_group(self) -> str:
+    def _new_group(self, calls: Sequence[Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]],
+                   name: Optional[str] = None) -> str:
+        """A group of ``calls``: ``GROUP.pkl`` (the worker makes the directory ``GROUP``,
+        its ``items`` and ``done``); nothing is left behind when a call cannot be pickled."""
         assert self.base is not None
-        with self._lock:
-            self._groups += 1
-            g = os.path.join(self.base, "calls", f"g{self._groups}")
-        os.makedirs(os.path.join(g, "items"))
-        os.makedirs(os.path.join(g, "done"))   # the worker marks finished items here (_collect)
+        if name is None:
+            with self._lock:
+                self._groups += 1
+                name = f"g{self._groups}"
+        g = os.path.join(self.base, "calls", name)
+        try:
+            write_calls(g + ".pkl", calls)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(g + ".pkl")
+            raise
         return g
-
-    @staticmethod
-    def _write_call(group_dir: str, n: int, fn: Callable[..., Any], args: Tuple[Any, ...],
-                    kwargs: Dict[str, Any]) -> None:
-        import cloudpickle  # noqa: PLC0415
-        d = os.path.join(group_dir, "items", str(n))
-        os.makedirs(d)
-        module = user_module(fn)
-        with _BY_VALUE:
-            if module is not None:
-                cloudpickle.register_pickle_by_value(module)
-            try:
-                data = cloudpickle.dumps((fn, args, kwargs))
-            except Exception as err:   # noqa: BLE001 - pickling raises many types
-                raise ExecutorError(f"cannot pickle the call of {getattr(fn, '__qualname__', fn)!r}: "
-                                    f"{err}") from err
-            finally:
-                if module is not None:
-                    cloudpickle.unregister_pickle_by_value(module)
-        with open(os.path.join(d, "call.pkl"), "wb") as fh:
-            fh.write(data)
 
     def _finish(self, fut: CallFuture, item_dir: str, died: Callable[[], WorkerDiedError],
                 where: str) -> None:
@@ -443,14 +484,13 @@ class Executor:
     def _local_template(self) -> "Invocation":
         assert self.base is not None and self._rt is not None
         if self._template is None:
-            group = self._new_group()
             run_opts = {k: v for k, v in self.options.items() if k != "binds"}
-            spec = self.client.spec(self.image, self._command(group, _INDEX, 1), binds=self._binds(),
-                                    **run_opts)
+            # call N is the one item of group lN
+            command = self._command(os.path.join(self.base, "calls", "l" + _INDEX), "0", 1)
+            spec = self.client.spec(self.image, command, binds=self._binds(), **run_opts)
             inv, native, rt = self.client.invocation(spec, self._rt, self._native)
             self.client.prepare(inv, rt)
             self._template, self._native = inv, native
-            self._local_group = group
         return self._template
 
     def _run_local(self, fut: CallFuture, n: int) -> None:
@@ -459,7 +499,8 @@ class Executor:
         assert self._rt is not None and self._native is not None and self._template is not None
         inv = dataclasses.replace(self._template,
                                   command=tuple(a.replace(_INDEX, str(n)) for a in self._template.command))
-        item = os.path.join(self._local_group, "items", str(n))
+        assert self.base is not None
+        item = os.path.join(self.base, "calls", f"l{n}", "items", "0")
         try:
             res = self.client.execute(inv, self._native, self._rt, capture=True)
         except NsdfError as err:
@@ -484,7 +525,7 @@ class Executor:
         with self._lock:
             n = self._next_local
             self._next_local += 1
-        self._write_call(self._local_group, n, fn, args, kwargs)
+        self._new_group([(fn, args, kwargs)], name=f"l{n}")
         fut = CallFuture()
         fut.index = n
         if self._pool is None:
@@ -533,12 +574,14 @@ class Executor:
         """Stop accepting calls; with ``wait``, wait for every call and remove the work
         directory (unless ``keep``)."""
         self._closed = True
+        self._record_jobs()
         if cancel_futures:
             self.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=wait)
-        if wait and self._collector is not None:
-            self._collector.join()
+        collector = self._collector
+        if wait and collector is not None:
+            collector.join()
         if wait and self.base and not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -552,17 +595,9 @@ class Executor:
     def _submit_slurm(self, calls: List[Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]]
                       ) -> List[CallFuture]:
         assert self._rt is not None
-        group = self._new_group()
-        for n, (fn, args, kwargs) in enumerate(calls):
-            self._write_call(group, n, fn, args, kwargs)
+        group = self._new_group(calls)
         tasks, batch = task_count(len(calls), self.batch_size, self.max_tasks)
-        opts = {k: v for k, v in self.options.items() if k != "binds"}
-        opts.setdefault("job_name", "nsdf-exec")
-        job = self.client.submit_array(self._submit_image, template=self._command(group, "{index}", batch),
-                                       indices=tasks, runtime=self._rt.name, binds=self._binds(), **opts)
-        from .schedulers.job import Job   # noqa: PLC0415
-        if not isinstance(job, Job):
-            raise ExecutorError("dry_run is not an Executor option")
+        job = self._sbatch(self._command(group, "{index}", batch), tasks)
         futs = []
         for n in range(len(calls)):
             f = CallFuture()
@@ -574,7 +609,53 @@ class Executor:
             if self._collector is None or not self._collector.is_alive():
                 self._collector = threading.Thread(target=self._collect, name="nsdf-exec-slurm", daemon=True)
                 self._collector.start()
+        self._wake.set()
         return futs
+
+    def _sbatch(self, command: List[str], tasks: int) -> "Job":
+        """One array job of ``tasks`` tasks running ``command``. The first is prepared in
+        full (image, runtime invocation, script); later ones re-use that, in a new job
+        directory with their own command and tasks, while the image it names is still there
+        and the working directory the same (else prepared in full again): a submission is
+        then little more than its sbatch."""
+        from .schedulers import submit as slurm_submit   # noqa: PLC0415
+        assert self._rt is not None
+        client = self.client
+        slurm = client.scheduler()
+        prep = self._prep
+        if prep is not None and (self.options.get("cwd") or os.getcwd()) == prep.inputs.chdir \
+                and all(os.path.exists(p) for p in prep.inputs.requires):
+            prep = slurm_submit.again(prep, slurm, command=command, array=tasks)
+        else:
+            opts = {k: v for k, v in self.options.items() if k != "binds"}
+            opts.setdefault("job_name", "nsdf-exec")
+            if opts.pop("dry_run", False):
+                raise ExecutorError("dry_run is not an Executor option")
+            slurm_submit.check_work_dir(slurm.settings)
+            spec = slurm_submit.job_spec(client, self._submit_image, command, array=tasks, slurm=slurm,
+                                         binds=self._binds(), **opts)
+            prep = slurm_submit.prepare(client, spec, slurm, self._rt.name)
+        job = slurm_submit.sbatch_prepared(slurm, prep)
+        self._prep = prep
+        with self._lock:
+            # its record (by-id link, provenance, the image's pin) is written by the collector
+            # right after this returns, or at shutdown or exit (_record_jobs)
+            self._unrecorded.append(job)
+            if not self._at_exit:
+                atexit.register(self._record_jobs)
+                self._at_exit = True
+        return job
+
+    def _record_jobs(self) -> None:
+        """Write the record of the jobs submitted so far (``schedulers.submit.record``)."""
+        from .schedulers import submit as slurm_submit   # noqa: PLC0415
+        with self._record_lock:     # an exit waits for the collector's record in progress
+            while True:
+                with self._lock:
+                    if not self._unrecorded:
+                        return
+                    job = self._unrecorded.pop(0)
+                slurm_submit.record(self.client.scheduler(), job, self.client.cache)
 
     def _collect(self) -> None:
         """Resolve Slurm futures as their items finish. The worker marks each finished item in
@@ -583,14 +664,25 @@ class Executor:
         the number of items). The scheduler is asked about a job on ``wait()``'s schedule
         (``_JobWatch``); once it says a job is final, its items without a result get a
         :class:`WorkerDiedError` (state, exit code, log tail)."""
-        from .schedulers.job import WATCH_INTERVAL   # noqa: PLC0415
         base = self.client.scheduler().backoff()
         watches: Dict[int, _JobWatch] = {}
+        idle_since: Optional[float] = None
         while True:
+            self._record_jobs()
             with self._lock:
                 watch = list(self._watch)
+                if not watch:
+                    # kept a while for the next submission (starting a thread is part of its
+                    # time); decided under the lock that submissions append under
+                    idle_since = time.monotonic() if idle_since is None else idle_since
+                    if self._closed or time.monotonic() - idle_since > _COLLECTOR_IDLE:
+                        self._collector = None
+                        return
+                else:
+                    idle_since = None
             if not watch:
-                return
+                self._pause()
+                continue
             for entry in watch:
                 job, group, batch, futs = entry
                 try:
@@ -622,7 +714,13 @@ class Executor:
                     with self._lock:
                         self._watch.remove(entry)
                     watches.pop(id(job), None)
-            base.pause(WATCH_INTERVAL)
+            self._pause()
+
+    def _pause(self) -> None:
+        """``WATCH_INTERVAL`` s, or until a submission wakes the collector."""
+        from .schedulers.job import WATCH_INTERVAL   # noqa: PLC0415
+        self._wake.wait(WATCH_INTERVAL)
+        self._wake.clear()
 
     def _slurm_where(self, job: "Job", task: int, n: int) -> str:
         rt = self._rt.name if self._rt is not None else "?"

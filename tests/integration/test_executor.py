@@ -232,6 +232,90 @@ def test_slurm_map_and_submit_on_every_runtime(runtime: str, slurm_client: Clien
         assert ex.submit(pow, 2, 10).result(timeout=300) == 1024
 
 
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_later_submissions_reuse_the_prepared_job_until_it_no_longer_holds(
+        slurm_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first Slurm submission of an Executor is prepared in full; later ones re-use it
+    (no pull, no planning), each in a job directory of its own; a working directory that
+    changed, or the image gone from the cache (a prune), prepares in full again."""
+    pulls = []
+    real_pull = slurm_client.pull
+    monkeypatch.setattr(slurm_client, "pull", lambda *a, **k: pulls.append(a[0]) or real_pull(*a, **k))
+    work = slurm_client.scheduler().settings.work_dir
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
+                           time="0:05") as ex:
+        assert ex.submit(pow, 2, 3).result(timeout=300) == 8
+        first, pulled = ex._prep, len(pulls)
+        assert first is not None
+        assert list(ex.map(square_and_print, [2, 3, 4])) == [4, 9, 16]
+        assert ex.submit(pow, 3, 2).result(timeout=300) == 9
+        assert len(pulls) == pulled                    # re-used: nothing pulled again
+        dirs = [j.directory for j in ex.jobs]
+        assert len(set(dirs)) == 3
+        for job in ex.jobs:
+            prov = json.loads(Path(job.directory, "provenance.json").read_text())
+            assert prov["job_ids"] == list(job.job_ids) and prov["argv"] == list(first.inputs.prefix)
+            assert prov["directory"] == job.directory and prov["script"] == str(Path(job.directory, "job.sh"))
+            assert os.path.realpath(os.path.join(work, "by-id", job.job_id)) == job.directory
+            assert job.wait(timeout=120).state is JobState.COMPLETED
+        assert json.loads(Path(dirs[1], "provenance.json").read_text())["indices"] == [0, 1, 2]
+        # another working directory: prepared in full (the job's --chdir is the new one)
+        monkeypatch.chdir(tmp_path)
+        assert ex.submit(pow, 2, 4).result(timeout=300) == 16
+        assert len(pulls) == pulled + 1 and ex._prep is not None and ex._prep.inputs.chdir == str(tmp_path)
+        assert f"#SBATCH --chdir={tmp_path}\n" in Path(ex.jobs[-1].directory, "job.sh").read_text()
+        # the image gone from the cache: prepared in full, which pulls it again
+        sif = ex._prep.inputs.requires[-1]
+        os.rename(sif, sif + ".gone")
+        try:
+            assert ex.submit(pow, 2, 5).result(timeout=300) == 32
+        finally:
+            if os.path.exists(sif + ".gone"):
+                os.unlink(sif + ".gone")
+        assert len(pulls) == pulled + 2 and os.path.exists(sif)
+
+
+_SUBMIT_AND_EXIT = """
+import os, sys
+import nsdf_hpc
+from nsdf_hpc.client import Client
+client = Client(env=dict(os.environ))
+ex = nsdf_hpc.Executor(sys.argv[1], on="slurm", runtime="apptainer", client=client, bind_cwd=False,
+                       time="0:05", extra_directives=["--hold"])
+ex.submit(pow, 2, 3)
+print(ex.jobs[-1].job_id, ex.jobs[-1].directory, flush=True)
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_a_script_that_submits_and_exits_at_once_leaves_the_jobs_record(
+        slurm_client: Client, shared_cache: Path) -> None:
+    """An Executor writes a job's record (by-id link, provenance.json, the image's pin) off
+    the submission's path, in its collector thread; a process that ends right after
+    submitting (no shutdown, no result) still leaves it: the exit flushes what is left. Ten
+    times, as it is a race between the collector and the exit."""
+    work = slurm_client.scheduler().settings.work_dir
+    env = root_env(shared_cache, NSDF_HPC_SLURM_DIR=work)
+    ids = []
+    try:
+        for _ in range(10):
+            r = subprocess.run([sys.executable, "-c", _SUBMIT_AND_EXIT, PYDEB], env=env,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            job_id, directory = r.stdout.split()
+            ids.append(job_id)
+            assert os.path.realpath(os.path.join(work, "by-id", job_id)) == directory
+            prov = json.loads(Path(directory, "provenance.json").read_text())
+            assert prov["job_ids"] == [job_id]
+            pins = Path(shared_cache, "pins", f"apptainer-{prov['digest'].replace(':', '-')}")
+            assert (pins / job_id).exists()
+    finally:
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+
+
 def read_marker() -> str:
     with open("/etc/nsdf-marker") as fh:
         return fh.read().strip()

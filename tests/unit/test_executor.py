@@ -7,12 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cloudpickle
 import pytest
 
 from nsdf_hpc import errors
-from nsdf_hpc.executor import (Executor, check_interpreter, load_result, parse_version,
-                               task_count)
+from nsdf_hpc.executor import (PACK_TRAILER_SIZE, Executor, check_interpreter, load_result,
+                               parse_version, task_count, write_calls)
 
 WORKER = Path(__file__).resolve().parents[2] / "nsdf_hpc" / "_pyworker.py"
 
@@ -49,11 +48,13 @@ def test_options_are_checked():
         Executor("img", on="cloud")   # type: ignore[arg-type]
 
 
+@pytest.fixture
+def group(tmp_path: Path) -> Path:
+    return tmp_path / "g1"       # the worker makes it; its calls are in g1.pkl beside it
+
+
 def _calls(root: Path, calls):
-    for n, call in enumerate(calls):
-        d = root / "items" / str(n)
-        d.mkdir(parents=True)
-        (d / "call.pkl").write_bytes(cloudpickle.dumps(call))
+    write_calls(f"{root}.pkl", calls)
 
 
 def _worker(root: Path, task: int, batch: int) -> None:
@@ -61,7 +62,7 @@ def _worker(root: Path, task: int, batch: int) -> None:
     subprocess.run([sys.executable, str(WORKER), str(root), str(task), str(batch)], check=True)
 
 
-def test_worker_round_trip(tmp_path):
+def test_worker_round_trip(group):
     def noisy(x):
         print("out", x)
         os.write(2, b"err\n")
@@ -76,10 +77,10 @@ def test_worker_round_trip(tmp_path):
                 raise TypeError("no pickling me")
         raise Unpicklable("odd")
 
-    _calls(tmp_path, [(noisy, (4,), {}), (boom, (), {}), (weird, (), {}), (lambda: (lambda: 1), (), {})])
-    _worker(tmp_path, 0, 2)          # items 0 and 1
-    _worker(tmp_path, 1, 2)          # items 2 and 3
-    items = tmp_path / "items"
+    _calls(group, [(noisy, (4,), {}), (boom, (), {}), (weird, (), {}), (lambda: (lambda: 1), (), {})])
+    _worker(group, 0, 2)          # items 0 and 1
+    _worker(group, 1, 2)          # items 2 and 3
+    items = group / "items"
     assert load_result(str(items / "0")) == (True, 8)
     assert (items / "0" / "stdout").read_text() == "out 4\n"
     assert (items / "0" / "stderr").read_text() == "err\n"
@@ -93,7 +94,7 @@ def test_worker_round_trip(tmp_path):
     assert ok and value() == 1
 
 
-def test_an_item_that_kills_its_process_loses_neither_the_items_before_nor_after(tmp_path):
+def test_an_item_that_kills_its_process_loses_neither_the_items_before_nor_after(group):
     def work(x):
         print("item", x)
         if x == 1:
@@ -102,13 +103,12 @@ def test_an_item_that_kills_its_process_loses_neither_the_items_before_nor_after
             os._exit(3)
         return x * 10
 
-    _calls(tmp_path, [(work, (n,), {}) for n in range(4)])
-    (tmp_path / "done").mkdir()
-    _worker(tmp_path, 0, 4)          # one task runs all four; the worker itself exits 0
-    items = tmp_path / "items"
+    _calls(group, [(work, (n,), {}) for n in range(4)])
+    _worker(group, 0, 4)          # one task runs all four; the worker itself exits 0
+    items = group / "items"
     # every item is marked done once its result is written, the died ones too (the host
     # lists this one directory on Slurm)
-    assert sorted(os.listdir(tmp_path / "done")) == ["0", "1", "2", "3"]
+    assert sorted(os.listdir(group / "done")) == ["0", "1", "2", "3"]
     assert [load_result(str(items / str(n))) for n in (0, 3)] == [(True, 0), (True, 30)]
     ok, killed = load_result(str(items / "1"), "item 1 somewhere")
     assert not ok and isinstance(killed, errors.WorkerDiedError) and killed.returncode == 137
@@ -120,12 +120,47 @@ def test_an_item_that_kills_its_process_loses_neither_the_items_before_nor_after
     assert "exited with status 3 before returning; the other items ran as usual" in str(exited)
 
 
-def test_worker_skips_items_that_have_a_result(tmp_path):
-    _calls(tmp_path, [(len, ("abc",), {})])
-    _worker(tmp_path, 0, 1)
-    first = (tmp_path / "items" / "0" / "result.pkl").stat().st_mtime_ns
-    _worker(tmp_path, 0, 1)        # a requeued task: the item is not run twice
-    assert (tmp_path / "items" / "0" / "result.pkl").stat().st_mtime_ns == first
+def test_calls_file_one_file_for_all_items_each_task_reads_its_own(group):
+    # len's argument is of a class of this test module, pickled by reference (len is not
+    # the user's code): the worker cannot import it, as an image lacking a package
+    _calls(group, [(str.upper, ("a",), {}), (len, (_Sized(),), {}), (str.upper, ("c",), {})])
+    assert not group.exists()                # one file beside the group, no directory
+    tail = Path(f"{group}.pkl").read_bytes()[-PACK_TRAILER_SIZE:]
+    assert tail.startswith(b"NSDF-CALLS 1 ") and tail.endswith(b"\n")
+    _worker(group, 1, 2)               # the last task: item 2 only (no item 3 to run)
+    items = group / "items"
+    assert sorted(os.listdir(items)) == ["2"] and sorted(os.listdir(group / "done")) == ["2"]
+    assert load_result(str(items / "2")) == (True, "C")
+    _worker(group, 0, 2)               # items 0 and 1: 1 cannot be loaded, 0 is unharmed
+    assert load_result(str(items / "0")) == (True, "A")
+    ok, exc = load_result(str(items / "1"))
+    assert not ok and isinstance(exc, ModuleNotFoundError) and "test_executor" in str(exc)
+
+
+class _Sized:
+    def __len__(self):
+        return 1
+
+
+def test_calls_file_trailer_is_the_workers():
+    import runpy
+    worker = runpy.run_path(str(WORKER), run_name="not_main")
+    assert len(worker["TRAILER"] % 0) == PACK_TRAILER_SIZE
+    assert worker["TRAILER"] == b"NSDF-CALLS 1 %012d\n"
+
+
+def test_an_unpicklable_call_is_an_executor_error(tmp_path):
+    import threading
+    with pytest.raises(errors.ExecutorError, match="cannot pickle the call of 'len'"):
+        write_calls(str(tmp_path / "calls.pkl"), [(len, (threading.Lock(),), {})])
+
+
+def test_worker_skips_items_that_have_a_result(group):
+    _calls(group, [(len, ("abc",), {})])
+    _worker(group, 0, 1)
+    first = (group / "items" / "0" / "result.pkl").stat().st_mtime_ns
+    _worker(group, 0, 1)        # a requeued task: the item is not run twice
+    assert (group / "items" / "0" / "result.pkl").stat().st_mtime_ns == first
 
 
 def test_user_code_travels_by_value_installed_code_by_reference():
