@@ -1,6 +1,7 @@
 """The executor's signal handling (``_exec.py``) on real processes of the host (no runtime)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -210,12 +211,13 @@ def test_a_signal_right_after_the_child_started_reaches_it() -> None:
     child = textwrap.dedent("""
         import os, signal, subprocess, sys
         from nsdf_hpc._exec import SubprocessRunner
-        real = subprocess.Popen
+        from nsdf_hpc import _exec
+        real = _exec._Popen
         class Popen(real):
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
                 os.kill(os.getpid(), signal.SIGTERM)      # lands before the handlers exist
-        subprocess.Popen = Popen
+        _exec._Popen = Popen
         res = SubprocessRunner().run(["sleep", "30"], check=False, capture=False)
         sys.stdout.write(f"{res.returncode} {res.forwarded}\\n")
     """)
@@ -260,12 +262,13 @@ def test_a_signal_the_cli_took_while_planning_stops_a_streamed_run_from_starting
                     pass
         Finalized()
         started = []
-        real = subprocess.Popen
+        from nsdf_hpc import _exec
+        real = _exec._Popen
         class Popen(real):
             def __init__(self, *a, **kw):
                 started.append(a[0])
                 super().__init__(*a, **kw)
-        subprocess.Popen = Popen
+        _exec._Popen = Popen
         try:
             res = SubprocessRunner().run(["sleep", "30"], check=False, capture=False)
             print("ran", res.returncode, started)
@@ -274,3 +277,31 @@ def test_a_signal_the_cli_took_while_planning_stops_a_streamed_run_from_starting
     """)
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
     assert "Exception ignored" in out.stderr and out.stdout.split() == ["Interrupted", "[]"], (out.stdout, out.stderr)
+
+
+def test_a_pidfd_wait_with_a_timeout_sleeps_until_the_child_exits_not_in_polls(monkeypatch) -> None:
+    """_Popen waits on a pidfd: no waitpid-and-sleep rounds after the pipes close (the stdlib's
+    start at 0.5 ms and double), twenty times (the pipes close just before the exit); the
+    timeout and the exit status are as Popen's."""
+    import subprocess as sp
+    from nsdf_hpc._exec import _Popen
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfd_open on this platform (Linux >= 5.3, Python >= 3.9)")
+    naps = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda dt: (naps.append(dt), real_sleep(dt)))
+    for _ in range(20):
+        real_sleep(0.02)      # an idle moment first: then the exit lags the pipes' end (Popen napped 14-17 times of 20)
+        with _Popen(["sh", "-c", "echo out; echo err >&2; exit 3"], stdout=sp.PIPE, stderr=sp.PIPE) as p:
+            assert p.communicate(timeout=30) == (b"out\n", b"err\n")
+        assert p.returncode == 3
+    assert naps == []
+    with _Popen(["sh", "-c", "kill -9 $$"], stdout=sp.PIPE, stderr=sp.PIPE) as p:
+        p.communicate(timeout=30)
+    assert p.returncode == -9
+    with _Popen(["sleep", "30"], stdout=sp.PIPE, stderr=sp.PIPE) as p:
+        with pytest.raises(sp.TimeoutExpired):
+            p.communicate(timeout=0.2)
+        p.kill()
+        p.communicate()
+    assert p.returncode == -9
