@@ -159,7 +159,7 @@ def main() -> None:
             runs = [("nsdf-hpc Executor.submit", one["nsdf"]), ("submitit submit (host Python)", one["submitit"])]
             print(f"slurm, one call as one job (medians of {args.repeat}, taking turns):")
             for name, r in runs:
-                print(f"  {name:34} {r['tasks']:4d} task   submit {r['submit_s'] * 1000:4.0f} ms  after its result "
+                print(f"  {name:34} {r['tasks']:4d} task   submit {r['submit_s'] * 1000:5.1f} ms  after its result "
                       f"{r['after_last_s']:5.2f} s  total {r['total_s']:5.1f} s")
             out["one"] = dict(runs)
         if "slurm" not in args.skip:
