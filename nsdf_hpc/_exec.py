@@ -34,6 +34,7 @@ def _log() -> Optional[logging.Logger]:
     mod = sys.modules.get("logging")
     return None if mod is None else mod.getLogger(__name__)
 
+
 class _Popen(subprocess.Popen[bytes]):
     """``Popen`` whose wait with a timeout (``communicate(timeout=...)`` ends with one) sleeps
     until the child exits, through a pidfd. The stdlib's polls ``waitpid(WNOHANG)`` between

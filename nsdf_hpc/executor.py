@@ -144,8 +144,8 @@ def write_calls(path: str, calls: Sequence[Tuple[Callable[..., Any], Tuple[Any, 
     own task's calls. The user's own modules are pickled by value."""
     import cloudpickle  # noqa: PLC0415
     import pickle  # noqa: PLC0415
-    modules = {id(fn): user_module(fn) for fn, _, _ in calls}
-    by_value = {m.__name__: m for m in modules.values() if m is not None}
+    fns = {id(fn): fn for fn, _, _ in calls}.values()     # callables may be unhashable
+    by_value = {m.__name__: m for m in map(user_module, fns) if m is not None}
     index: List[Tuple[int, int]] = []
     with _BY_VALUE, open(path, "wb") as fh:
         for m in by_value.values():
