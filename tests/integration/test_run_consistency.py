@@ -317,7 +317,9 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
     container ran on). nsdf-run holds such a signal until the command runs
     (``Runtime.startup_names``). Before the fix, 5 of 120 of these trials hung; the CI run of
     2026-12-01 failed on one. Many trials, spread over the window, on both paths: the launch
-    record (nsdf-run starts apptainer ~30 ms in) and planning (~250 ms in)."""
+    record (nsdf-run starts apptainer ~30 ms in) and planning (~250 ms in). A SIGINT that
+    CPython itself lost while it started, before nsdf-run's code ran (``_lost_by_cpython``),
+    is not held against nsdf-run: the user's second Ctrl-C must end it, with nothing left."""
     warm("apptainer", cache)
     arg = str(3000 + uuid.uuid4().int % 6000)
     argv = [*NSDF, "run", "-r", "apptainer", "--no-bind-cwd", BUSYBOX, "--", "sleep", arg]
@@ -333,7 +335,7 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
         assert first.wait(timeout=30) in (143, -15)
         _cleanup(f"sleep {arg}")
     lo, hi = (0.02, 0.25) if path == "recorded" else (0.15, 0.55)
-    trials, hung, codes = 40 if path == "recorded" else 25, [], []
+    trials, hung, codes, again = 40 if path == "recorded" else 25, [], [], []
     try:
         for i in range(trials):
             delay = lo + (hi - lo) * i / (trials - 1)
@@ -345,12 +347,23 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
             try:
                 _, stderr = proc.communicate(timeout=20)
             except subprocess.TimeoutExpired:
-                # nsdf-run hung, or exited while the orphaned container holds its stderr pipe
-                hung.append(f"{sig.name} at {delay:.3f} s: exit {proc.poll()}, "
-                            f"left {_procs_with(f'sleep {arg}')}")
-                proc.kill()
+                # nsdf-run hung, or exited while the orphaned container holds its stderr pipe,
+                # or CPython lost the signal before nsdf-run's code ran: the user's second
+                # Ctrl-C must then end it (and the first is shown as lost by CPython)
+                left = _procs_with(f"sleep {arg}")
+                proc.send_signal(sig)
+                try:
+                    _, stderr = proc.communicate(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    _, stderr = proc.communicate(timeout=30)
+                if _lost_by_cpython(stderr) and proc.returncode in (128 + sig, -sig) \
+                        and not _procs_with(f"sleep {arg}"):
+                    again.append(f"{sig.name} at {delay:.3f} s")
+                    continue
+                hung.append(f"{sig.name} at {delay:.3f} s: exit {proc.poll()}, left {left}, "
+                            f"stderr {stderr[-400:]!r}")
                 _cleanup(f"sleep {arg}")
-                proc.communicate(timeout=30)
                 continue
             startup = _cpython_startup(proc.returncode, stderr)
             codes.append(proc.returncode)
@@ -360,6 +373,21 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
     finally:
         _cleanup(f"sleep {arg}")
     assert not hung, f"nsdf-run did not end within 20 s of a signal in {len(hung)} of {trials} trials: {hung}"
+    # measured: 1 SIGINT in 300 sent 8-30 ms after the start (_lost_by_cpython)
+    assert len(again) <= 2, f"the first signal was lost by CPython's start-up in {len(again)} trials: {again}"
+
+
+def _lost_by_cpython(stderr: bytes) -> bool:
+    """A SIGINT that CPython's own handler took while the interpreter started, inside a
+    weakref callback of the import system (the module locks' ``cb``), before nsdf-run's code
+    installed its own handler (``_entry._take_sigint``): CPython prints "Exception ignored"
+    with the KeyboardInterrupt and goes on (cpython#95959), and nothing of nsdf-run's saw the
+    signal. Measured on the recorded apptainer path: 1 SIGINT in 300 sent 8-30 ms after the
+    start (2026-12-03; the CI run of 2026-12-03 met it once). With nsdf-run's handler in place
+    such a KeyboardInterrupt is noted (``_entry.interrupted``) and its frame is in the
+    traceback."""
+    return (b"Exception ignored" in stderr and b"KeyboardInterrupt" in stderr
+            and b"_bootstrap" in stderr and b"_note_sigint" not in stderr)
 
 
 def _cpython_startup(rc: Optional[int], stderr: bytes) -> bool:
