@@ -182,6 +182,8 @@ def parse_source(text: str, *, nsdf_registry: str = DOCKER_HUB) -> ImageSource:
     """Tell a registry reference from an offline archive, a layout or a native artifact."""
     if not isinstance(text, str) or not text.strip():
         raise SpecError("empty image reference")
+    if "\x00" in text:   # no path or reference holds one (and "~\x00" made expanduser raise ValueError)
+        raise SpecError(f"an image reference cannot contain a NUL byte: {text!r}")
     for prefix, kind in (("docker-archive:", "docker-archive"), ("oci-archive:", "oci-archive")):
         if text.startswith(prefix):
             path = text[len(prefix):]

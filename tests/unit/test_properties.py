@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nsdf_hpc.config import load_settings, load_slurm_settings
@@ -116,6 +116,8 @@ def test_any_text_is_a_reference_or_one_spec_error(text: str) -> None:
 
 @_settings("any_text")
 @given(st.text(max_size=60))
+@example("~\x00")      # found by this property in a full run: expanduser raised ValueError
+@example("./a\x00b")
 def test_any_text_is_an_image_source_or_one_spec_error(text: str) -> None:
     try:
         src = parse_source(text)
