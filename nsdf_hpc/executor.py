@@ -333,6 +333,7 @@ class Executor:
         self._submit_image = image
         self._template: Optional["Invocation"] = None
         self._prep: Optional["Prepared"] = None     # the last Slurm job, prepared (_sbatch)
+        self._ahead = False                          # an sbatch was started ahead (Slurm.start_ahead)
         self._unrecorded: List["Job"] = []          # submitted, record not yet written
         self._record_lock = threading.Lock()
         self._at_exit = False
@@ -582,6 +583,8 @@ class Executor:
         collector = self._collector
         if wait and collector is not None:
             collector.join()
+        if self._ahead:
+            self.client.scheduler().close_ahead()   # after the collector, which starts it
         if wait and self.base and not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -622,6 +625,7 @@ class Executor:
         assert self._rt is not None
         client = self.client
         slurm = client.scheduler()
+        self._ahead = True
         prep = self._prep
         if prep is not None and (self.options.get("cwd") or os.getcwd()) == prep.inputs.chdir \
                 and all(os.path.exists(p) for p in prep.inputs.requires):
@@ -632,6 +636,7 @@ class Executor:
             if opts.pop("dry_run", False):
                 raise ExecutorError("dry_run is not an Executor option")
             slurm_submit.check_work_dir(slurm.settings)
+            slurm.start_ahead()   # its start overlaps the preparation
             spec = slurm_submit.job_spec(client, self._submit_image, command, array=tasks, slurm=slurm,
                                          binds=self._binds(), **opts)
             prep = slurm_submit.prepare(client, spec, slurm, self._rt.name)
@@ -669,6 +674,9 @@ class Executor:
         idle_since: Optional[float] = None
         while True:
             self._record_jobs()
+            if not self._closed:
+                # the next submission's sbatch, started off its path (Slurm.start_ahead)
+                self.client.scheduler().start_ahead()
             with self._lock:
                 watch = list(self._watch)
                 if not watch:

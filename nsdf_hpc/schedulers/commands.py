@@ -37,6 +37,12 @@ def sbatch_argv(script: str, args: Sequence[str] = (), options: Sequence[str] = 
     return ["sbatch", "--parsable", *options, script, *args]
 
 
+def sbatch_stdin_argv() -> List[str]:
+    """``sbatch`` started ahead of its script, which it then reads from stdin
+    (:meth:`nsdf_hpc.schedulers.slurm.Slurm.start_ahead`)."""
+    return ["sbatch", "--parsable"]
+
+
 def cancel_argv(job_ids: Sequence[str]) -> List[str]:
     """One scancel for every id; ``JOBID_TASK`` cancels one array task."""
     return ["scancel", *job_ids]

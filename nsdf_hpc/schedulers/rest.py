@@ -257,6 +257,9 @@ class RestSlurm(Slurm):
                                    options=options, cwd=os.path.dirname(script_path) or None)
         return api.submit_request(self.api_version, desc, script)
 
+    def start_ahead(self) -> None:
+        """Nothing to start: a submission is one HTTP request to slurmrestd."""
+
     def sbatch(self, script: str, args: Sequence[str] = (), options: Sequence[str] = ()) -> str:
         """Submit one script file through slurmrestd; transient errors are retried."""
         try:

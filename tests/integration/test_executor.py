@@ -11,7 +11,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -274,6 +274,101 @@ def test_slurm_later_submissions_reuse_the_prepared_job_until_it_no_longer_holds
             if os.path.exists(sif + ".gone"):
                 os.unlink(sif + ".gone")
         assert len(pulls) == pulled + 2 and os.path.exists(sif)
+
+
+def _ahead_ready(slurm: Slurm, timeout: float = 20) -> Any:
+    """The ``sbatch`` the backend started ahead, once it waits for its script."""
+    deadline = time.monotonic() + timeout
+    while (slurm._ahead is None or not slurm._ahead.usable()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert slurm._ahead is not None and slurm._ahead.usable(), "no sbatch was started ahead"
+    return slurm._ahead
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_submissions_go_through_an_sbatch_started_ahead(slurm_client: Client) -> None:
+    """The Executor starts the next ``sbatch`` ahead (``Slurm.start_ahead``): the first while
+    it prepares, the next ones in its collector. Each job is the script of its directory, read
+    by that ``sbatch`` from stdin (Slurm shows no command file), byte for byte; the one left at
+    shutdown is ended without a job: the scheduler holds exactly the jobs submitted."""
+    name = f"nsdf-ahead-{uuid.uuid4().hex[:8]}"
+    slurm = slurm_client.scheduler()
+    started = []
+    with nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
+                           time="0:05", job_name=name) as ex:
+        for n in range(3):
+            if n:
+                started.append(_ahead_ready(slurm))
+            fut = ex.submit(pow, 2, n + 3)
+            job = ex.jobs[-1]
+            if n:
+                assert started[-1].proc.returncode == 0     # that sbatch submitted this job
+            show = subprocess.run(["scontrol", "show", "job", "-o", job.job_id], capture_output=True,
+                                  text=True).stdout
+            assert " Command=(null) " in show, show      # the script came from stdin
+            batch = subprocess.run(["scontrol", "write", "batch_script", job.job_id, "-"],
+                                   capture_output=True, text=True).stdout
+            assert batch == Path(job.directory, "job.sh").read_text()
+            assert fut.result(timeout=300) == 2 ** (n + 3)
+        last = _ahead_ready(slurm)
+    assert slurm._ahead is None and last.proc.returncode is not None   # ended at shutdown
+    ids = [j.job_id for j in ex.jobs]
+    deadline = time.monotonic() + 30
+    while True:
+        acct = subprocess.run(["sacct", "-n", "-X", "-P", f"--name={name}", "-S", "now-1hours", "-o", "JobIDRaw"],
+                              capture_output=True, text=True).stdout.split()
+        if sorted(acct) == sorted(ids) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert sorted(acct) == sorted(ids)
+
+
+_KILLED_WITH_AN_AHEAD = """
+import os, signal, sys, time
+import nsdf_hpc
+from nsdf_hpc.client import Client
+client = Client(env=dict(os.environ))
+ex = nsdf_hpc.Executor(sys.argv[1], on="slurm", runtime="apptainer", client=client, bind_cwd=False,
+                       time="0:05", job_name=sys.argv[2], extra_directives=["--hold"])
+ex.submit(pow, 2, 3)
+slurm = client.scheduler()
+deadline = time.monotonic() + 20
+while (slurm._ahead is None or not slurm._ahead.usable()) and time.monotonic() < deadline:
+    time.sleep(0.002)
+print(ex.jobs[-1].job_id, slurm._ahead.proc.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_a_process_killed_with_an_sbatch_started_ahead_submits_nothing_more(
+        slurm_client: Client, shared_cache: Path) -> None:
+    """A process SIGKILLed while an ``sbatch`` waits ahead for its script: that sbatch reads
+    an empty script and ends, and the scheduler holds only the job the process submitted.
+    Five times (the kill comes while the ahead sbatch may still be starting)."""
+    work = slurm_client.scheduler().settings.work_dir
+    env = root_env(shared_cache, NSDF_HPC_SLURM_DIR=work)
+    ids = []
+    try:
+        for _ in range(5):
+            name = f"nsdf-killed-{uuid.uuid4().hex[:8]}"
+            r = subprocess.run([sys.executable, "-c", _KILLED_WITH_AN_AHEAD, PYDEB, name], env=env,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == -9, r.stderr
+            job_id, pid = r.stdout.split()
+            ids.append(job_id)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not os.path.exists(f"/proc/{pid}"), "the sbatch started ahead lives on"
+            queued = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i"], capture_output=True,
+                                    text=True).stdout.split()
+            assert [q.split("_")[0] for q in queued] == [job_id]      # a held array: 7764_[0]
+    finally:
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
 
 
 _SUBMIT_AND_EXIT = """
