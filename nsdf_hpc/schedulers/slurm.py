@@ -86,6 +86,7 @@ class Slurm:
         self.calls = 0                          # scheduler commands run (status/submit/cancel)
         self._ahead: Optional[Started] = None   # the next sbatch, started ahead (start_ahead)
         self._ahead_lock = threading.Lock()
+        self._ahead_off = False                 # an ahead one ended by itself: not again
 
     @property
     def user(self) -> str:
@@ -147,14 +148,25 @@ class Slurm:
         so does any failure (the next submission runs ``sbatch`` as usual and says why).
         :meth:`close_ahead` ends it unused."""
         start = getattr(self.runner, "start", None)
-        if start is None:
+        if start is None or self._ahead_off:
             return
         with self._ahead_lock:
-            if self._ahead is not None and self._ahead.usable():
+            gone = self._ahead
+            if gone is not None and gone.usable():
                 return
+            if gone is not None:
+                # it ended before it was given a script (sbatch cannot start here, or was
+                # killed): not started again by this backend, or a caller that starts one
+                # after each pause would start a process every pause
+                self._ahead, self._ahead_off = None, True
+        if gone is not None:
+            gone.discard()
+            logger.debug("the sbatch started ahead ended by itself; not starting another")
+            return
         try:
             ahead = start(cmd.sbatch_stdin_argv(), env=self.env, cwd=os.getcwd())
         except (OSError, NsdfError) as err:
+            self._ahead_off = True    # not tried again (see above)
             logger.debug("cannot start sbatch ahead: %s", err)
             return
         with self._ahead_lock:

@@ -16,6 +16,7 @@ import pytest
 
 from nsdf_hpc._exec import CompletedCommand, Started, SubprocessRunner, _AHEAD
 from nsdf_hpc.config import SlurmSettings
+from nsdf_hpc.errors import ToolNotFoundError
 from nsdf_hpc.schedulers.rest import RestSlurm
 from nsdf_hpc.schedulers.slurm import AHEAD_MAX_AGE, Slurm
 
@@ -203,3 +204,28 @@ def test_runners_and_backends_that_cannot_start_ahead(tmp_path: Path) -> None:
     assert slurm._ahead is None and slurm.sbatch(_script(tmp_path)) == "5"
     rest = RestSlurm.__new__(RestSlurm)
     rest.start_ahead()          # one HTTP request per submission: nothing to start
+
+
+def test_an_ahead_that_ends_by_itself_is_not_started_again(tmp_path: Path) -> None:
+    """A caller starts one after every pause (the Executor's collector): an sbatch that cannot
+    start here (it ends at once) must not become a process every pause."""
+    runner = AheadRunner(None)
+    slurm = Slurm(runner, SlurmSettings(work_dir=str(tmp_path)), env={})  # type: ignore[arg-type]
+    slurm.start_ahead()
+    runner.started[0].discarded = True      # ended by itself: no longer usable
+    for _ in range(5):
+        slurm.start_ahead()
+    assert len(runner.started) == 1 and slurm._ahead is None
+    assert slurm.sbatch(_script(tmp_path)) == "222"
+
+
+def test_an_sbatch_that_cannot_be_started_ahead_is_not_tried_again(tmp_path: Path) -> None:
+    class NoSbatch(AheadRunner):
+        def start(self, argv: Sequence[str], *, env: Any = None, cwd: Optional[str] = None) -> FakeAhead:
+            self.starts.append(tuple(argv))
+            raise ToolNotFoundError("sbatch")
+    runner = NoSbatch()
+    slurm = Slurm(runner, SlurmSettings(work_dir=str(tmp_path)), env={})  # type: ignore[arg-type]
+    for _ in range(5):
+        slurm.start_ahead()
+    assert len(runner.starts) == 1 and slurm.sbatch(_script(tmp_path)) == "222"
