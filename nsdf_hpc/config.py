@@ -200,6 +200,9 @@ class SlurmSettings(Model):
     backend: Literal["auto", "commands", "pyslurm", "rest"] = "auto"
     #: slurmrestd's URL for backend = "rest" (or SLURMRESTD_URL); the token is SLURM_JWT
     rest_url: Optional[str] = None
+    #: an Executor starts its next ``sbatch`` ahead, waiting for the script on stdin
+    #: (``Slurm.start_ahead``; or NSDF_HPC_SLURM_SUBMIT_AHEAD=0)
+    submit_ahead: bool = True
     #: where each set value came from ("env:NSDF_HPC_SLURM_DIR", "config:PATH", "argument")
     sources: Dict[str, str] = Field(default_factory=dict)
 
@@ -216,7 +219,8 @@ class SlurmSettings(Model):
 
 
 _SLURM_ENV = {"work_dir": "NSDF_HPC_SLURM_DIR", "accounting": "NSDF_HPC_SLURM_ACCOUNTING",
-              "backend": "NSDF_HPC_SLURM_BACKEND", "rest_url": "SLURMRESTD_URL"}
+              "backend": "NSDF_HPC_SLURM_BACKEND", "rest_url": "SLURMRESTD_URL",
+              "submit_ahead": "NSDF_HPC_SLURM_SUBMIT_AHEAD"}
 
 
 def load_slurm_settings(env: Optional[Mapping[str, str]] = None, files: Optional[Sequence[str]] = None,

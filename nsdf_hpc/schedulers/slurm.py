@@ -145,10 +145,10 @@ class Slurm:
         submission: ``sbatch``'s own start (configuration, libraries) is about 1.5 ms of its
         6 on the testbed. For a caller that submits again and again from one process (the
         Executor); a runner that cannot start commands ahead (a test's fake) leaves it, and
-        so does any failure (the next submission runs ``sbatch`` as usual and says why).
-        :meth:`close_ahead` ends it unused."""
+        so does any failure (the next submission runs ``sbatch`` as usual and says why), and
+        ``submit_ahead = false`` in ``[slurm]``. :meth:`close_ahead` ends it unused."""
         start = getattr(self.runner, "start", None)
-        if start is None or self._ahead_off:
+        if start is None or self._ahead_off or not self.settings.submit_ahead:
             return
         with self._ahead_lock:
             gone = self._ahead

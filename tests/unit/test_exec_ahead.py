@@ -229,3 +229,14 @@ def test_an_sbatch_that_cannot_be_started_ahead_is_not_tried_again(tmp_path: Pat
     for _ in range(5):
         slurm.start_ahead()
     assert len(runner.starts) == 1 and slurm.sbatch(_script(tmp_path)) == "222"
+
+
+def test_submit_ahead_off_starts_nothing(tmp_path: Path) -> None:
+    from nsdf_hpc.config import load_slurm_settings
+    settings = load_slurm_settings({"NSDF_HPC_SLURM_SUBMIT_AHEAD": "0", "NSDF_HPC_SLURM_DIR": str(tmp_path)},
+                                   files=[])
+    assert settings.submit_ahead is False and settings.source("submit_ahead") == "NSDF_HPC_SLURM_SUBMIT_AHEAD"
+    runner = AheadRunner()
+    slurm = Slurm(runner, settings, env={})  # type: ignore[arg-type]
+    slurm.start_ahead()
+    assert runner.starts == [] and slurm.sbatch(_script(tmp_path)) == "222"
