@@ -351,12 +351,7 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
                 # or CPython lost the signal before nsdf-run's code ran: the user's second
                 # Ctrl-C must then end it (and the first is shown as lost by CPython)
                 left = _procs_with(f"sleep {arg}")
-                proc.send_signal(sig)
-                try:
-                    _, stderr = proc.communicate(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    _, stderr = proc.communicate(timeout=30)
+                stderr, _ = _signal_and_collect(proc, sig)
                 if _lost_by_cpython(stderr) and proc.returncode in (128 + sig, -sig) \
                         and not _procs_with(f"sleep {arg}"):
                     again.append(f"{sig.name} at {delay:.3f} s")
@@ -375,6 +370,16 @@ def test_apptainer_signal_while_it_starts_is_not_lost(path: str, cache: Path) ->
     assert not hung, f"nsdf-run did not end within 20 s of a signal in {len(hung)} of {trials} trials: {hung}"
     # measured: 1 SIGINT in 300 sent 8-30 ms after the start (_lost_by_cpython)
     assert len(again) <= 2, f"the first signal was lost by CPython's start-up in {len(again)} trials: {again}"
+
+
+def _signal_and_collect(proc: "subprocess.Popen[bytes]", sig: int) -> Tuple[bytes, bool]:
+    """Send ``sig``; the stderr, and whether it ended within 20 s (else it was killed)."""
+    proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=20)[1], True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate(timeout=30)[1], False
 
 
 def _lost_by_cpython(stderr: bytes) -> bool:
@@ -443,12 +448,8 @@ def test_signal_while_the_udocker_relay_starts_is_not_lost(path: str, cache: Pat
             while not _relay_below(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.0005)
             time.sleep(delay)
-            proc.send_signal(sig)
-            try:
-                _, stderr = proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, stderr = proc.communicate(timeout=30)
+            stderr, ended = _signal_and_collect(proc, sig)
+            if not ended:
                 failed.append(f"{sig.name} {delay * 1000:.0f} ms after the relay: nsdf-run hung "
                               f"({stderr[-300:]!r}), left {_procs_with(f'sleep {arg}')}")
                 _cleanup(f"sleep {arg}")
