@@ -189,7 +189,11 @@ class Slurm:
             ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
-        if (ahead.cwd != os.getcwd() or time.monotonic() - ahead.since > AHEAD_MAX_AGE
+        try:
+            here: Optional[str] = os.getcwd()
+        except OSError:      # the working directory was removed: a plain sbatch says what it says
+            here = None
+        if (here is None or ahead.cwd != here or time.monotonic() - ahead.since > AHEAD_MAX_AGE
                 or ahead.env != (dict(os.environ) if self.env is None else self.env)):
             ahead.discard()
             return None

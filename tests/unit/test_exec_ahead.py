@@ -170,12 +170,19 @@ def test_options_another_directory_or_age_submit_afresh(tmp_path: Path, monkeypa
     assert not runner.started[0].given and not runner.started[0].discarded
     monkeypatch.chdir(tmp_path)                                    # another directory: discarded
     assert slurm.sbatch(script) == "222" and runner.started[0].discarded
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
     slurm.start_ahead()
-    runner.started[1].since -= AHEAD_MAX_AGE + 1                   # too old: discarded
-    assert slurm.sbatch(script) == "222" and runner.started[1].discarded
+    gone.rmdir()                                                   # the directory removed: discarded
+    assert slurm.sbatch(script) == "222" and runner.started[-1].discarded
+    monkeypatch.chdir(tmp_path)
+    slurm.start_ahead()
+    runner.started[-1].since -= AHEAD_MAX_AGE + 1                  # too old: discarded
+    assert slurm.sbatch(script) == "222" and runner.started[-1].discarded
     slurm.start_ahead()
     slurm.close_ahead()
-    assert runner.started[2].discarded and slurm._ahead is None
+    assert runner.started[-1].discarded and slurm._ahead is None
 
 
 def test_an_ahead_that_cannot_take_the_script_falls_back_to_a_plain_sbatch(tmp_path: Path) -> None:
