@@ -672,6 +672,7 @@ class Executor:
         base = self.client.scheduler().backoff()
         watches: Dict[int, _JobWatch] = {}
         idle_since: Optional[float] = None
+        ending = False
         while True:
             self._record_jobs()
             if not self._closed:
@@ -685,9 +686,14 @@ class Executor:
                     idle_since = time.monotonic() if idle_since is None else idle_since
                     if self._closed or time.monotonic() - idle_since > _COLLECTOR_IDLE:
                         self._collector = None
-                        return
+                        ending = True
                 else:
                     idle_since = None
+            if ending:
+                # nor is an sbatch kept ahead longer than this thread (an Executor dropped
+                # without shutdown() would keep one until the process ends)
+                self.client.scheduler().close_ahead()
+                return
             if not watch:
                 self._pause()
                 continue

@@ -324,6 +324,28 @@ def test_slurm_submissions_go_through_an_sbatch_started_ahead(slurm_client: Clie
     assert sorted(acct) == sorted(ids)
 
 
+@pytest.mark.slurm
+@pytest.mark.apptainer
+def test_slurm_an_executor_left_without_shutdown_keeps_no_sbatch_ahead(
+        slurm_client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Executor dropped without ``shutdown()`` keeps its ``sbatch`` ahead no longer than
+    its collector thread, which ends when idle (``_COLLECTOR_IDLE``, here 1 s)."""
+    monkeypatch.setattr(executor_mod, "_COLLECTOR_IDLE", 1.0)
+    slurm = slurm_client.scheduler()
+    ex = nsdf_hpc.Executor(PYDEB, on="slurm", runtime="apptainer", client=slurm_client, bind_cwd=False,
+                           time="0:05")
+    assert ex.submit(pow, 2, 3).result(timeout=300) == 8
+    ahead = _ahead_ready(slurm)
+    collector = ex._collector
+    assert collector is not None
+    collector.join(timeout=30)
+    assert not collector.is_alive() and slurm._ahead is None
+    assert ahead.proc.returncode is not None          # ended, unused: no job
+    assert ex.submit(pow, 2, 4).result(timeout=300) == 16    # a later call starts all again
+    ex.shutdown()
+    assert slurm._ahead is None
+
+
 _KILLED_WITH_AN_AHEAD = """
 import os, signal, sys, time
 import nsdf_hpc
